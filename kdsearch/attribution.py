@@ -1,0 +1,178 @@
+"""Integrated Gradients maps of the teacher (Captum), precomputed once per training set and cached.
+
+The map of an image is sum over channels of |IG| of the teacher's logit for the true label, with IG
+taken with respect to pixel values in [0, 1] (the model normalises inside ``forward``), on the clean,
+un-augmented training image. Maps are stored float16, (N, H, W), in the training split's index order.
+
+Baselines (what "absence of signal" means for the path integral):
+- ``black``: pixel value 0 in every channel — the paper's "typically black" baseline. After the
+  model's normalisation it is (0 - mean) / std, not 0.
+- ``mean``: the per-channel mean pixel of the training split: a grey-brown image carrying no
+  structure; attributions then measure deviation from the average image rather than from darkness,
+  so dark objects are not ignored.
+- ``zeros_normalized``: the pixel value that the model's normalisation maps to 0 (its configured mean;
+  for a model without normalisation, black). Equal to ``mean`` when the normalisation constants are the
+  training set's own statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdsearch.config import IGConfig, to_dict
+from kdsearch.data import Splits
+from kdsearch.models import CifarClassifier, weights_hash
+from kdsearch.store import Artifact, ArtifactStore
+
+log = logging.getLogger(__name__)
+
+CHUNK_IMAGES = 1024  # images per resumable chunk of the IG cache
+
+
+def _black(model: CifarClassifier, splits: Splits) -> torch.Tensor:
+    return torch.zeros(1, 3, 1, 1)
+
+
+def _mean(model: CifarClassifier, splits: Splits) -> torch.Tensor:
+    return (splits.train_images.float().mean(dim=(0, 2, 3)) / 255).view(1, 3, 1, 1)
+
+
+def _zeros_normalized(model: CifarClassifier, splits: Splits) -> torch.Tensor:
+    return model.input_mean.detach().cpu().clone()
+
+
+BASELINES: dict[str, Callable[[CifarClassifier, Splits], torch.Tensor]] = {
+    "black": _black,
+    "mean": _mean,
+    "zeros_normalized": _zeros_normalized,
+}
+
+
+def integrated_gradients(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, baseline: torch.Tensor, config: IGConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps (B, H, W) float32, relative completeness error (B,)) for pixel images in [0, 1].
+
+    The relative completeness error is |sum(IG) - (F(x) - F(x'))| / |F(x) - F(x')|, from Captum's
+    convergence delta; 0 is an exact path integral.
+    """
+    from captum.attr import IntegratedGradients
+
+    device = images.device
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
+    )
+    with autocast:
+        attributions, delta = IntegratedGradients(model).attribute(
+            images,
+            baselines=baseline.to(device).expand_as(images).contiguous(memory_format=torch.channels_last),
+            target=labels,
+            n_steps=config.n_steps,
+            method=config.method,
+            internal_batch_size=config.internal_batch_size,
+            return_convergence_delta=True,
+        )
+    attributions = attributions.float()
+    delta = delta.float()
+    output_difference = attributions.sum(dim=(1, 2, 3)) - delta  # F(x) - F(x') for the target logit
+    relative_error = delta.abs() / output_difference.abs().clamp_min(1e-12)
+    return attributions.abs().sum(dim=1), relative_error
+
+
+def ig_cache_fields(teacher: CifarClassifier, splits: Splits, config: IGConfig) -> dict:
+    # Batching settings change speed, not values, so they are not part of the key.
+    settings = {k: v for k, v in to_dict(config).items() if k not in ("internal_batch_size", "images_per_call")}
+    return {"teacher": weights_hash(teacher), "data": splits.fingerprint, "ig": settings}
+
+
+def ig_maps(
+    teacher: CifarClassifier,
+    splits: Splits,
+    config: IGConfig,
+    cache_dir: str | Path,
+    device: torch.device,
+    progress: bool = True,
+) -> Artifact:
+    """The IG cache for this teacher and training split: computed once (resumably), then loaded.
+
+    ``artifact.tensors["maps"]`` is (N, H, W) float16 in training-split order; ``artifact.meta``
+    holds the settings and the completeness statistics.
+    """
+    from tqdm import tqdm
+
+    teacher = teacher.to(device).eval().to(memory_format=torch.channels_last)
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)  # IG needs input gradients only
+    baseline = BASELINES[config.baseline](teacher, splits)
+
+    def build(scratch: Path):
+        count = len(splits.train_labels)
+        chunk_starts = range(0, count, CHUNK_IMAGES)
+        done = sum(min(CHUNK_IMAGES, count - s) for s in chunk_starts if (scratch / f"chunk_{s:08d}.pt").exists())
+        with tqdm(total=count, initial=done, desc="IG maps", unit="img", disable=not progress) as bar:
+            for start in chunk_starts:
+                chunk_path = scratch / f"chunk_{start:08d}.pt"
+                if chunk_path.exists():
+                    continue
+                stop = min(start + CHUNK_IMAGES, count)
+                maps, errors = [], []
+                for call_start in range(start, stop, config.images_per_call):
+                    call_stop = min(call_start + config.images_per_call, stop)
+                    images = splits.train_images[call_start:call_stop].to(device).float().div_(255)
+                    labels = splits.train_labels[call_start:call_stop].to(device)
+                    call_maps, call_errors = integrated_gradients(
+                        teacher,
+                        images.contiguous(memory_format=torch.channels_last),
+                        labels,
+                        baseline,
+                        config,
+                    )
+                    maps.append(call_maps.half().cpu())
+                    errors.append(call_errors.cpu())
+                    bar.update(call_stop - call_start)
+                tmp = chunk_path.with_name(chunk_path.name + ".tmp")
+                torch.save({"maps": torch.cat(maps), "errors": torch.cat(errors)}, tmp)
+                tmp.replace(chunk_path)
+        chunks = [torch.load(scratch / f"chunk_{s:08d}.pt", weights_only=True) for s in chunk_starts]
+        maps = torch.cat([chunk["maps"] for chunk in chunks])
+        errors = torch.cat([chunk["errors"] for chunk in chunks])
+        meta = {
+            "settings": to_dict(config),
+            "images": count,
+            "completeness_relative_error": {
+                "mean": errors.mean().item(),
+                "median": errors.median().item(),
+                "p95": errors.quantile(0.95).item(),
+            },
+        }
+        return {"maps": maps, "relative_error": errors}, meta
+
+    fields = ig_cache_fields(teacher, splits, config)
+    return ArtifactStore(cache_dir).get_or_build("ig", fields, build)
+
+
+def _min_max(map_: torch.Tensor) -> torch.Tensor:
+    return (map_ - map_.min()) / (map_.max() - map_.min()).clamp_min(1e-12)
+
+
+def heat(map_: torch.Tensor) -> torch.Tensor:
+    """(H, W) non-negative map → (3, H, W) in [0, 1], black→red→yellow→white ("hot"), min-max scaled."""
+    scaled = _min_max(map_)
+    return torch.stack([(3 * scaled).clamp(0, 1), (3 * scaled - 1).clamp(0, 1), (3 * scaled - 2).clamp(0, 1)])
+
+
+def ig_panel(image: torch.Tensor, map_: torch.Tensor, scale: int = 8) -> torch.Tensor:
+    """uint8 (3, H*scale, 3*W*scale + gaps): original | IG map | overlay (Eq. 7 with s = 1)."""
+    from torchvision.utils import make_grid
+
+    pixels = image.float() / 255
+    tiles = [pixels, heat(map_.float()), 0.5 * pixels + 0.5 * _min_max(map_.float()).expand(3, -1, -1)]
+    grid = make_grid(torch.stack(tiles), nrow=3, padding=1, pad_value=1.0)
+    upscaled = torch.nn.functional.interpolate(grid.unsqueeze(0), scale_factor=scale, mode="nearest")[0]
+    return (upscaled.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -1,0 +1,328 @@
+"""The ``kdsearch`` command line: thin commands that build a config and call one library function.
+
+Errors a user can fix (bad values, missing files, unreachable services) print one line on stderr and
+exit with code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdsearch.cli_options import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_DATA_DIR,
+    DEFAULT_IG,
+    CacheDir,
+    DataDir,
+    DataLabel,
+    Dataset,
+    IGBaseline,
+    IGMethod,
+    IGPrecision,
+    IGSteps,
+    SplitSeed,
+    TeacherCheckpoint,
+    TrainSubset,
+    ValSize,
+    data_config,
+    ig_config,
+)
+from kdsearch.errors import KdsearchError
+
+app = typer.Typer(
+    help="Compress image classifiers by knowledge distillation with Integrated Gradients overlays: "
+    "train, search hyperparameters with Optuna, run ablations, track them in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+teacher_app = typer.Typer(help="Train or evaluate a teacher.", no_args_is_help=True)
+ig_app = typer.Typer(
+    help="Integrated Gradients maps of the teacher: compute the cache, look at a map.", no_args_is_help=True
+)
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(ig_app, name="ig")
+
+
+def _print_json(payload: dict) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+@app.command("train")
+def train_command(
+    teacher_checkpoint: TeacherCheckpoint = None,
+    temperature: Annotated[float, typer.Option("--t", help="KD temperature T (> 0).")] = 2.5,
+    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the KD term, in [0, 1]; 0 = plain CE.")] = 0.01,
+    p: Annotated[float, typer.Option("--p", help="Probability of the IG overlay, in [0, 1]; 0 = no IG.")] = 0.1,
+    overlay_mode: Annotated[str, typer.Option(help="aligned (each image's own map) | shuffled (control).")] = "aligned",
+    teacher_logits: Annotated[str, typer.Option(help="online (teacher on each augmented batch) | cached.")] = "online",
+    student_drop: Annotated[int, typer.Option(help="Trailing teacher feature blocks removed (5: the paper).")] = 5,
+    student_width: Annotated[float, typer.Option(help="Student channel multiplier.")] = 1.0,
+    student_normalization: Annotated[
+        str, typer.Option(help="Student input normalisation: cifar10 | cifar100 | none.")
+    ] = "cifar10",
+    student_init: Annotated[str, typer.Option(help="random (the paper) | teacher (copy the kept blocks).")] = "random",
+    arch: Annotated[
+        str, typer.Option(help="Architecture of teacher and student: mobilenetv2_cifar | tiny_cnn.")
+    ] = "mobilenetv2_cifar",
+    epochs: Annotated[int, typer.Option(help="Training epochs (the paper: 100).")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (the paper: 1e-3).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, order and augmentation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU) | cpu | cuda[:N].")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast where native) | fp32 | bf16 | fp16.")] = "auto",
+    run_dir: Annotated[Path | None, typer.Option(help="Per-epoch checkpoints and the final model go here.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
+    dataset: Dataset = "cifar10",
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    data_label: DataLabel = None,
+    val_size: ValSize = 5000,
+    train_subset: TrainSubset = None,
+    split_seed: SplitSeed = 0,
+    ig_steps: IGSteps = DEFAULT_IG.n_steps,
+    ig_method: IGMethod = DEFAULT_IG.method,
+    ig_baseline: IGBaseline = DEFAULT_IG.baseline,
+    ig_precision: IGPrecision = DEFAULT_IG.precision,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+) -> None:
+    """Train one student with KD + IG overlay and print its metrics as JSON."""
+    from kdsearch.config import KDConfig, ModelConfig, OptimConfig, OverlayConfig, TrainConfig
+    from kdsearch.train import train
+
+    if resume and run_dir is None:
+        raise KdsearchError("--resume needs --run-dir")
+    config = TrainConfig(
+        data=data_config(dataset, data_dir, data_label, val_size, train_subset, split_seed),
+        student=ModelConfig(
+            arch=arch, drop_blocks=student_drop, width_mult=student_width, normalization=student_normalization
+        ),
+        teacher=ModelConfig(arch=arch),
+        teacher_checkpoint=teacher_checkpoint,
+        student_init=student_init,
+        kd=KDConfig(alpha=alpha, temperature=temperature, teacher_logits=teacher_logits),
+        ig=ig_config(ig_steps, ig_method, ig_baseline, ig_precision),
+        overlay=OverlayConfig(p=p, mode=overlay_mode),
+        optim=OptimConfig(lr=lr),
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir,
+    )
+    result = train(config, run_dir=run_dir, resume=resume)
+    _print_json(
+        {
+            "val_acc": result.val_acc,
+            "test_acc": result.test_acc,
+            "train_time_s": round(result.train_time_s, 2),
+            "images_per_s": round(result.images_per_s, 1),
+            "epochs": result.epochs_completed,
+            "checkpoint": result.checkpoint,
+        }
+    )
+
+
+@teacher_app.command("train")
+def teacher_train_command(
+    out: Annotated[Path, typer.Option(help="Where to write the teacher checkpoint.")],
+    arch: Annotated[str, typer.Option(help="mobilenetv2_cifar | tiny_cnn.")] = "mobilenetv2_cifar",
+    epochs: Annotated[int, typer.Option(help="Epochs (the shared teacher: 18).")] = 18,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak SGD learning rate.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    run_dir: Annotated[Path | None, typer.Option(help="Per-epoch checkpoints (for --resume).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
+    dataset: Dataset = "cifar10",
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    data_label: DataLabel = None,
+    val_size: ValSize = 0,
+    train_subset: TrainSubset = None,
+    split_seed: SplitSeed = 0,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+) -> None:
+    """Train a teacher with a sound CIFAR recipe (SGD Nesterov, warm-up + linear decay, label smoothing,
+    crop + flip, bf16 autocast on CPU where native) and write its checkpoint."""
+    from kdsearch.config import ModelConfig, replace
+    from kdsearch.models import save_checkpoint
+    from kdsearch.train import teacher_recipe, train
+
+    if resume and run_dir is None:
+        raise KdsearchError("--resume needs --run-dir")
+    data = data_config(dataset, data_dir, data_label, val_size, train_subset, split_seed)
+    config = replace(
+        teacher_recipe(data, ModelConfig(arch=arch), epochs, batch_size, lr, seed),
+        device=device,
+        cache_dir=cache_dir,
+    )
+    result = train(config, run_dir=run_dir, resume=resume)
+    save_checkpoint(result.model, replace(config.student, num_classes=result.model.classifier[1].out_features), out)
+    _print_json({"test_acc": result.test_acc, "val_acc": result.val_acc, "checkpoint": out})
+
+
+@teacher_app.command("eval")
+def teacher_eval_command(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint to evaluate.")],
+    arch: Annotated[
+        str, typer.Option(help="Architecture when the checkpoint is a bare state dict.")
+    ] = "mobilenetv2_cifar",
+    drop_blocks: Annotated[int, typer.Option(help="Feature blocks removed, for a bare student state dict.")] = 0,
+    normalization: Annotated[str, typer.Option(help="Input normalisation for a bare state dict.")] = "cifar10",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    dataset: Dataset = "cifar10",
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    data_label: DataLabel = None,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+) -> None:
+    """Test accuracy (fp32) of a checkpoint, with its parameter count, FLOPs and size."""
+    from kdsearch.config import ModelConfig
+    from kdsearch.data import load_splits
+    from kdsearch.models import count_flops, count_parameters, load_model, read_checkpoint, size_on_disk_bytes
+    from kdsearch.train import accuracy, resolve_device
+
+    splits = load_splits(data_config(dataset, data_dir, data_label, 0, None, 0), cache_dir)
+    _, stored = read_checkpoint(checkpoint)
+    given = (
+        None
+        if stored
+        else ModelConfig(
+            arch=arch, drop_blocks=drop_blocks, normalization=normalization, num_classes=splits.num_classes
+        )
+    )
+    model, config = load_model(checkpoint, given)
+    target = resolve_device(device)
+    model = model.to(target)
+    _print_json(
+        {
+            "checkpoint": checkpoint,
+            "dataset": splits.label,
+            "test_images": len(splits.test_labels),
+            "test_acc": accuracy(model, splits.test_images, splits.test_labels, 500, target, None),
+            "params": count_parameters(model),
+            "flops": count_flops(model),
+            "size_bytes": size_on_disk_bytes(model),
+        }
+    )
+
+
+def _ig_inputs(teacher_checkpoint, arch, dataset, data_dir, data_label, val_size, train_subset, split_seed, cache_dir):
+    from kdsearch.config import ModelConfig
+    from kdsearch.data import load_splits
+    from kdsearch.models import load_model
+
+    if teacher_checkpoint is None:
+        raise KdsearchError("--teacher-checkpoint is required")
+    splits = load_splits(data_config(dataset, data_dir, data_label, val_size, train_subset, split_seed), cache_dir)
+    teacher, _ = load_model(teacher_checkpoint, ModelConfig(arch=arch, num_classes=splits.num_classes))
+    return teacher, splits
+
+
+@ig_app.command("compute")
+def ig_compute_command(
+    teacher_checkpoint: TeacherCheckpoint = None,
+    arch: Annotated[str, typer.Option(help="Teacher architecture.")] = "mobilenetv2_cifar",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    dataset: Dataset = "cifar10",
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    data_label: DataLabel = None,
+    val_size: ValSize = 5000,
+    train_subset: TrainSubset = None,
+    split_seed: SplitSeed = 0,
+    ig_steps: IGSteps = DEFAULT_IG.n_steps,
+    ig_method: IGMethod = DEFAULT_IG.method,
+    ig_baseline: IGBaseline = DEFAULT_IG.baseline,
+    ig_precision: IGPrecision = DEFAULT_IG.precision,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+) -> None:
+    """Compute (or find) the IG cache of the training split and print its location and statistics.
+
+    Resumable: an interrupted run continues from its last finished chunk. Concurrent runs compute once.
+    """
+    from kdsearch.attribution import ig_maps
+    from kdsearch.train import resolve_device
+
+    settings = ig_config(ig_steps, ig_method, ig_baseline, ig_precision)
+    teacher, splits = _ig_inputs(
+        teacher_checkpoint, arch, dataset, data_dir, data_label, val_size, train_subset, split_seed, cache_dir
+    )
+    artifact = ig_maps(teacher, splits, settings, cache_dir, resolve_device(device))
+    _print_json(
+        {
+            "cache": artifact.path,
+            **{k: artifact.meta[k] for k in ("images", "completeness_relative_error", "settings")},
+        }
+    )
+
+
+@ig_app.command("show")
+def ig_show_command(
+    index: Annotated[int, typer.Option(help="Position of the image in the training split.")],
+    out: Annotated[Path, typer.Option(help="PNG to write: original | IG map | overlay.")],
+    teacher_checkpoint: TeacherCheckpoint = None,
+    arch: Annotated[str, typer.Option(help="Teacher architecture.")] = "mobilenetv2_cifar",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    dataset: Dataset = "cifar10",
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    data_label: DataLabel = None,
+    val_size: ValSize = 5000,
+    train_subset: TrainSubset = None,
+    split_seed: SplitSeed = 0,
+    ig_steps: IGSteps = DEFAULT_IG.n_steps,
+    ig_method: IGMethod = DEFAULT_IG.method,
+    ig_baseline: IGBaseline = DEFAULT_IG.baseline,
+    ig_precision: IGPrecision = DEFAULT_IG.precision,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+) -> None:
+    """Write a PNG of one training image, its cached IG map and the overlay (computes the cache if needed)."""
+    from torchvision.io import write_png
+
+    from kdsearch.attribution import ig_maps, ig_panel
+    from kdsearch.train import resolve_device
+
+    if out.suffix.lower() != ".png":
+        raise KdsearchError(f"--out must end in .png but got {out}")
+    settings = ig_config(ig_steps, ig_method, ig_baseline, ig_precision)
+    teacher, splits = _ig_inputs(
+        teacher_checkpoint, arch, dataset, data_dir, data_label, val_size, train_subset, split_seed, cache_dir
+    )
+    if not 0 <= index < len(splits.train_labels):
+        raise KdsearchError(f"--index must be in [0, {len(splits.train_labels) - 1}] but got {index}")
+    artifact = ig_maps(teacher, splits, settings, cache_dir, resolve_device(device))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_png(ig_panel(splits.train_images[index], artifact.tensors["maps"][index]), str(out))
+    typer.echo(f"wrote {out} (class {splits.classes[int(splits.train_labels[index])]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 a usage or input error the user can fix)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="kdsearch", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except typer.Exit as exit_:
+        return exit_.exit_code
+    except typer.TyperException as error:  # Typer's usage errors: bad option values, unknown options
+        message = error.format_message() if hasattr(error, "format_message") else str(error)
+        if message:  # empty for a bare `kdsearch`, whose help was already shown
+            typer.echo(f"error: {message}", err=True)
+        return 2
+    except (KdsearchError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        return 2
+    except (KeyboardInterrupt, typer.Abort):
+        typer.echo("interrupted", err=True)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

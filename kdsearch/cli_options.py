@@ -1,0 +1,77 @@
+"""Typer option types shared by the CLI's command groups, and the configs they build."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kdsearch.config import DataConfig, IGConfig, default_cache_dir, default_data_dir
+
+Dataset = Annotated[
+    str,
+    typer.Option(
+        "--dataset",
+        help="cifar10 | cifar100 (torchvision, downloaded when missing) | folder (DIR/train/<class>/*.jpg and "
+        "DIR/test/<class>/*.jpg) | synthetic (tiny, generated).",
+    ),
+]
+DataDir = Annotated[
+    str | None,
+    typer.Option(
+        "--data-dir",
+        envvar="KDSEARCH_DATA_DIR",
+        help="Where the data lives: the torchvision download root, or the folder with train/ and test/.",
+    ),
+]
+DataLabel = Annotated[
+    str | None,
+    typer.Option("--data-label", help='Dataset name shown in reports, e.g. "CIFAR-10 (JPEG q75 copy)".'),
+]
+ValSize = Annotated[int, typer.Option("--val-size", help="Training images held out (stratified) for model selection.")]
+TrainSubset = Annotated[
+    int | None, typer.Option("--train-subset", help="Train on a stratified subset of N images (quick runs).")
+]
+SplitSeed = Annotated[int, typer.Option("--split-seed", help="Seed of the validation split and the subset.")]
+CacheDir = Annotated[
+    str,
+    typer.Option(
+        "--cache-dir",
+        envvar="KDSEARCH_CACHE_DIR",
+        help="Where decoded data, IG maps and teacher logits are cached (content-addressed).",
+    ),
+]
+TeacherCheckpoint = Annotated[
+    str | None,
+    typer.Option("--teacher-checkpoint", help="Teacher weights (.pt): a kdsearch checkpoint or a bare state dict."),
+]
+IGSteps = Annotated[int, typer.Option("--ig-steps", help="Integrated Gradients integration steps.")]
+IGMethod = Annotated[str, typer.Option("--ig-method", help="Captum approximation method (gausslegendre, riemann_*).")]
+IGBaseline = Annotated[str, typer.Option("--ig-baseline", help="IG baseline: black | mean | zeros_normalized.")]
+IGPrecision = Annotated[str, typer.Option("--ig-precision", help="fp32 | bf16 autocast for the IG passes.")]
+
+DEFAULT_CACHE_DIR = str(default_cache_dir())
+DEFAULT_DATA_DIR = default_data_dir()
+DEFAULT_IG = IGConfig()
+
+
+def data_config(
+    dataset: str,
+    data_dir: str | None,
+    label: str | None,
+    val_size: int,
+    train_subset: int | None,
+    split_seed: int,
+) -> DataConfig:
+    return DataConfig(
+        dataset=dataset,
+        data_dir=data_dir,
+        label=label,
+        val_size=val_size,
+        train_subset=train_subset,
+        split_seed=split_seed,
+    )
+
+
+def ig_config(steps: int, method: str, baseline: str, precision: str) -> IGConfig:
+    return IGConfig(n_steps=steps, method=method, baseline=baseline, precision=precision)

@@ -1,0 +1,266 @@
+"""Datasets as uint8 tensors: decoded once into the artefact store, split deterministically.
+
+Sources: ``cifar10`` / ``cifar100`` through torchvision (downloaded when missing), ``folder`` (a
+directory with ``train/<class>/*`` and ``test/<class>/*``; classes are the sorted subfolder names), and
+``synthetic`` (tiny, generated, for tests and smoke runs). The validation split is held out of the
+training set (stratified, seeded) for model selection; the test set is only for final reporting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdsearch.config import DataConfig, default_cache_dir
+from kdsearch.errors import DataError
+from kdsearch.store import ArtifactStore, content_key
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+@dataclass
+class Decoded:
+    """A whole dataset in memory: images are (N, 3, H, W) uint8, labels int64."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+
+
+@dataclass
+class Splits:
+    label: str  # the dataset's display name, used in every report
+    classes: list[str]
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    train_index: torch.Tensor  # position of each training image in the source's training set (sorted)
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    fingerprint: str  # identifies the content of the three splits; keys IG maps and teacher logits
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train_labels), "val": len(self.val_labels), "test": len(self.test_labels)}
+
+
+@dataclass(frozen=True)
+class Source:
+    fingerprint: Callable[[DataConfig, Path], str]  # cheap identity of the raw files
+    decode: Callable[[DataConfig, Path], Decoded]
+    default_label: Callable[[DataConfig], str]
+
+
+def _torchvision_root(config: DataConfig, cache_dir: Path) -> Path:
+    return Path(config.data_dir) if config.data_dir else cache_dir / "datasets"
+
+
+def _torchvision_source(name: str) -> Source:
+    import torchvision
+
+    dataset_class = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+
+    def fingerprint(config: DataConfig, cache_dir: Path) -> str:
+        return f"{name}:{_torchvision_root(config, cache_dir).resolve()}"
+
+    def decode(config: DataConfig, cache_dir: Path) -> Decoded:
+        root = _torchvision_root(config, cache_dir)
+        try:
+            train = dataset_class(str(root), train=True, download=True)
+            test = dataset_class(str(root), train=False, download=True)
+        except Exception as error:  # torchvision raises URLError, RuntimeError, OSError...
+            raise DataError(
+                f"could not load or download {name} into {root} ({type(error).__name__}: {error}); "
+                "for a local copy use --dataset folder --data-dir DIR"
+            ) from error
+
+        def to_tensor(split):
+            images = torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()
+            return images, torch.tensor(split.targets, dtype=torch.int64)
+
+        train_images, train_labels = to_tensor(train)
+        test_images, test_labels = to_tensor(test)
+        return Decoded(train_images, train_labels, test_images, test_labels, list(train.classes))
+
+    return Source(fingerprint, decode, lambda config: {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[name])
+
+
+def _folder_files(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise DataError(f"data folder {root} must contain train/ and test/ subfolders")
+    classes = sorted(entry.name for entry in os.scandir(root / "train") if entry.is_dir())
+    if not classes:
+        raise DataError(f"{root / 'train'} has no class subfolders")
+    files: dict[str, list[tuple[Path, int]]] = {}
+    for split in ("train", "test"):
+        split_classes = sorted(entry.name for entry in os.scandir(root / split) if entry.is_dir())
+        if split_classes != classes:
+            raise DataError(f"{root / split} has classes {split_classes}, expected {classes} as in train/")
+        files[split] = [
+            (Path(entry.path), label)
+            for label, name in enumerate(classes)
+            for entry in sorted(os.scandir(root / split / name), key=lambda e: e.name)
+            if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return classes, files
+
+
+def _folder_fingerprint(config: DataConfig, cache_dir: Path) -> str:
+    root = Path(config.data_dir).resolve()
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    _, files = _folder_files(root)
+    digest = hashlib.sha256(str(root).encode())
+    for split in ("train", "test"):
+        for path, label in files[split]:
+            stat = path.stat()
+            digest.update(f"{split}/{label}/{path.name}/{stat.st_size}/{stat.st_mtime_ns}\n".encode())
+    return f"folder:{digest.hexdigest()}"
+
+
+def _folder_decode(config: DataConfig, cache_dir: Path) -> Decoded:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from tqdm import tqdm
+
+    root = Path(config.data_dir)
+    classes, files = _folder_files(root)
+    decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for split in ("train", "test"):
+        images = [
+            decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            for path, _ in tqdm(files[split], desc=f"decoding {root.name}/{split}", unit="img", disable=None)
+        ]
+        shapes = {tuple(image.shape) for image in images}
+        if len(shapes) != 1:
+            raise DataError(f"images in {root / split} differ in size ({sorted(shapes)[:3]}...); resize them first")
+        labels = torch.tensor([label for _, label in files[split]], dtype=torch.int64)
+        decoded[split] = (torch.stack(images), labels)
+    return Decoded(*decoded["train"], *decoded["test"], classes)
+
+
+def _synthetic_fingerprint(config: DataConfig, cache_dir: Path) -> str:
+    return f"synthetic:{config.synthetic_size}"
+
+
+def _synthetic_decode(config: DataConfig, cache_dir: Path) -> Decoded:
+    """Ten classes a tiny CNN separates within an epoch: a class colour plus a class stripe frequency."""
+    generator = torch.Generator().manual_seed(1234)
+    num_classes, size = 10, 32
+    class_colours = torch.rand(num_classes, 3, 1, 1, generator=generator)
+
+    def make(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(count) % num_classes
+        colours = class_colours[labels]
+        frequency = (labels + 1).float().view(-1, 1, 1, 1)
+        stripes = torch.sin(torch.linspace(0, 3.1416, size).view(1, 1, 1, size) * frequency) * 0.5 + 0.5
+        noise = torch.rand(count, 3, size, size, generator=generator) * 0.3
+        images = (0.5 * colours + 0.35 * stripes + noise).clamp(0, 1)
+        return (images * 255).round().to(torch.uint8), labels.to(torch.int64)
+
+    classes = [f"class{index}" for index in range(num_classes)]
+    return Decoded(*make(config.synthetic_size), *make(config.synthetic_size // 4), classes)
+
+
+DATASETS: dict[str, Callable[[], Source]] = {
+    "cifar10": lambda: _torchvision_source("cifar10"),
+    "cifar100": lambda: _torchvision_source("cifar100"),
+    "folder": lambda: Source(_folder_fingerprint, _folder_decode, lambda config: Path(config.data_dir).name),
+    "synthetic": lambda: Source(_synthetic_fingerprint, _synthetic_decode, lambda config: "synthetic"),
+}
+
+
+def load_decoded(config: DataConfig, cache_dir: str | Path | None = None) -> tuple[Decoded, str]:
+    """The whole dataset, decoded once and kept in the artefact store; returns it and its source key."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    source = DATASETS[config.dataset]()
+    source_key = source.fingerprint(config, cache_dir)
+    if config.dataset == "synthetic":  # generating is cheaper than a cache round trip
+        return source.decode(config, cache_dir), source_key
+
+    def build(scratch: Path):
+        decoded = source.decode(config, cache_dir)
+        tensors = {
+            "train_images": decoded.train_images,
+            "train_labels": decoded.train_labels,
+            "test_images": decoded.test_images,
+            "test_labels": decoded.test_labels,
+        }
+        return tensors, {"classes": decoded.classes}
+
+    artifact = ArtifactStore(cache_dir).get_or_build("decoded", {"source": source_key}, build)
+    tensors = artifact.tensors
+    decoded = Decoded(
+        tensors["train_images"],
+        tensors["train_labels"],
+        tensors["test_images"],
+        tensors["test_labels"],
+        artifact.meta["classes"],
+    )
+    return decoded, source_key
+
+
+def stratified_holdout(labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (kept, held out) with ``count`` held out in class proportion, both sorted."""
+    if count > len(labels):
+        raise DataError(f"cannot hold out {count} images from a set of {len(labels)}")
+    generator = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * count / len(labels)
+    quotas = exact.floor().long()
+    # Largest remainders get the leftover images so the quotas sum to exactly `count`.
+    leftover = count - int(quotas.sum())
+    quotas[torch.argsort(exact - quotas, descending=True)[:leftover]] += 1
+    held_out = []
+    for label, quota in zip(classes.tolist(), quotas.tolist(), strict=True):
+        members = torch.nonzero(labels == label).flatten()
+        held_out.append(members[torch.randperm(len(members), generator=generator)[:quota]])
+    held = torch.cat(held_out).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held] = False
+    return torch.nonzero(mask).flatten(), held
+
+
+def load_splits(config: DataConfig, cache_dir: str | Path | None = None) -> Splits:
+    decoded, source_key = load_decoded(config, cache_dir)
+    train_pool, val_index = stratified_holdout(decoded.train_labels, config.val_size, config.split_seed)
+    if config.train_subset is not None:
+        if config.train_subset > len(train_pool):
+            raise DataError(f"train_subset {config.train_subset} exceeds the {len(train_pool)} training images left")
+        dropped = len(train_pool) - config.train_subset
+        kept_positions, _ = stratified_holdout(decoded.train_labels[train_pool], dropped, config.split_seed + 1)
+        train_pool = train_pool[kept_positions]
+    fingerprint = content_key(
+        {
+            "source": source_key,
+            "val_size": config.val_size,
+            "train_subset": config.train_subset,
+            "seed": config.split_seed,
+        }
+    )
+    label = config.label or DATASETS[config.dataset]().default_label(config)
+    return Splits(
+        label=label,
+        classes=decoded.classes,
+        train_images=decoded.train_images[train_pool],
+        train_labels=decoded.train_labels[train_pool],
+        train_index=train_pool,
+        val_images=decoded.train_images[val_index],
+        val_labels=decoded.train_labels[val_index],
+        test_images=decoded.test_images,
+        test_labels=decoded.test_labels,
+        fingerprint=fingerprint,
+    )

@@ -1,0 +1,203 @@
+"""Teacher and student networks, checkpoints, and their cost (parameters, FLOPs, bytes on disk).
+
+Every model is a ``CifarClassifier``: ``features`` (a Sequential of blocks), global average pooling, and
+``classifier = Sequential(Dropout, Linear)``. That is the state-dict layout of the widely used
+PyTorch_CIFAR10 MobileNetV2 checkpoints (``features.<i>.…``, ``classifier.1.{weight,bias}``), so they
+load without conversion. Input normalisation is a non-persistent buffer of the model: it is part of
+the model's config, applied inside ``forward``, and absent from the state dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdsearch.config import ModelConfig, from_dict, to_dict
+from kdsearch.errors import CheckpointError, ConfigError
+
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "none": None,  # the model takes raw [0, 1] pixels
+}
+
+# (expansion t, channels c, repeats n, first stride s). The CIFAR variant keeps stride 1 in the
+# 24-channel stage (and in the stem) so 32x32 inputs are not downsampled too early.
+MOBILENETV2_CIFAR_SETTING = [
+    [1, 16, 1, 1],
+    [6, 24, 2, 1],
+    [6, 32, 3, 2],
+    [6, 64, 4, 2],
+    [6, 96, 3, 1],
+    [6, 160, 3, 2],
+    [6, 320, 1, 1],
+]
+
+
+class CifarClassifier(nn.Module):
+    def __init__(self, features: nn.Sequential, num_classes: int, dropout: float, normalization: str):
+        super().__init__()
+        self.features = features
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(_out_channels(features), num_classes))
+        stats = NORMALIZATIONS[normalization]
+        mean, std = stats if stats is not None else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits for images with pixel values in [0, 1]."""
+        features = self.features((pixels - self.input_mean) / self.input_std)
+        return self.classifier(features.mean(dim=(2, 3)))
+
+
+def _out_channels(features: nn.Sequential) -> int:
+    convs = [module for module in features.modules() if isinstance(module, nn.Conv2d)]
+    if not convs:
+        raise ConfigError("a model needs at least one convolutional feature block")
+    return convs[-1].out_channels
+
+
+def _mobilenetv2_cifar_features(width_mult: float) -> nn.Sequential:
+    from torchvision.models import MobileNetV2
+
+    network = MobileNetV2(inverted_residual_setting=MOBILENETV2_CIFAR_SETTING, width_mult=width_mult)
+    network.features[0][0].stride = (1, 1)
+    return network.features
+
+
+def _tiny_cnn_features(width_mult: float) -> nn.Sequential:
+    """Four conv blocks: a model that trains in seconds, for tests and smoke studies."""
+    widths = [max(4, round(channels * width_mult)) for channels in (8, 16, 24, 32)]
+    blocks, in_channels = [], 3
+    for index, channels in enumerate(widths):
+        stride = 1 if index == 0 else 2
+        blocks.append(
+            nn.Sequential(
+                nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU6(),
+            )
+        )
+        in_channels = channels
+    return nn.Sequential(*blocks)
+
+
+ARCHITECTURES: dict[str, Callable[[float], nn.Sequential]] = {
+    "mobilenetv2_cifar": _mobilenetv2_cifar_features,
+    "tiny_cnn": _tiny_cnn_features,
+}
+
+
+def build_model(config: ModelConfig) -> CifarClassifier:
+    features = ARCHITECTURES[config.arch](config.width_mult)
+    if config.drop_blocks >= len(features):
+        raise ConfigError(
+            f"drop_blocks={config.drop_blocks} would remove all {len(features)} feature blocks of {config.arch}"
+        )
+    kept = nn.Sequential(*list(features)[: len(features) - config.drop_blocks])
+    return CifarClassifier(kept, config.num_classes, config.dropout, config.normalization)
+
+
+def init_from_teacher(student: CifarClassifier, teacher: CifarClassifier) -> None:
+    """Copy the teacher's weights into the student's kept feature blocks (same width only)."""
+    teacher_state = teacher.features.state_dict()
+    student_state = student.features.state_dict()
+    mismatched = [k for k, v in student_state.items() if k not in teacher_state or teacher_state[k].shape != v.shape]
+    if mismatched:
+        raise ConfigError(f"student_init=teacher needs the teacher's widths; {mismatched[0]} does not match")
+    student.features.load_state_dict({key: teacher_state[key] for key in student_state})
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def count_flops(model: nn.Module, image_size: int = 32) -> int:
+    """FLOPs of one forward pass on one image (torch.utils.flop_counter: a multiply-add counts as 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def size_on_disk_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def weights_hash(model: nn.Module) -> str:
+    """Hash of the weights themselves, so the same teacher from two files keys the same caches."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def save_checkpoint(model: CifarClassifier, config: ModelConfig, path: str | Path, extra: dict | None = None) -> None:
+    """A kdsearch checkpoint: the state dict plus the model config it was built from."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"state_dict": model.state_dict(), "model_config": to_dict(config), **(extra or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(state dict, model config or None) from a kdsearch checkpoint or a bare state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors all mean "not a readable checkpoint"
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file ({type(error).__name__})") from error
+    if isinstance(payload, dict) and "state_dict" in payload:
+        return payload["state_dict"], payload.get("model_config")
+    if isinstance(payload, dict) and all(isinstance(value, torch.Tensor) for value in payload.values()):
+        return payload, None
+    raise CheckpointError(f"checkpoint {path} holds neither a state dict nor a kdsearch checkpoint")
+
+
+def load_model(path: str | Path, config: ModelConfig | None = None) -> tuple[CifarClassifier, ModelConfig]:
+    """Build the model and load its weights; ``config`` defaults to the one stored in the checkpoint."""
+    state, stored_config = read_checkpoint(path)
+    if config is None:
+        config = from_dict(ModelConfig, stored_config) if stored_config else ModelConfig()
+    model = build_model(config)
+    check_fits(model, state, path, config)
+    model.load_state_dict(state)
+    return model, config
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, config: ModelConfig) -> None:
+    """Raise one line naming the first mismatch between a state dict and the model."""
+    expected = model.state_dict()
+    where = f"checkpoint {path} does not fit {config.arch} (drop_blocks={config.drop_blocks}, width={config.width_mult}, classes={config.num_classes})"
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[0]}")
+        raise CheckpointError(f"{where}: {'; '.join(parts)}")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{where}: {key} has shape {tuple(state[key].shape)} in the checkpoint, {tuple(tensor.shape)} in the model"
+            )
