@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,10 +141,14 @@ def _folder_decode(config: DataConfig, cache_dir: Path) -> Decoded:
     classes, files = _folder_files(root)
     decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for split in ("train", "test"):
-        images = [
-            decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-            for path, _ in tqdm(files[split], desc=f"decoding {root.name}/{split}", unit="img", disable=None)
-        ]
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency);
+            # they still work, and this runs once per dataset before the result is cached.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            images = [
+                decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+                for path, _ in tqdm(files[split], desc=f"decoding {root.name}/{split}", unit="img", disable=None)
+            ]
         shapes = {tuple(image.shape) for image in images}
         if len(shapes) != 1:
             raise DataError(f"images in {root / split} differ in size ({sorted(shapes)[:3]}...); resize them first")
