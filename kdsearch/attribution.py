@@ -27,7 +27,7 @@ from torch import nn
 
 from kdsearch.config import IGConfig, to_dict
 from kdsearch.data import Splits
-from kdsearch.models import CifarClassifier, weights_hash
+from kdsearch.models import CifarClassifier, fold_batchnorm, weights_hash
 from kdsearch.store import Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,10 @@ def ig_maps(
     """
     from tqdm import tqdm
 
-    teacher = teacher.to(device).eval().to(memory_format=torch.channels_last)
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)  # IG needs input gradients only
+    fields = ig_cache_fields(teacher, splits, config)  # keyed by the teacher's own weights
     baseline = BASELINES[config.baseline](teacher, splits)
+    # Folded BatchNorm, no parameter gradients (IG needs input gradients only), channels_last.
+    fast_teacher = fold_batchnorm(teacher).to(device).to(memory_format=torch.channels_last)
 
     def build(scratch: Path):
         count = len(splits.train_labels)
@@ -127,7 +127,7 @@ def ig_maps(
                     images = splits.train_images[call_start:call_stop].to(device).float().div_(255)
                     labels = splits.train_labels[call_start:call_stop].to(device)
                     call_maps, call_errors = integrated_gradients(
-                        teacher,
+                        fast_teacher,
                         images.contiguous(memory_format=torch.channels_last),
                         labels,
                         baseline,
@@ -153,7 +153,6 @@ def ig_maps(
         }
         return {"maps": maps, "relative_error": errors}, meta
 
-    fields = ig_cache_fields(teacher, splits, config)
     return ArtifactStore(cache_dir).get_or_build("ig", fields, build)
 
 

@@ -9,6 +9,7 @@ the model's config, applied inside ``forward``, and absent from the state dict.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 from collections.abc import Callable
@@ -112,6 +113,30 @@ def init_from_teacher(student: CifarClassifier, teacher: CifarClassifier) -> Non
     if mismatched:
         raise ConfigError(f"student_init=teacher needs the teacher's widths; {mismatched[0]} does not match")
     student.features.load_state_dict({key: teacher_state[key] for key in student_state})
+
+
+def fold_batchnorm(model: CifarClassifier) -> CifarClassifier:
+    """An inference-only copy with every Conv2d → BatchNorm2d pair folded into one convolution.
+
+    Equal to the model in eval mode up to float rounding. Why: eval-mode BatchNorm is a full extra
+    memory pass forward and backward; folding it made the MobileNetV2 teacher's forward + input-gradient
+    passes (IG, online KD targets) about 2.5x faster on this 2-core CPU (bench/ig_throughput.py).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            conv, norm = module._modules[first], module._modules[second]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                module._modules[first] = fuse_conv_bn_eval(conv, norm)
+                module._modules[second] = nn.Identity()
+    for parameter in folded.parameters():
+        parameter.requires_grad_(False)
+    return folded
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -39,6 +39,7 @@ from kdsearch.losses import kd_loss
 from kdsearch.models import (
     CifarClassifier,
     build_model,
+    fold_batchnorm,
     init_from_teacher,
     load_model,
     save_checkpoint,
@@ -125,7 +126,7 @@ def cached_teacher_logits(
     """Teacher logits on the clean training images, computed once (fp32) and kept beside the IG cache."""
 
     def build(scratch: Path):
-        return {"logits": predict_logits(teacher, splits.train_images, 500, device, None)}, {}
+        return {"logits": predict_logits(fold_batchnorm(teacher), splits.train_images, 500, device, None)}, {}
 
     fields = {"teacher": weights_hash(teacher), "data": splits.fingerprint}
     return ArtifactStore(cache_dir).get_or_build("teacher_logits", fields, build).tensors["logits"]
@@ -193,10 +194,13 @@ def train(
     student = build_model(replace(config.student, num_classes=splits.num_classes)).to(device)
     if config.student_init == "teacher":
         init_from_teacher(student, teacher)
+    online_teacher = None
+    if config.kd.alpha > 0 and teacher_logits is None:
+        online_teacher = fold_batchnorm(teacher)  # the teacher only runs in eval mode here
     if config.channels_last:
         student = student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher = teacher.to(memory_format=torch.channels_last)
+        if online_teacher is not None:
+            online_teacher = online_teacher.to(memory_format=torch.channels_last)
     optimizer = _optimizer(student, config.optim)
     count = len(splits.train_labels)
     steps_per_epoch = math.ceil(count / config.batch_size)
@@ -259,7 +263,7 @@ def train(
                         soft_targets = teacher_logits[index]
                     else:
                         with torch.no_grad():
-                            soft_targets = teacher(images)
+                            soft_targets = online_teacher(images)
             loss = kd_loss(
                 logits,
                 soft_targets,

@@ -9,6 +9,7 @@ from kdsearch.models import (
     build_model,
     count_flops,
     count_parameters,
+    fold_batchnorm,
     init_from_teacher,
     load_model,
     save_checkpoint,
@@ -108,3 +109,17 @@ def test_cost_measures_rank_teacher_above_student():
 def test_dropping_every_block_is_refused():
     with pytest.raises(ConfigError, match="would remove all 4 feature blocks"):
         build_model(ModelConfig(arch="tiny_cnn", drop_blocks=4))
+
+
+def test_folded_batchnorm_gives_the_same_logits_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(drop_blocks=12))
+    model.train()
+    model(torch.rand(16, 3, 32, 32))  # move BatchNorm running statistics away from (0, 1)
+    model.eval()
+    before = weights_hash(model)
+    folded = fold_batchnorm(model)
+    pixels = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(folded(pixels), model(pixels), rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert weights_hash(model) == before and not any(p.requires_grad for p in folded.parameters())
