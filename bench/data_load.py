@@ -34,7 +34,9 @@ def main() -> None:
     print(f"dataset: {splits.label}, {images} images {splits.sizes()}")
     print(f"first load (decode + cache write): {first:.2f} s")
     print(f"cached load: best {min(cached):.2f} s, worst {max(cached):.2f} s over {args.repeats}")
-    print(f"speed-up of a cached load: {first / min(cached):.1f}x; target < 3 s: {'met' if max(cached) < 3 else 'NOT met'}")
+    print(
+        f"speed-up of a cached load: {first / min(cached):.1f}x; target < 3 s: {'met' if max(cached) < 3 else 'NOT met'}"
+    )
     print(json.dumps({"images": images, "first_s": first, "cached_s": cached}))
 
 

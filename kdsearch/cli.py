@@ -33,6 +33,7 @@ from kdsearch.cli_options import (
     data_config,
     ig_config,
 )
+from kdsearch.cli_study import register
 from kdsearch.errors import KdsearchError
 
 app = typer.Typer(
@@ -48,6 +49,7 @@ ig_app = typer.Typer(
 )
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(ig_app, name="ig")
+register(app)
 
 
 def _print_json(payload: dict) -> None:

@@ -1,0 +1,373 @@
+"""The paper's ablation (Table 3): baseline, KD, IG and KD+IG students, each arm × seed, with statistics.
+
+    kdsearch ablate --study studies/cpu-quick.yaml --seeds 3 --extra-arms ig_shuffled
+
+Every arm trains from the same teacher, IG cache, data and budget; only alpha and p (and, for the
+control, the overlay's alignment) differ. Seed s of every arm shares initialisation and batch order,
+so arms are compared with paired tests over seeds. The runs are an Optuna study of queued
+(arm, seed) trials, so an ablation resumes, and shares workers, exactly like a grid study.
+
+Besides accuracy, each student's **explanation agreement** with the teacher is measured on a fixed set
+of test images: per image, the Spearman correlation and the top-10% IoU between the student's and the
+teacher's IG maps (same baseline and steps as the training cache), averaged over the images.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from kdsearch.attribution import BASELINES, ig_cache_fields, integrated_gradients
+from kdsearch.config import IGConfig, TrainConfig, replace
+from kdsearch.data import Splits
+from kdsearch.errors import ConfigError
+from kdsearch.models import CifarClassifier
+from kdsearch.store import ArtifactStore
+from kdsearch.studyfile import AblationSpec, StudySpec, check_files
+
+if TYPE_CHECKING:
+    from kdsearch.study import HeartbeatConfig, StudyHandle, TrialRunner
+
+TOP_FRACTION = 0.1  # the IoU compares each map's top 10% of pixels
+
+
+def _terms(config: TrainConfig, spec: AblationSpec, kd: bool, ig: bool, mode: str = "aligned") -> TrainConfig:
+    # T is set on every arm, although it only acts with alpha > 0, so all arms record the same config.
+    return replace(
+        config,
+        kd=replace(config.kd, alpha=spec.alpha if kd else 0.0, temperature=spec.t),
+        overlay=replace(config.overlay, p=spec.p if ig else 0.0, mode=mode),
+    )
+
+
+def _baseline(config: TrainConfig, spec: AblationSpec) -> TrainConfig:
+    return _terms(config, spec, kd=False, ig=False)
+
+
+def _kd(config: TrainConfig, spec: AblationSpec) -> TrainConfig:
+    return _terms(config, spec, kd=True, ig=False)
+
+
+def _ig(config: TrainConfig, spec: AblationSpec) -> TrainConfig:
+    return _terms(config, spec, kd=False, ig=True)
+
+
+def _kd_ig(config: TrainConfig, spec: AblationSpec) -> TrainConfig:
+    return _terms(config, spec, kd=True, ig=True)
+
+
+def _ig_shuffled(config: TrainConfig, spec: AblationSpec) -> TrainConfig:
+    # KD + IG with each image overlaid by another image's map: kd_ig minus the maps' alignment, so
+    # kd_ig vs ig_shuffled tests whether the map's content about *this* image is what helps.
+    return _terms(config, spec, kd=True, ig=True, mode="shuffled")
+
+
+ARMS: dict[str, Callable[[TrainConfig, AblationSpec], TrainConfig]] = {
+    "baseline": _baseline,
+    "kd": _kd,
+    "ig": _ig,
+    "kd_ig": _kd_ig,
+    "ig_shuffled": _ig_shuffled,
+}
+# Paired comparisons beyond "each arm vs baseline", made when both arms ran.
+COMPARISONS = (("kd_ig", "kd"), ("kd_ig", "ig_shuffled"))
+
+
+def seeds(spec: StudySpec) -> list[int]:
+    return [spec.train.seed + index for index in range(spec.ablation.seeds)]
+
+
+def arm_config(spec: StudySpec, arm: str, seed: int) -> TrainConfig:
+    return ARMS[arm](replace(spec.train, seed=seed), spec.ablation)
+
+
+def ablation_space(spec: StudySpec) -> dict[str, Any]:
+    return json.loads(json.dumps({**vars(spec.ablation), "arms": list(spec.ablation.all_arms), "seeds": seeds(spec)}))
+
+
+def ablation_points(spec: StudySpec) -> list[dict[str, Any]]:
+    # Seed-major, so a partly done ablation has every arm of its first seeds (complete pairs).
+    return [{"arm": arm, "seed": seed} for seed in seeds(spec) for arm in spec.ablation.all_arms]
+
+
+def validate_ablation(spec: StudySpec) -> None:
+    if spec.ablation is None:
+        raise ConfigError("no ablation settings: add an 'ablation' section or give --seeds/--arms")
+    if spec.train.data.val_size <= 0:
+        raise ConfigError("ablations record validation accuracy as the trials' value: train.data.val_size must be > 0")
+    check_files(spec)
+    for arm in spec.ablation.all_arms:
+        arm_config(spec, arm, spec.train.seed)
+
+
+def open_ablation(
+    spec: StudySpec, storage_url: str, heartbeat: HeartbeatConfig, study_name: str | None = None
+) -> StudyHandle:
+    """Create or resume the ablation study and queue every arm × seed run that has no live trial."""
+    # kdsearch.study runs this module's objective for the ablation kind: import it back lazily.
+    from kdsearch.study import enqueue_missing, open_study
+
+    validate_ablation(spec)
+    points = ablation_points(spec)
+    handle = open_study(spec, "ablation", ablation_space(spec), len(points), storage_url, heartbeat, study_name)
+    enqueue_missing(handle, points)
+    return handle
+
+
+def ablation_objective(handle: StudyHandle, runner: TrialRunner) -> Callable[[optuna.Trial], float]:
+    spec = handle.spec
+    prepared = runner.prepared
+    handle.study.set_user_attr("teacher_test_acc", prepared.teacher_metrics["teacher_test_acc"])
+    probe = None
+    if spec.ablation.agreement_images > 0:
+        probe = AgreementProbe.build(
+            prepared.teacher, prepared.splits, spec.train.ig, spec.ablation.agreement_images, spec.train.cache_dir
+        )
+
+    def objective(trial: optuna.Trial) -> float:
+        arm = trial.suggest_categorical("arm", list(spec.ablation.all_arms))
+        seed = trial.suggest_categorical("seed", seeds(spec))
+        result = runner.train(
+            trial,
+            arm_config(spec, arm, seed),
+            run_name=f"{arm}-seed{seed}",
+            extra_params={"arm": arm},
+            evaluate=probe.measure if probe is not None else None,
+        )
+        return result.val_acc
+
+    return objective
+
+
+# --- explanation agreement ---------------------------------------------------------------------
+
+
+def agreement_index(test_size: int, count: int) -> torch.Tensor:
+    """A fixed, seeded sample of test images (sorted), the same for every arm, seed and worker."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randperm(test_size, generator=generator)[: min(count, test_size)].sort().values
+
+
+def ig_on(
+    model: CifarClassifier, images: torch.Tensor, labels: torch.Tensor, splits: Splits, config: IGConfig
+) -> torch.Tensor:
+    """IG maps (N, H, W) float32 of ``model`` for uint8 images and their true labels, as the cache makes them."""
+    device = next(model.parameters()).device
+    model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # input gradients only
+    baseline = BASELINES[config.baseline](model, splits)
+    maps = []
+    for start in range(0, len(labels), config.images_per_call):
+        batch = images[start : start + config.images_per_call].to(device).float().div_(255)
+        batch_maps, _ = integrated_gradients(
+            model,
+            batch.contiguous(memory_format=torch.channels_last),
+            labels[start : start + config.images_per_call].to(device),
+            baseline,
+            config,
+        )
+        maps.append(batch_maps.cpu())
+    return torch.cat(maps)
+
+
+def explanation_agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """Mean over images of the Spearman correlation and the top-10% IoU of two stacks of maps (N, H, W)."""
+    from scipy.stats import rankdata
+
+    a = student.reshape(len(student), -1).double().numpy()
+    b = teacher.reshape(len(teacher), -1).double().numpy()
+    # Average ranks: pixels with equal attribution (e.g. exactly zero) tie instead of ranking arbitrarily.
+    rank_a = rankdata(a, axis=1)
+    rank_b = rankdata(b, axis=1)
+    rank_a -= rank_a.mean(axis=1, keepdims=True)
+    rank_b -= rank_b.mean(axis=1, keepdims=True)
+    denominator = np.linalg.norm(rank_a, axis=1) * np.linalg.norm(rank_b, axis=1)
+    spearman = (rank_a * rank_b).sum(axis=1) / np.maximum(denominator, 1e-12)
+    k = max(1, math.ceil(TOP_FRACTION * a.shape[1]))
+    top_a = np.zeros_like(a, dtype=bool)
+    top_b = np.zeros_like(b, dtype=bool)
+    np.put_along_axis(top_a, np.argpartition(-a, k - 1, axis=1)[:, :k], True, axis=1)
+    np.put_along_axis(top_b, np.argpartition(-b, k - 1, axis=1)[:, :k], True, axis=1)
+    iou = (top_a & top_b).sum(axis=1) / (top_a | top_b).sum(axis=1)
+    return {"agreement_spearman": float(spearman.mean()), "agreement_iou_top10": float(iou.mean())}
+
+
+@dataclass
+class AgreementProbe:
+    """The fixed test images and the teacher's IG maps on them (cached); measures a student against them."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    teacher_maps: torch.Tensor
+    splits: Splits
+    config: IGConfig
+
+    @classmethod
+    def build(
+        cls, teacher: CifarClassifier, splits: Splits, config: IGConfig, count: int, cache_dir: str | Path
+    ) -> AgreementProbe:
+        index = agreement_index(len(splits.test_labels), count)
+        images, labels = splits.test_images[index], splits.test_labels[index]
+
+        def build(scratch: Path):
+            return {"maps": ig_on(teacher, images, labels, splits, config)}, {"images": len(index)}
+
+        fields = {**ig_cache_fields(teacher, splits, config), "split": "test", "count": len(index)}
+        maps = ArtifactStore(cache_dir).get_or_build("ig_agreement", fields, build).tensors["maps"]
+        return cls(images, labels, maps.float(), splits, config)
+
+    def measure(self, result) -> dict[str, float]:
+        student_maps = ig_on(result.model, self.images, self.labels, self.splits, self.config)
+        return explanation_agreement(student_maps, self.teacher_maps)
+
+
+# --- Table 3 -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ArmRow:
+    arm: str
+    n: int
+    mean: float
+    std: float
+    ci: tuple[float, float]  # 95% t-interval of the mean test accuracy
+    delta: float  # mean paired difference to the baseline (0 for the baseline)
+    p_value: float  # paired t-test against the baseline (nan for the baseline, or with < 2 pairs)
+    spearman: float
+    iou: float
+
+
+@dataclass
+class Comparison:
+    arm: str
+    reference: str
+    n: int  # seeds both arms completed
+    delta: float
+    ci: tuple[float, float]  # 95% t-interval of the paired difference
+    p_value: float
+
+
+@dataclass
+class AblationTable:
+    teacher_test_acc: float | None
+    rows: list[ArmRow]
+    comparisons: list[Comparison]
+    title: str
+
+    def records(self) -> list[dict[str, Any]]:
+        return [vars(row) for row in self.rows] + [{"comparison": vars(c)} for c in self.comparisons]
+
+    def format(self) -> str:
+        lines = [self.title, ""]
+        header = f"{'method':<13} {'n':>2}  {'test acc %':<15} {'95% CI':<16} {'Δ vs base':>9} {'p':>7}  {'Spearman':>8} {'IoU@10%':>8}"
+        lines.append(header)
+        lines.append("-" * len(header))
+        teacher = f"{self.teacher_test_acc:.2f}" if self.teacher_test_acc is not None else "n/a"
+        lines.append(f"{'teacher':<13} {'':>2}  {teacher:<15}")
+        for row in self.rows:
+            base = row.arm == "baseline"
+            lines.append(
+                f"{row.arm:<13} {row.n:>2}  {row.mean:6.2f} ± {_num(row.std, '.2f'):<6} "
+                f"{_interval(row.ci):<16} {'—' if base else f'{row.delta:+.2f}':>9} "
+                f"{'—' if base else _num(row.p_value, '.3g'):>7}  {_num(row.spearman, '.3f'):>8} {_num(row.iou, '.3f'):>8}"
+            )
+        lines += ["", "Paired comparisons over seeds (t-test on the per-seed differences):"]
+        for c in self.comparisons:
+            lines.append(
+                f"  {c.arm + ' vs ' + c.reference:<24} n={c.n}  Δ {c.delta:+.2f}  95% CI {_interval(c.ci, signed=True)}"
+                f"  p {_num(c.p_value, '.3g')}"
+            )
+        return "\n".join(lines)
+
+
+def _num(value: float, spec: str) -> str:
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)
+
+
+def _interval(ci: tuple[float, float], signed: bool = False) -> str:
+    if any(math.isnan(bound) for bound in ci):
+        return "n/a"
+    spec = "+.2f" if signed else ".2f"
+    return f"[{ci[0]:{spec}}, {ci[1]:{spec}}]"
+
+
+def _t_interval(values: np.ndarray) -> tuple[float, float]:
+    from scipy import stats
+
+    if len(values) < 2:
+        return (math.nan, math.nan)
+    mean, sem = float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
+    if sem == 0:
+        return (mean, mean)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=sem)
+    return (float(low), float(high))
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[int, float, tuple[float, float], float]:
+    from scipy import stats
+
+    common = sorted(set(a) & set(b))
+    if not common:
+        return 0, math.nan, (math.nan, math.nan), math.nan
+    x = np.array([a[s] for s in common])
+    y = np.array([b[s] for s in common])
+    differences = x - y
+    p_value = math.nan
+    if len(common) >= 2 and differences.std(ddof=1) > 0:
+        p_value = float(stats.ttest_rel(x, y).pvalue)
+    return len(common), float(differences.mean()), _t_interval(differences), p_value
+
+
+def ablation_table(study: optuna.Study) -> AblationTable:
+    """Table 3 from the study's completed trials: it needs no tracking store."""
+    space = study.user_attrs["kdsearch"]["space"]
+    results: dict[str, dict[int, dict[str, float]]] = {arm: {} for arm in space["arms"]}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        results[trial.params["arm"]][trial.params["seed"]] = trial.user_attrs
+    accuracy = {arm: {seed: attrs["test_acc"] for seed, attrs in runs.items()} for arm, runs in results.items()}
+    rows = []
+    for arm, runs in results.items():
+        values = np.array(list(accuracy[arm].values()))
+        n, delta, _, p_value = _paired(accuracy[arm], accuracy["baseline"])
+        rows.append(
+            ArmRow(
+                arm=arm,
+                n=len(values),
+                mean=float(values.mean()) if len(values) else math.nan,
+                std=float(values.std(ddof=1)) if len(values) >= 2 else math.nan,
+                ci=_t_interval(values),
+                delta=0.0 if arm == "baseline" else delta,
+                p_value=math.nan if arm == "baseline" else p_value,
+                spearman=_mean([attrs.get("agreement_spearman") for attrs in runs.values()]),
+                iou=_mean([attrs.get("agreement_iou_top10") for attrs in runs.values()]),
+            )
+        )
+    pairs = [(arm, "baseline") for arm in space["arms"] if arm != "baseline"]
+    pairs += [pair for pair in COMPARISONS if pair[0] in accuracy and pair[1] in accuracy]
+    comparisons = [Comparison(arm, ref, *_paired(accuracy[arm], accuracy[ref])) for arm, ref in pairs]
+    title = (
+        f"Table 3: test accuracy over {len(space['seeds'])} seed(s); "
+        f"T={space['t']}, alpha={space['alpha']}, p={space['p']} (study {study.study_name})"
+    )
+    return AblationTable(study.user_attrs.get("teacher_test_acc"), rows, comparisons, title)
+
+
+def _mean(values: list[float | None]) -> float:
+    present = [value for value in values if value is not None]
+    return float(np.mean(present)) if present else math.nan
+
+
+def log_table(tracker, parent_run: str, table: AblationTable) -> None:
+    tracker.log_text(parent_run, table.format(), "table3.txt")
+    tracker.log_dict(parent_run, {"teacher_test_acc": table.teacher_test_acc, "rows": table.records()}, "table3.json")

@@ -1,0 +1,401 @@
+"""The ``study`` commands (grid, tpe, worker, status, best) and ``ablate``: thin, each builds a spec
+from a study file plus flags and calls one library function.
+
+Everything a command needs is validated, and the study storage and tracking store are checked, before
+anything is written: a bad flag leaves no studies.db and no mlruns/ behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kdsearch.errors import ConfigError
+
+study_app = typer.Typer(
+    help="Optuna studies over a study file: grid, TPE, workers that join them, status and best trial.",
+    no_args_is_help=True,
+)
+
+StudyFile = Annotated[
+    Path | None,
+    typer.Option("--study", help="Study file (.yaml/.toml, see studies/); default: built-in paper defaults."),
+]
+Storage = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        envvar="KDSEARCH_STORAGE",
+        help="Optuna storage URL, e.g. postgresql://user:pass@host/db; default sqlite:///WORKDIR/studies.db.",
+    ),
+]
+Workdir = Annotated[Path, typer.Option("--workdir", help="Where the default studies.db and mlruns/ live.")]
+StudyName = Annotated[
+    str | None, typer.Option("--study-name", help="Study name; default derived from the study file and space.")
+]
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        envvar="MLFLOW_TRACKING_URI",
+        help="MLflow tracking URI (a server http://…, or sqlite:///…); default sqlite:///WORKDIR/mlruns/mlflow.db.",
+    ),
+]
+Experiment = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment; default the study's name.")]
+Sets = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a study-file value, KEY=VALUE with dotted keys: train.epochs=2 (repeatable)."),
+]
+TeacherCheckpoint = Annotated[
+    str | None, typer.Option("--teacher-checkpoint", help="Teacher weights; replaces the study file's teacher.")
+]
+Epochs = Annotated[int | None, typer.Option("--epochs", help="Epochs of every trial (train.epochs).")]
+TrainSubset = Annotated[
+    int | None, typer.Option("--train-subset", help="Stratified training subset (train.data.train_subset).")
+]
+DataDir = Annotated[str | None, typer.Option("--data-dir", help="Data folder or download root (train.data.data_dir).")]
+Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda[:N] (train.device).")]
+Precision = Annotated[str | None, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (train.precision).")]
+CacheDir = Annotated[
+    str | None,
+    typer.Option(
+        "--cache-dir", envvar="KDSEARCH_CACHE_DIR", help="Cache of data, IG maps, teachers (train.cache_dir)."
+    ),
+]
+HeartbeatInterval = Annotated[int, typer.Option("--heartbeat-interval", help="Seconds between trial heartbeats.")]
+GracePeriod = Annotated[
+    int, typer.Option("--grace-period", help="Seconds without a heartbeat after which a trial is retried.")
+]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
+MaxTrials = Annotated[int | None, typer.Option("--max-trials", help="Stop this process after N trials.")]
+
+
+def _overrides(
+    sets: list[str] | None,
+    *,
+    teacher_checkpoint: str | None = None,
+    epochs: int | None = None,
+    train_subset: int | None = None,
+    data_dir: str | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    from kdsearch.studyfile import parse_value
+
+    flags = {
+        "teacher": {"checkpoint": teacher_checkpoint} if teacher_checkpoint is not None else None,
+        "train.epochs": epochs,
+        "train.data.train_subset": train_subset,
+        "train.data.data_dir": data_dir,
+        "train.device": device,
+        "train.precision": precision,
+        "train.cache_dir": cache_dir,
+    }
+    overrides = {key: value for key, value in flags.items() if value is not None}
+    for item in sets or []:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"--set takes KEY=VALUE but got {item!r}")
+        overrides[key.strip()] = parse_value(value)
+    return overrides
+
+
+def _spec(study_file: Path | None, overrides: dict[str, Any], section: str):
+    """The spec of a study file (or the defaults) with ``section`` present, then the overrides."""
+    from kdsearch.studyfile import apply_overrides, build_spec, read_study_file
+
+    raw = read_study_file(study_file) if study_file is not None else {"name": "default"}
+    raw.setdefault(section, {})
+    return build_spec(apply_overrides(raw, overrides))
+
+
+def _setup(workdir: Path, storage: str | None, tracking_uri: str | None, interval: int, grace: int):
+    """(storage URL, tracker, heartbeat) with the tracking store checked; nothing is written."""
+    import optuna
+
+    from kdsearch.study import HeartbeatConfig, default_storage
+    from kdsearch.tracking import MlflowTracker, default_tracking_uri
+
+    if not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} does not exist")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdsearch reports progress itself
+    heartbeat = HeartbeatConfig(interval=interval, grace=grace)
+    tracker = MlflowTracker(tracking_uri or default_tracking_uri(workdir))
+    tracker.check()
+    return storage or default_storage(workdir), tracker, heartbeat
+
+
+def _report(summary) -> None:
+    from kdsearch.study import describe_trial
+
+    typer.echo(f"{summary.done} of {summary.total} complete ({summary.ran} run now); states {_states(summary.counts)}")
+    if summary.best is not None:
+        typer.echo("best: " + json.dumps(describe_trial(summary.best), default=str))
+
+
+def _states(counts: dict[str, int]) -> str:
+    return ", ".join(f"{state.lower()} {count}" for state, count in counts.items() if count)
+
+
+@study_app.command("grid")
+def grid_command(
+    study_file: StudyFile = None,
+    t: Annotated[str | None, typer.Option("--t", help="Temperatures, comma-separated: 1,2.5,5.")] = None,
+    alpha: Annotated[str | None, typer.Option("--alpha", help="KD weights in [0, 1], comma-separated.")] = None,
+    p: Annotated[str | None, typer.Option("--p", help="IG overlay probabilities in [0, 1], comma-separated.")] = None,
+    storage: Storage = None,
+    study_name: StudyName = None,
+    workdir: Workdir = Path("."),
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+    sets: Sets = None,
+    teacher_checkpoint: TeacherCheckpoint = None,
+    epochs: Epochs = None,
+    train_subset: TrainSubset = None,
+    data_dir: DataDir = None,
+    device: Device = None,
+    precision: Precision = None,
+    cache_dir: CacheDir = None,
+    heartbeat_interval: HeartbeatInterval = 30,
+    grace_period: GracePeriod = 120,
+    max_trials: MaxTrials = None,
+    progress: Progress = True,
+) -> None:
+    """Evaluate every point of the grid T × alpha × p once (resumes: completed points are not re-run)."""
+    from kdsearch.study import describe_progress, open_grid, run_study
+    from kdsearch.studyfile import parse_number_list
+
+    overrides = _overrides(
+        sets,
+        teacher_checkpoint=teacher_checkpoint,
+        epochs=epochs,
+        train_subset=train_subset,
+        data_dir=data_dir,
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir,
+    )
+    for flag, name, text in (("--t", "t", t), ("--alpha", "alpha", alpha), ("--p", "p", p)):
+        if text is not None:
+            overrides[f"grid.{name}"] = parse_number_list(flag, text)
+    spec = _spec(study_file, overrides, "grid")
+    storage_url, tracker, heartbeat = _setup(workdir, storage, tracking_uri, heartbeat_interval, grace_period)
+    handle = open_grid(spec, storage_url, heartbeat, study_name)
+    typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
+    _report(run_study(handle, tracker, experiment, progress, max_trials))
+
+
+@study_app.command("tpe")
+def tpe_command(
+    study_file: StudyFile = None,
+    trials: Annotated[int | None, typer.Option("--trials", help="Trials in total (tpe.trials).")] = None,
+    pruner: Annotated[str | None, typer.Option("--pruner", help="median | hyperband | none (tpe.pruner).")] = None,
+    storage: Storage = None,
+    study_name: StudyName = None,
+    workdir: Workdir = Path("."),
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+    sets: Sets = None,
+    teacher_checkpoint: TeacherCheckpoint = None,
+    epochs: Epochs = None,
+    train_subset: TrainSubset = None,
+    data_dir: DataDir = None,
+    device: Device = None,
+    precision: Precision = None,
+    cache_dir: CacheDir = None,
+    heartbeat_interval: HeartbeatInterval = 30,
+    grace_period: GracePeriod = 120,
+    max_trials: MaxTrials = None,
+    progress: Progress = True,
+) -> None:
+    """TPE over the study file's ranges of T, alpha, p (and optionally lr, student depth), pruning on
+    per-epoch validation accuracy. Resumes up to --trials in total."""
+    from kdsearch.study import describe_progress, open_tpe, run_study
+
+    overrides = _overrides(
+        sets,
+        teacher_checkpoint=teacher_checkpoint,
+        epochs=epochs,
+        train_subset=train_subset,
+        data_dir=data_dir,
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir,
+    )
+    if trials is not None:
+        overrides["tpe.trials"] = trials
+    if pruner is not None:
+        overrides["tpe.pruner"] = pruner
+    spec = _spec(study_file, overrides, "tpe")
+    storage_url, tracker, heartbeat = _setup(workdir, storage, tracking_uri, heartbeat_interval, grace_period)
+    handle = open_tpe(spec, storage_url, heartbeat, study_name)
+    typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
+    _report(run_study(handle, tracker, experiment, progress, max_trials))
+
+
+@study_app.command("worker")
+def worker_command(
+    study_name: Annotated[str, typer.Option("--study-name", help="The study to join.")],
+    storage: Storage = None,
+    workdir: Workdir = Path("."),
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+    teacher_checkpoint: TeacherCheckpoint = None,
+    data_dir: DataDir = None,
+    device: Device = None,
+    cache_dir: CacheDir = None,
+    wait: Annotated[
+        float, typer.Option("--wait", help="Seconds to wait for the study to be created by another process.")
+    ] = 0.0,
+    heartbeat_interval: HeartbeatInterval = 30,
+    grace_period: GracePeriod = 120,
+    max_trials: MaxTrials = None,
+    progress: Progress = True,
+) -> None:
+    """Join an existing study (grid, TPE or ablation) and run its trials until none is left.
+
+    Paths stored with the study are the creating machine's; --data-dir, --teacher-checkpoint and
+    --cache-dir adapt them to this one.
+    """
+    from kdsearch.study import describe_progress, join_study, run_study
+
+    overrides = _overrides(
+        None, teacher_checkpoint=teacher_checkpoint, data_dir=data_dir, device=device, cache_dir=cache_dir
+    )
+    storage_url, tracker, heartbeat = _setup(workdir, storage, tracking_uri, heartbeat_interval, grace_period)
+    handle = join_study(study_name, storage_url, heartbeat, overrides, wait_s=wait)
+    typer.echo(f"joined {handle.kind} study {handle.name}: {describe_progress(handle)}")
+    _report(run_study(handle, tracker, experiment, progress, max_trials))
+
+
+@study_app.command("status")
+def status_command(
+    study_name: Annotated[str | None, typer.Option("--study-name", help="Default: the only study.")] = None,
+    storage: Storage = None,
+    workdir: Workdir = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Trials by state, progress and the best trial so far."""
+    from kdsearch.study import default_storage, find_study, status
+
+    report = status(find_study(storage or default_storage(workdir), study_name))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+        return
+    typer.echo(f"study {report['study']} ({report['kind']}): {report['done']} of {report['total']} complete")
+    typer.echo(f"  trials: {_states(report['states']) or 'none'}")
+    best = report["best"]
+    if best is not None:
+        typer.echo(
+            f"  best: trial {best['trial']}  val_acc {best['val_acc']:.2f}  test_acc {best['test_acc']}  {best['params']}"
+        )
+
+
+@study_app.command("best")
+def best_command(
+    study_name: Annotated[str | None, typer.Option("--study-name", help="Default: the only study.")] = None,
+    storage: Storage = None,
+    workdir: Workdir = Path("."),
+) -> None:
+    """The best trial (highest validation accuracy) as JSON: its params, val_acc, test_acc, run id."""
+    from kdsearch.study import StudyError, best_trial, default_storage, describe_trial, find_study
+
+    study = find_study(storage or default_storage(workdir), study_name)
+    best = best_trial(study)
+    if best is None:
+        raise StudyError(f"study {study.study_name} has no completed trial yet")
+    typer.echo(json.dumps(describe_trial(best), indent=2, default=str))
+
+
+def ablate_command(
+    study_file: StudyFile = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds per arm (ablation.seeds).")] = None,
+    arms: Annotated[str | None, typer.Option("--arms", help="Comma-separated: baseline,kd,ig,kd_ig.")] = None,
+    extra_arms: Annotated[
+        str | None, typer.Option("--extra-arms", help="Comma-separated controls, e.g. ig_shuffled.")
+    ] = None,
+    t: Annotated[float | None, typer.Option("--t", help="KD temperature of the kd arms.")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="KD weight of the kd arms.")] = None,
+    p: Annotated[float | None, typer.Option("--p", help="IG overlay probability of the ig arms.")] = None,
+    from_study: Annotated[
+        str | None, typer.Option("--from-study", help="Take T, alpha and p from this study's best trial.")
+    ] = None,
+    agreement_images: Annotated[
+        int | None, typer.Option("--agreement-images", help="Test images for explanation agreement (0: skip).")
+    ] = None,
+    storage: Storage = None,
+    study_name: StudyName = None,
+    workdir: Workdir = Path("."),
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+    sets: Sets = None,
+    teacher_checkpoint: TeacherCheckpoint = None,
+    epochs: Epochs = None,
+    train_subset: TrainSubset = None,
+    data_dir: DataDir = None,
+    device: Device = None,
+    precision: Precision = None,
+    cache_dir: CacheDir = None,
+    heartbeat_interval: HeartbeatInterval = 30,
+    grace_period: GracePeriod = 120,
+    progress: Progress = True,
+) -> None:
+    """Train every arm × seed with the same teacher, cache, data and budget; print the paper's Table 3
+    with paired tests and the students' explanation agreement with the teacher. Resumes."""
+    from kdsearch.ablation import ablation_table, log_table, open_ablation
+    from kdsearch.study import best_trial, default_storage, describe_progress, find_study, run_study
+
+    overrides = _overrides(
+        sets,
+        teacher_checkpoint=teacher_checkpoint,
+        epochs=epochs,
+        train_subset=train_subset,
+        data_dir=data_dir,
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir,
+    )
+    if from_study is not None and (t, alpha, p) != (None, None, None):
+        raise ConfigError("give either --from-study or --t/--alpha/--p, not both")
+    if from_study is not None:
+        best = best_trial(find_study(storage or default_storage(workdir), from_study))
+        if best is None:
+            raise ConfigError(f"study {from_study} has no completed trial to take T, alpha and p from")
+        t, alpha, p = (best.params.get(name) for name in ("t", "alpha", "p"))
+    for name, value in (
+        ("seeds", seeds),
+        ("t", t),
+        ("alpha", alpha),
+        ("p", p),
+        ("agreement_images", agreement_images),
+    ):
+        if value is not None:
+            overrides[f"ablation.{name}"] = value
+    for name, text in (("arms", arms), ("extra_arms", extra_arms)):
+        if text is not None:
+            overrides[f"ablation.{name}"] = [item.strip() for item in text.split(",") if item.strip()]
+    spec = _spec(study_file, overrides, "ablation")
+    storage_url, tracker, heartbeat = _setup(workdir, storage, tracking_uri, heartbeat_interval, grace_period)
+    handle = open_ablation(spec, storage_url, heartbeat, study_name)
+    typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
+    summary = run_study(handle, tracker, experiment, progress)
+    table = ablation_table(handle.study)
+    if summary.parent_run is not None:
+        log_table(tracker, summary.parent_run, table)
+    typer.echo(table.format())
+
+
+def _shown(url: str) -> str:
+    import sqlalchemy
+
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``study …`` and ``ablate`` to the main CLI."""
+    app.add_typer(study_app, name="study")
+    app.command("ablate")(ablate_command)

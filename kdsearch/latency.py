@@ -1,0 +1,63 @@
+"""Inference latency of a model: warm-up, then the median of timed repeats, with the thread count.
+
+Measured in fp32, eval mode, without gradients, on channels_last input (the layout training uses),
+on random 32x32 images: the latency of the architecture, not of particular weights. The median
+resists the odd slow repeat that another process on a shared CPU causes.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdsearch.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    warmup: int = 3  # untimed passes first (allocator, oneDNN/cuDNN kernel selection)
+    repeats: int = 10  # timed passes; the median is reported
+    batch_sizes: tuple[int, ...] = (1, 128)  # the paper reports per-batch latency; 1 is the edge case
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0:
+            raise ConfigError(f"latency warmup must be >= 0 but got {self.warmup}")
+        if self.repeats < 1:
+            raise ConfigError(f"latency repeats must be >= 1 but got {self.repeats}")
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+        if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"latency batch_sizes must be positive integers but got {list(self.batch_sizes)}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, batch_size: int, device: torch.device, config: LatencyConfig) -> float:
+    """Median milliseconds of one forward pass of ``batch_size`` images."""
+    model = copy.deepcopy(model).to(device).eval().to(memory_format=torch.channels_last)
+    images = torch.rand(batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    for _ in range(config.warmup):
+        model(images)
+    _synchronize(device)
+    timings = []
+    for _ in range(config.repeats):
+        start = time.perf_counter()
+        model(images)
+        _synchronize(device)
+        timings.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(timings)
+
+
+def measure_latency(model: nn.Module, device: torch.device, config: LatencyConfig, prefix: str) -> dict[str, float]:
+    """{"<prefix>_b1": ms, "<prefix>_b128": ms, ..., "latency_threads": n} for the configured batch sizes."""
+    metrics = {f"{prefix}_b{size}": latency_ms(model, size, device, config) for size in config.batch_sizes}
+    metrics["latency_threads"] = float(torch.get_num_threads())
+    return metrics

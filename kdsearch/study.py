@@ -1,0 +1,816 @@
+"""Optuna studies over a study file: a grid evaluated point by point, TPE with pruning, and workers.
+
+    kdsearch study grid --study studies/smoke.yaml --t 1,2.5 --alpha 0.01,0.1 --p 0.1
+    kdsearch study worker --study-name smoke-grid-1a2b3c4d --storage postgresql://kd@db/kd
+
+A study lives in an Optuna RDB storage (a SQLite file by default, PostgreSQL to share it). Its user
+attribute ``kdsearch`` holds the study file's spec and the search space, so a worker needs only the
+study's name and storage to join it.
+
+A grid study is a queue: each point of the product is enqueued once as a WAITING trial, and workers
+claim queued trials atomically (WAITING → RUNNING is a row-locked update in the storage). Optuna's
+GridSampler is not used because it lets concurrent workers evaluate a point twice (its documentation
+says so), while a grid point here must be evaluated exactly once. Running trials send heartbeats; a
+trial whose worker died goes stale, is failed by the next worker that looks, and
+``RetryHeartbeatStaleTrialCallback`` queues a copy, so no point is lost. Re-opening a grid study
+queues again only the points that have no complete, running or queued trial.
+
+The objective is the validation accuracy of the trial's last epoch; the test accuracy is recorded
+beside it and never used for selection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from kdsearch.attribution import ig_maps
+from kdsearch.config import TrainConfig, flatten, replace, to_dict
+from kdsearch.data import Splits, load_splits
+from kdsearch.errors import ConfigError, KdsearchError
+from kdsearch.latency import LatencyConfig, measure_latency
+from kdsearch.models import (
+    CifarClassifier,
+    build_model,
+    count_flops,
+    count_parameters,
+    save_checkpoint,
+    weights_hash,
+)
+from kdsearch.store import ArtifactStore, content_key
+from kdsearch.studyfile import (
+    StudySpec,
+    apply_overrides,
+    build_spec,
+    check_files,
+    teacher_recipe_config,
+    teacher_store_fields,
+    with_params,
+)
+from kdsearch.tracking import Tracker, run_tags
+from kdsearch.train import (
+    TrainResult,
+    accuracy,
+    cached_teacher_logits,
+    load_teacher,
+    resolve_device,
+    train,
+)
+
+log = logging.getLogger(__name__)
+
+ATTR = "kdsearch"  # the study user attribute holding kind, spec and search space
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class StudyError(KdsearchError):
+    """A study cannot be created, found or joined (storage unreachable, name taken, no such study)."""
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    interval: int = 30  # seconds between heartbeats of a running trial
+    grace: int = 120  # a trial silent for this long is taken as dead: failed, and queued again
+    max_retry: int = 3  # times one trial is queued again after its worker died
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"heartbeat interval must be >= 1 second but got {self.interval}")
+        if self.grace <= self.interval:
+            raise ConfigError(f"heartbeat grace ({self.grace}s) must exceed the interval ({self.interval}s)")
+        if self.max_retry < 0:
+            raise ConfigError(f"max_retry must be >= 0 but got {self.max_retry}")
+
+
+# --- storage ---------------------------------------------------------------------------------
+
+
+def default_storage(workdir: str | Path = ".") -> str:
+    return "sqlite:///" + str((Path(workdir) / "studies.db").resolve())
+
+
+def database_url(url: str) -> str:
+    """``postgresql://…`` with the PostgreSQL driver that is installed made explicit.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, while kdsearch[postgres] installs
+    psycopg2; naming the driver keeps the URL users write (and MLflow's) working with either.
+    """
+    import importlib.util
+
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme in ("postgresql", "postgres"):
+        driver = "psycopg" if importlib.util.find_spec("psycopg") is not None else "psycopg2"
+        return f"postgresql+{driver}://{rest}"
+    return url
+
+
+def check_database(
+    url: str, what: str = "storage", must_exist: bool = False, error: type[KdsearchError] = StudyError
+) -> None:
+    """Raise ``error`` unless ``url`` names a database that can be reached. Writes nothing.
+
+    SQLite: its directory must exist (and with ``must_exist`` the file too); the file itself is only
+    created by the first study. Servers: one connection is opened and closed.
+    """
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(database_url(url))
+    except sqlalchemy.exc.ArgumentError:
+        raise error(f"{what} {url!r} is not a database URL (sqlite:///FILE or postgresql://…)") from None
+    shown = parsed.render_as_string(hide_password=True)
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise error(f"{what} {shown}: an in-memory database cannot be shared or resumed; name a file")
+        path = Path(parsed.database)
+        if not path.parent.is_dir():
+            raise error(f"{what} {shown}: directory {path.parent} does not exist")
+        if must_exist and not path.is_file():
+            raise error(f"{what} {shown}: no such file (no study has been created there)")
+        return
+    connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
+    try:
+        engine = sqlalchemy.create_engine(parsed, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect():
+            pass
+    except ModuleNotFoundError as missing:
+        raise error(f"{what} {shown} needs the {missing.name} driver (pip install 'kdsearch[postgres]')") from None
+    except Exception as failure:  # drivers raise their own errors: any failure means "cannot use it"
+        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        raise error(f"cannot reach {what} {shown}: {reason}") from None
+
+
+def open_storage(url: str, heartbeat: HeartbeatConfig) -> optuna.storages.RDBStorage:
+    url = database_url(url)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat.interval,
+            grace_period=heartbeat.grace,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=heartbeat.max_retry
+            ),
+        )
+
+
+# --- a study handle: what is stored, how far it got -----------------------------------------
+
+
+@dataclass
+class StudyHandle:
+    study: optuna.Study
+    storage: optuna.storages.RDBStorage
+    spec: StudySpec
+    kind: str  # grid | tpe | ablation
+    space: dict[str, Any]  # grid: {t: [...], alpha: [...], p: [...]}; tpe: the TPE spec; ablation: arms × seeds
+    total: int  # grid points, TPE trials, or arms × seeds
+    heartbeat: HeartbeatConfig
+
+    @property
+    def name(self) -> str:
+        return self.study.study_name
+
+    @property
+    def is_queue(self) -> bool:
+        return self.kind in ("grid", "ablation")
+
+    def trials(self, states: Iterable[TrialState] | None = None) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=tuple(states) if states is not None else None)
+
+    def counts(self) -> dict[str, int]:
+        counts = Counter(trial.state.name for trial in self.trials())
+        return {state.name: counts.get(state.name, 0) for state in TrialState}
+
+    def done(self) -> int:
+        return completed(self.study, self.kind)
+
+    def running(self) -> int:
+        return len(self.trials((TrialState.RUNNING,)))
+
+
+def completed(study: optuna.Study, kind: str | None) -> int:
+    """Grid points (or arm × seed runs) with a complete trial; for TPE, completed + pruned trials."""
+    if kind == "tpe":
+        return len(study.get_trials(deepcopy=False, states=FINISHED))
+    return len({point_key(trial) for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))})
+
+
+def point_key(trial: optuna.trial.FrozenTrial) -> str:
+    # A queued trial holds its point in fixed_params until the objective suggests it.
+    return json.dumps(trial.system_attrs.get("fixed_params") or trial.params, sort_keys=True)
+
+
+def study_identity(spec: StudySpec, kind: str, space: dict[str, Any]) -> str:
+    """Hash of what the trials compute: the spec without machine-local settings, and the space."""
+    source = json.loads(json.dumps(spec.source, default=str))
+    for key in ("cache_dir", "device"):
+        source.get("train", {}).pop(key, None)
+    return content_key({"kind": kind, "spec": source, "space": space})
+
+
+def open_study(
+    spec: StudySpec,
+    kind: str,
+    space: dict[str, Any],
+    total: int,
+    storage_url: str,
+    heartbeat: HeartbeatConfig,
+    study_name: str | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> StudyHandle:
+    """Create the study, or load it when the same spec and space made it before (a resume).
+
+    Checks the storage first, so a bad URL creates nothing. A name that exists with another spec or
+    space is an error rather than a silent mix of two experiments.
+    """
+    check_database(storage_url)
+    identity = study_identity(spec, kind, space)
+    name = study_name or f"{spec.name}-{kind}-{identity[:8]}"
+    storage = open_storage(storage_url, heartbeat)
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=sampler,
+        pruner=pruner,
+    )
+    stored = study.user_attrs.get(ATTR)
+    if stored is None:
+        study.set_user_attr(
+            ATTR, {"kind": kind, "identity": identity, "spec": spec.source, "space": space, "total": total}
+        )
+    elif stored["identity"] != identity:
+        raise StudyError(
+            f"study {name} already exists with a different {'spec or space' if stored['kind'] == kind else 'kind'}"
+            f" ({stored['kind']}); pick another --study-name"
+        )
+    return StudyHandle(study, storage, spec, kind, space, total, heartbeat)
+
+
+def join_study(
+    study_name: str,
+    storage_url: str,
+    heartbeat: HeartbeatConfig,
+    overrides: dict[str, Any] | None = None,
+    wait_s: float = 0.0,
+) -> StudyHandle:
+    """Load an existing study as a worker; ``overrides`` (e.g. train.cache_dir) adapt it to this machine.
+
+    ``wait_s``: how long to wait for the study to be created by another process (compose starts the
+    workers and the creating command together).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            check_database(storage_url, must_exist=True)
+            storage = open_storage(storage_url, heartbeat)
+            names = optuna.get_all_study_names(storage)
+            if study_name in names:
+                break
+            raise StudyError(f"no study {study_name!r} in {storage_url}; studies there: {names}")
+        except StudyError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(2)
+    stored = optuna.load_study(study_name=study_name, storage=storage).user_attrs.get(ATTR)
+    if stored is None:
+        raise StudyError(f"study {study_name!r} was not created by kdsearch (no {ATTR!r} attribute)")
+    spec = build_spec(apply_overrides(stored["spec"], overrides or {}))
+    sampler, pruner = _search_algorithms(spec, stored["kind"], seed=None)
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+    return StudyHandle(study, storage, spec, stored["kind"], stored["space"], stored["total"], heartbeat)
+
+
+def find_study(storage_url: str, study_name: str | None) -> optuna.Study:
+    """The named study, or the only one in the storage; for status and best."""
+    check_database(storage_url, must_exist=True)
+    storage = optuna.storages.RDBStorage(database_url(storage_url))
+    names = optuna.get_all_study_names(storage)
+    if study_name is None:
+        if len(names) != 1:
+            raise StudyError(f"{len(names)} studies in {storage_url}; name one with --study-name: {names}")
+        study_name = names[0]
+    if study_name not in names:
+        raise StudyError(f"no study {study_name!r} in {storage_url}; studies there: {names}")
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+# --- grid and TPE -----------------------------------------------------------------------------
+
+
+def grid_space(spec: StudySpec) -> dict[str, list[float]]:
+    if spec.grid is None:
+        raise ConfigError("no grid: give --t, --alpha and --p, or a 'grid' section in the study file")
+    return {"t": list(spec.grid.t), "alpha": list(spec.grid.alpha), "p": list(spec.grid.p)}
+
+
+def validate_grid(spec: StudySpec) -> list[TrainConfig]:
+    """Every trial's config, built (and so validated) before anything is created."""
+    _check_selectable(spec)
+    check_files(spec)
+    return [with_params(spec.train, point) for point in spec.grid.points()]
+
+
+def open_grid(
+    spec: StudySpec, storage_url: str, heartbeat: HeartbeatConfig, study_name: str | None = None
+) -> StudyHandle:
+    """Create or resume a grid study and queue every point that has no complete, running or queued trial."""
+    space = grid_space(spec)
+    validate_grid(spec)
+    points = spec.grid.points()
+    handle = open_study(spec, "grid", space, len(points), storage_url, heartbeat, study_name)
+    enqueue_missing(handle, points)
+    return handle
+
+
+def enqueue_missing(handle: StudyHandle, points: list[dict[str, Any]]) -> int:
+    """Queue the points without a live trial (failed ones are queued again); returns how many."""
+    live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    covered = {point_key(trial) for trial in handle.trials(live)}
+    missing = [point for point in points if json.dumps(point, sort_keys=True) not in covered]
+    for point in missing:
+        handle.study.enqueue_trial(point)
+    return len(missing)
+
+
+def validate_tpe(spec: StudySpec) -> None:
+    if spec.tpe is None:
+        raise ConfigError("no TPE search space: add a 'tpe' section to the study file")
+    _check_selectable(spec)
+    check_files(spec)
+    if spec.tpe.student_drop is not None:
+        build_model(replace(spec.train.student, drop_blocks=spec.tpe.student_drop[1]))  # deepest drop must fit
+
+
+def open_tpe(
+    spec: StudySpec, storage_url: str, heartbeat: HeartbeatConfig, study_name: str | None = None
+) -> StudyHandle:
+    validate_tpe(spec)
+    sampler, pruner = _search_algorithms(spec, "tpe", seed=spec.tpe.seed)
+    space = json.loads(json.dumps(to_dict(spec.tpe)))
+    return open_study(spec, "tpe", space, spec.tpe.trials, storage_url, heartbeat, study_name, sampler, pruner)
+
+
+def _check_selectable(spec: StudySpec) -> None:
+    if spec.train.data.val_size <= 0:
+        raise ConfigError("studies select on validation accuracy: train.data.val_size must be > 0")
+
+
+def _search_algorithms(spec: StudySpec, kind: str, seed: int | None):
+    """(sampler, pruner) of a study kind; queued kinds never sample, so they keep Optuna's defaults."""
+    if kind != "tpe":
+        return None, None
+    # constant_liar: concurrent workers treat each other's running trials as bad, so they spread out.
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=spec.tpe.startup_trials)
+    return sampler, PRUNERS[spec.tpe.pruner](spec)
+
+
+PRUNERS: dict[str, Callable[[StudySpec], optuna.pruners.BasePruner]] = {
+    "median": lambda spec: optuna.pruners.MedianPruner(n_startup_trials=spec.tpe.startup_trials, n_warmup_steps=1),
+    "hyperband": lambda spec: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.train.epochs),
+    "none": lambda spec: optuna.pruners.NopPruner(),
+}
+
+
+def grid_objective(handle: StudyHandle, runner: TrialRunner) -> Callable[[optuna.Trial], float]:
+    space = handle.space
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {name: trial.suggest_float(name, min(values), max(values)) for name, values in space.items()}
+        return runner.train(trial, with_params(handle.spec.train, params)).val_acc
+
+    return objective
+
+
+def tpe_objective(handle: StudyHandle, runner: TrialRunner) -> Callable[[optuna.Trial], float]:
+    tpe = handle.spec.tpe
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {
+            name: trial.suggest_float(name, bounds.low, bounds.high, log=bounds.log)
+            for name, bounds in (("t", tpe.t), ("alpha", tpe.alpha), ("p", tpe.p), ("lr", tpe.lr))
+            if bounds is not None
+        }
+        if tpe.student_drop is not None:
+            params["student_drop"] = trial.suggest_int("student_drop", *tpe.student_drop)
+        return runner.train(trial, with_params(handle.spec.train, params), prune=True).val_acc
+
+    return objective
+
+
+def _ablation_objective(handle: StudyHandle, runner: TrialRunner) -> Callable[[optuna.Trial], float]:
+    from kdsearch.ablation import ablation_objective
+
+    return ablation_objective(handle, runner)
+
+
+OBJECTIVES: dict[str, Callable[[StudyHandle, TrialRunner], Callable[[optuna.Trial], float]]] = {
+    "grid": grid_objective,
+    "tpe": tpe_objective,
+    "ablation": _ablation_objective,
+}
+
+
+def trial_configs(handle: StudyHandle) -> list[TrainConfig]:
+    """Configs that bound what the trials need prepared (IG maps when some p > 0, cached teacher logits)."""
+    if handle.kind == "tpe":
+        return [with_params(handle.spec.train, {"alpha": handle.spec.tpe.alpha.high, "p": handle.spec.tpe.p.high})]
+    if handle.kind == "ablation":
+        from kdsearch.ablation import arm_config
+
+        return [arm_config(handle.spec, arm, 0) for arm in handle.spec.ablation.all_arms]
+    return [with_params(handle.spec.train, point) for point in handle.spec.grid.points()]
+
+
+# --- what every trial shares: data, teacher, caches, costs ------------------------------------
+
+
+@dataclass
+class Prepared:
+    """Everything computed once per process before the first trial and reused by all of them."""
+
+    splits: Splits
+    device: torch.device
+    teacher: CifarClassifier
+    teacher_hash: str
+    ig_cache_key: str | None  # None when no trial overlays IG maps
+    teacher_metrics: dict[str, float]
+    latency: LatencyConfig
+    _student_costs: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def student_metrics(self, model: CifarClassifier, config: TrainConfig) -> dict[str, float]:
+        """Parameters, FLOPs and latency of a student architecture, measured once per architecture."""
+        key = json.dumps(to_dict(config.student), sort_keys=True)
+        if key not in self._student_costs:
+            costs = {"student_params": float(count_parameters(model)), "student_flops": float(count_flops(model))}
+            costs.update(measure_latency(model, self.device, self.latency, "latency_ms_student"))
+            self._student_costs[key] = costs
+        costs = dict(self._student_costs[key])
+        costs["compression_factor"] = self.teacher_metrics["teacher_params"] / costs["student_params"]
+        return costs
+
+
+def ensure_teacher(spec: StudySpec, splits: Splits, progress: bool) -> None:
+    """Train the study's teacher when its spec gives a recipe and no process has cached it yet."""
+    if spec.teacher.train is None:
+        return
+    recipe = teacher_recipe_config(spec.teacher, spec.train)
+
+    def build(scratch: Path):
+        log.info("training the study's teacher (%d epochs); cached for every later trial", recipe.epochs)
+        result = train(recipe, splits=splits, progress=progress)
+        state = {name: tensor.detach().cpu() for name, tensor in result.model.state_dict().items()}
+        return state, {"test_acc": result.test_acc, "val_acc": result.val_acc}
+
+    ArtifactStore(spec.train.cache_dir).get_or_build("teacher", teacher_store_fields(recipe), build)
+
+
+def prepare(spec: StudySpec, configs: list[TrainConfig], progress: bool = True) -> Prepared:
+    """Decode the data, get the teacher, fill the IG and teacher-logit caches, measure the teacher."""
+    base = spec.train
+    device = resolve_device(base.device)
+    splits = load_splits(base.data, base.cache_dir)
+    ensure_teacher(spec, splits, progress)
+    teacher = load_teacher(base, splits.num_classes, device)
+    ig_key = None
+    if any(config.overlay.p > 0 for config in configs):
+        ig_key = ig_maps(teacher, splits, base.ig, base.cache_dir, device, progress).path.name
+    if any(config.kd.alpha > 0 and config.kd.teacher_logits == "cached" for config in configs):
+        cached_teacher_logits(teacher, splits, base.cache_dir, device)
+    teacher_metrics = {
+        # fp32, like `kdsearch teacher eval`: the teacher's accuracy should not depend on the autocast.
+        "teacher_test_acc": accuracy(teacher, splits.test_images, splits.test_labels, 500, device, None),
+        "teacher_params": float(count_parameters(teacher)),
+        "teacher_flops": float(count_flops(teacher)),
+        **measure_latency(teacher, device, spec.latency, "latency_ms_teacher"),
+    }
+    return Prepared(splits, device, teacher, weights_hash(teacher), ig_key, teacher_metrics, spec.latency)
+
+
+# --- one tracked trial ------------------------------------------------------------------------
+
+
+@dataclass
+class TrialRunner:
+    """Trains one trial's config with tracking: a nested run with params, per-epoch and final metrics."""
+
+    prepared: Prepared
+    tracker: Tracker
+    experiment: str
+    parent_run: str
+    progress: bool = True
+
+    def params(self, config: TrainConfig) -> dict[str, Any]:
+        splits = self.prepared.splits
+        sizes = splits.sizes()
+        return {
+            **flatten(config),
+            "data.name": splits.label,
+            "data.train_images": sizes["train"],
+            "data.val_images": sizes["val"],
+            "data.test_images": sizes["test"],
+            "teacher_hash": self.prepared.teacher_hash,
+            "ig_cache_key": self.prepared.ig_cache_key if config.overlay.p > 0 else "none",
+        }
+
+    def train(
+        self,
+        trial: optuna.Trial,
+        config: TrainConfig,
+        *,
+        run_name: str | None = None,
+        extra_params: dict[str, Any] | None = None,
+        prune: bool = False,
+        evaluate: Callable[[TrainResult], dict[str, float]] | None = None,
+    ) -> TrainResult:
+        """Train ``config`` as ``trial``; raises optuna.TrialPruned to prune.
+
+        ``evaluate(result)`` adds metrics after training (the ablation's explanation agreement).
+        """
+        tracker = self.tracker
+        if "run_id" in trial.user_attrs:  # a retry inherits the run of the trial whose worker died
+            self._close_dead_run(trial.user_attrs["run_id"])
+        run_id = tracker.start_run(
+            self.experiment,
+            run_name or f"trial-{trial.number}",
+            self.parent_run,
+            {
+                **run_tags(self.prepared.device),
+                "optuna.study": trial.study.study_name,
+                "optuna.trial": str(trial.number),
+            },
+        )
+        trial.set_user_attr("run_id", run_id)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        tracker.log_params(run_id, {**self.params(config), "optuna.trial": trial.number, **(extra_params or {})})
+
+        def on_epoch(epoch: int, row: dict) -> None:
+            tracker.log_metrics(run_id, {"train_loss": row["train_loss"], "val_acc": row["val_acc"]}, step=epoch + 1)
+            if prune:
+                trial.report(row["val_acc"], epoch + 1)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"val_acc {row['val_acc']:.2f} at epoch {epoch + 1}")
+
+        try:
+            result = train(config, splits=self.prepared.splits, on_epoch=on_epoch, progress=self.progress)
+            extra = evaluate(result) if evaluate is not None else {}
+            metrics = {
+                "test_acc": result.test_acc,
+                "train_time_s": result.train_time_s,
+                "setup_time_s": result.setup_time_s,
+                "images_per_s": result.images_per_s,
+                **self.prepared.teacher_metrics,
+                **self.prepared.student_metrics(result.model, config),
+                **extra,
+            }
+            tracker.log_metrics(run_id, metrics, step=result.epochs_completed)
+            self._log_artifacts(run_id, config, result.model)
+        except optuna.TrialPruned:
+            tracker.set_tags(run_id, {"kdsearch.state": "PRUNED"})
+            tracker.end_run(run_id, "KILLED")
+            raise
+        except BaseException:
+            tracker.end_run(run_id, "FAILED")
+            raise
+        # On the trial too, so `study status`, `study best` and the ablation table need no tracking store.
+        for key in ("test_acc", "train_time_s", *extra):
+            trial.set_user_attr(key, metrics[key])
+        tracker.end_run(run_id)
+        return result
+
+    def _close_dead_run(self, run_id: str) -> None:
+        try:
+            self.tracker.set_tags(run_id, {"kdsearch.state": "WORKER_DIED"})
+            self.tracker.end_run(run_id, "FAILED")
+        except Exception as error:  # best effort: the run may live in another worker's tracking store
+            log.warning("could not close the run %s of a dead worker: %s", run_id, error)
+
+    def _log_artifacts(self, run_id: str, config: TrainConfig, model: CifarClassifier) -> None:
+        self.tracker.log_dict(run_id, to_dict(config), "config.json")
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "model.pt"
+            model_config = replace(config.student, num_classes=self.prepared.splits.num_classes)
+            save_checkpoint(model, model_config, path, extra={"train_config": to_dict(config)})
+            self.tracker.log_artifact(run_id, path)
+
+
+# --- the worker loop --------------------------------------------------------------------------
+
+
+def claim_waiting(handle: StudyHandle) -> optuna.Trial | None:
+    """Atomically take one queued trial (WAITING → RUNNING); None when the queue is empty."""
+    storage, study = handle.storage, handle.study
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                # At once, so that even a worker dying right now leaves a trial that can go stale.
+                storage.record_heartbeat(trial_id)
+                return optuna.Trial(study, trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker took and finished it since we listed the queue
+    return None
+
+
+def next_trial(handle: StudyHandle) -> optuna.Trial | None:
+    """The next trial this worker should run, or None when there is nothing left to start."""
+    claimed = claim_waiting(handle)  # queued points, and retries of trials whose worker died
+    if claimed is not None or handle.is_queue:
+        return claimed
+    started = len(handle.trials((*FINISHED, TrialState.RUNNING)))
+    # Two workers may both pass this check for the last trial; TPE then runs one trial too many.
+    if started >= handle.total:
+        return None
+    with warnings.catch_warnings():
+        # Optuna warns that heartbeats are meant for Study.optimize; run_trials sends them itself.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        return handle.study.ask()
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat every interval while the trial runs (as Study.optimize would)."""
+
+    def __init__(self, handle: StudyHandle, trial: optuna.Trial):
+        self.storage, self.interval = handle.storage, handle.heartbeat.interval
+        study_id = self.storage.get_study_id_from_name(handle.name)
+        self.trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            self.storage.record_heartbeat(self.trial_id)
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> None:
+        self.thread.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _tell(handle: StudyHandle, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None):
+    frozen = handle.study.tell(trial, value, state=state, skip_if_finished=True)
+    if frozen.state == TrialState.FAIL and state != TrialState.FAIL:
+        # Its heartbeats stopped for longer than the grace period (a stalled machine), so another worker
+        # failed it and queued a retry: the retry's result is the one that counts.
+        log.warning("trial %d was failed by another worker meanwhile; its retry will be evaluated", trial.number)
+
+
+def _fail_stale(handle: StudyHandle) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(handle.study)
+
+
+@dataclass
+class RunSummary:
+    ran: int  # trials this process evaluated
+    done: int  # points (or TPE trials) complete in the study now
+    total: int
+    counts: dict[str, int]
+    best: optuna.trial.FrozenTrial | None
+    parent_run: str | None  # the tracking parent run, None when nothing had to run
+
+
+def run_trials(
+    handle: StudyHandle,
+    objective: Callable[[optuna.Trial], float],
+    progress: bool = True,
+    max_trials: int | None = None,
+) -> int:
+    """Evaluate trials until none is left to start and no other worker's trial is running.
+
+    Waiting for running trials matters: if their worker dies, their retry is queued only after the
+    grace period, and someone must be there to run it. A failing objective fails its trial and
+    stops this worker with the error (a re-run queues the point again).
+    """
+    from tqdm import tqdm
+
+    ran = 0
+    with tqdm(total=handle.total, initial=handle.done(), desc=handle.name, unit="trial", disable=not progress) as bar:
+        while max_trials is None or ran < max_trials:
+            _fail_stale(handle)
+            trial = next_trial(handle)
+            if trial is None:
+                if handle.running() == 0:
+                    break
+                time.sleep(handle.heartbeat.interval)
+                continue
+            with _Heartbeat(handle, trial):
+                try:
+                    value = objective(trial)
+                except optuna.TrialPruned:
+                    _tell(handle, trial, state=TrialState.PRUNED)
+                except BaseException:
+                    _tell(handle, trial, state=TrialState.FAIL)
+                    raise
+                else:
+                    _tell(handle, trial, value)
+            ran += 1
+            bar.n = handle.done()
+            bar.refresh()
+    return ran
+
+
+def run_study(
+    handle: StudyHandle,
+    tracker: Tracker,
+    experiment: str | None = None,
+    progress: bool = True,
+    max_trials: int | None = None,
+) -> RunSummary:
+    """Prepare once, then run the study's remaining trials as nested runs of the study's parent run."""
+    if handle.done() < handle.total:
+        prepared = prepare(handle.spec, trial_configs(handle), progress)
+        experiment = experiment or handle.spec.name
+        parent = parent_run(handle, tracker, experiment, prepared)
+        runner = TrialRunner(prepared, tracker, experiment, parent, progress)
+        ran = run_trials(handle, OBJECTIVES[handle.kind](handle, runner), progress, max_trials)
+        finish_parent(handle, tracker, parent)
+        return summarize(handle, ran, parent)
+    return summarize(handle, 0, None)
+
+
+def parent_run(handle: StudyHandle, tracker: Tracker, experiment: str, prepared: Prepared) -> str:
+    tags = {**run_tags(prepared.device), "kdsearch.kind": handle.kind, "optuna.study": handle.name}
+    run_id = tracker.parent_run(experiment, handle.name, handle.name, tags)
+    tracker.log_metrics(run_id, prepared.teacher_metrics)
+    tracker.log_dict(run_id, {"kind": handle.kind, "space": handle.space, "spec": handle.spec.source}, "study.json")
+    return run_id
+
+
+def finish_parent(handle: StudyHandle, tracker: Tracker, parent: str) -> None:
+    """Record the best trial on the parent run and close it once the whole study is done."""
+    best = best_trial(handle.study)
+    if best is not None:
+        tracker.log_metrics(parent, {"best_val_acc": best.value, "best_test_acc": best.user_attrs["test_acc"]})
+        tracker.set_tags(parent, {"best_trial": str(best.number), "best_params": json.dumps(best.params)})
+    if handle.done() >= handle.total and handle.running() == 0:
+        tracker.end_run(parent)
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(complete, key=lambda trial: trial.value) if complete else None
+
+
+def summarize(handle: StudyHandle, ran: int, parent: str | None) -> RunSummary:
+    return RunSummary(ran, handle.done(), handle.total, handle.counts(), best_trial(handle.study), parent)
+
+
+def describe_progress(handle: StudyHandle) -> str:
+    """ "8 of 12 grid points already complete; 4 to run" — said before a run starts."""
+    unit = {"grid": "grid points", "tpe": "TPE trials", "ablation": "arm × seed runs"}[handle.kind]
+    done = handle.done()
+    if done >= handle.total:
+        return f"{done} of {handle.total} {unit} already complete; nothing to run"
+    return f"{done} of {handle.total} {unit} already complete; {handle.total - done} to run"
+
+
+def status(study: optuna.Study) -> dict[str, Any]:
+    """Counts by state, progress and the best trial so far, as plain values (the CLI prints them)."""
+    stored = study.user_attrs.get(ATTR, {})
+    counts = Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
+    best = best_trial(study)
+    return {
+        "study": study.study_name,
+        "kind": stored.get("kind"),
+        "total": stored.get("total"),
+        "done": completed(study, stored.get("kind")),
+        "states": {state.name: counts.get(state.name, 0) for state in TrialState},
+        "best": describe_trial(best) if best is not None else None,
+    }
+
+
+def describe_trial(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {
+        "trial": trial.number,
+        "val_acc": trial.value,
+        "test_acc": trial.user_attrs.get("test_acc"),
+        "params": trial.params,
+        "run_id": trial.user_attrs.get("run_id"),
+    }

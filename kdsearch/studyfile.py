@@ -1,0 +1,423 @@
+"""Study files (YAML or TOML) → a validated, frozen ``StudySpec``; CLI flags override them.
+
+A study file describes one experiment: the base training config of every trial, where the teacher
+comes from, and the search spaces of the grid, TPE and ablation commands that use it::
+
+    name: smoke                      # default: the file's stem
+    train: {epochs: 1, data: {dataset: synthetic}, student: {arch: tiny_cnn, drop_blocks: 1}, ...}
+    teacher: {checkpoint: ../shared/models/teacher.pt}   # or {train: {epochs: 1}}: trained once, cached
+    grid: {t: [1, 2.5], alpha: [0.01, 0.1], p: [0.1]}
+    tpe: {trials: 20, t: {low: 1, high: 10, log: true}, pruner: median}
+    ablation: {seeds: 3, t: 2.5, alpha: 0.01, p: 0.1, agreement_images: 500}
+    latency: {warmup: 3, repeats: 10}
+
+Relative paths (data_dir, teacher checkpoint, cache_dir) are relative to the directory kdsearch runs
+in, like the same paths given as flags. Every value is checked here, before anything is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdsearch.config import TrainConfig, from_dict, replace, to_dict
+from kdsearch.errors import ConfigError
+from kdsearch.latency import LatencyConfig
+from kdsearch.store import ArtifactStore
+
+SEARCH_PARAMS = ("t", "alpha", "p")  # KD temperature, KD weight, IG overlay probability: named like the flags
+
+
+def _number(name: str, value: Any) -> float:
+    # bool is an int in Python; `alpha: yes` in YAML is a mistake, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a number but got {value!r}")
+    return float(value)
+
+
+def _search_value(where: str, name: str, value: Any) -> float:
+    number = _number(f"{where} {name}", value)
+    if name == "t" and number <= 0:
+        raise ConfigError(f"{where} t (temperature) must be > 0 but got {number}")
+    if name in ("alpha", "p") and not 0 <= number <= 1:
+        raise ConfigError(f"{where} {name} must be in [0, 1] but got {number}")
+    return number
+
+
+@dataclass(frozen=True)
+class TeacherTraining:
+    """The teacher recipe of ``kdsearch.train.teacher_recipe``; the result is cached by content."""
+
+    epochs: int = 18
+    batch_size: int = 256
+    lr: float = 0.1  # peak SGD learning rate
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"teacher.train.epochs must be >= 1 but got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"teacher.train.batch_size must be >= 1 but got {self.batch_size}")
+        if _number("teacher.train.lr", self.lr) <= 0:
+            raise ConfigError(f"teacher.train.lr must be > 0 but got {self.lr}")
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    checkpoint: str | None = None  # a .pt file (kdsearch checkpoint or bare state dict)
+    train: TeacherTraining | None = None  # or: train one with this recipe (once per cache dir)
+
+    def __post_init__(self) -> None:
+        if (self.checkpoint is None) == (self.train is None):
+            raise ConfigError(
+                "teacher needs exactly one of 'checkpoint' (a file, or --teacher-checkpoint) or 'train' (a recipe)"
+            )
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The Cartesian product t × alpha × p; each dimension a list of distinct values."""
+
+    t: tuple[float, ...]
+    alpha: tuple[float, ...]
+    p: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        for name in SEARCH_PARAMS:
+            values = getattr(self, name)
+            values = values if isinstance(values, list | tuple) else [values]  # `t: 2.5` is a one-point axis
+            if not values:
+                raise ConfigError(f"grid {name} needs at least one value")
+            numbers = tuple(_search_value("grid", name, value) for value in values)
+            if len(set(numbers)) != len(numbers):
+                raise ConfigError(f"grid {name} has a repeated value: {list(values)}")
+            object.__setattr__(self, name, numbers)
+
+    def points(self) -> list[dict[str, float]]:
+        return [{"t": t, "alpha": alpha, "p": p} for t in self.t for alpha in self.alpha for p in self.p]
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    log: bool = False  # sample log-uniformly (positive bounds only)
+
+    def __post_init__(self) -> None:
+        _number("range low", self.low)
+        _number("range high", self.high)
+        if self.low > self.high:
+            raise ConfigError(f"range low must be <= high but got [{self.low}, {self.high}]")
+        if self.log and self.low <= 0:
+            raise ConfigError(f"a log range needs low > 0 but got {self.low}")
+
+
+@dataclass(frozen=True)
+class TPESpec:
+    trials: int = 20  # completed + pruned trials over all workers and resumes
+    t: Range = Range(1.0, 10.0, log=True)
+    alpha: Range = Range(0.0, 1.0)
+    p: Range = Range(0.0, 0.5)
+    lr: Range | None = None  # also search Adam's learning rate (log range)
+    student_drop: tuple[int, int] | None = None  # also search the student depth, [low, high] blocks removed
+    pruner: str = "median"  # median | hyperband | none, fed with the per-epoch validation accuracy
+    startup_trials: int = 4  # median pruner: trials that are never pruned, to get a reference
+    seed: int = 0  # TPE's seed in the process that creates the study
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"tpe trials must be >= 1 but got {self.trials}")
+        from kdsearch.study import PRUNERS
+
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"tpe pruner must be one of {sorted(PRUNERS)} but got {self.pruner!r}")
+        for name in ("alpha", "p"):
+            bounds = getattr(self, name)
+            if bounds.low < 0 or bounds.high > 1:
+                raise ConfigError(f"tpe {name} range must lie in [0, 1] but got [{bounds.low}, {bounds.high}]")
+        if self.t.low <= 0:
+            raise ConfigError(f"tpe t range must be > 0 but got [{self.t.low}, {self.t.high}]")
+        if self.student_drop is not None:
+            low, high = self.student_drop
+            if not 0 <= low <= high:
+                raise ConfigError(
+                    f"tpe student_drop must be [low, high] with 0 <= low <= high but got {self.student_drop}"
+                )
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    seeds: int = 3
+    arms: tuple[str, ...] = ("baseline", "kd", "ig", "kd_ig")
+    extra_arms: tuple[str, ...] = ()  # e.g. ig_shuffled, the control for the IG maps' alignment
+    t: float = 2.5  # the paper's optimum
+    alpha: float = 0.01
+    p: float = 0.1
+    agreement_images: int = 500  # fixed test images on which student and teacher IG maps are compared
+
+    def __post_init__(self) -> None:
+        from kdsearch.ablation import ARMS
+
+        if self.seeds < 1:
+            raise ConfigError(f"ablation seeds must be >= 1 but got {self.seeds}")
+        object.__setattr__(self, "arms", tuple(self.arms))
+        object.__setattr__(self, "extra_arms", tuple(self.extra_arms))
+        for arm in self.all_arms:
+            if arm not in ARMS:
+                raise ConfigError(f"ablation arm must be one of {sorted(ARMS)} but got {arm!r}")
+        if len(set(self.all_arms)) != len(self.all_arms):
+            raise ConfigError(f"ablation arms are repeated: {list(self.all_arms)}")
+        if "baseline" not in self.all_arms:
+            raise ConfigError("ablation arms must include 'baseline' (every Δ is measured against it)")
+        for name in SEARCH_PARAMS:
+            object.__setattr__(self, name, _search_value("ablation", name, getattr(self, name)))
+        if self.agreement_images < 0:
+            raise ConfigError(f"ablation agreement_images must be >= 0 but got {self.agreement_images}")
+
+    @property
+    def all_arms(self) -> tuple[str, ...]:
+        return self.arms + self.extra_arms
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    train: TrainConfig  # the base config of every trial; teacher_checkpoint is resolved
+    teacher: TeacherSpec
+    grid: GridSpec | None = None
+    tpe: TPESpec | None = None
+    ablation: AblationSpec | None = None
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    # The normalised mapping this spec was built from (absolute paths): stored with a study so a
+    # worker on another machine rebuilds the same spec, with its own cache_dir.
+    source: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ '\""):
+            raise ConfigError(f"study name must be non-empty without spaces, quotes or slashes but got {self.name!r}")
+
+
+SECTIONS = ("name", "train", "teacher", "grid", "tpe", "ablation", "latency")
+PATH_KEYS = (("train", "data", "data_dir"), ("train", "cache_dir"), ("teacher", "checkpoint"))
+
+
+def read_study_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a .yaml/.yml/.toml study file; syntax errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist")
+    try:
+        if path.suffix.lower() == ".toml":
+            raw = tomllib.loads(path.read_text())
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            raw = yaml.safe_load(path.read_text())
+        else:
+            raise ConfigError(f"study file {path} must end in .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        reason = str(error).replace("\n", " ")
+        raise ConfigError(f"study file {path} is not valid {path.suffix[1:].upper()}: {reason}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"study file {path} must hold a mapping of sections {list(SECTIONS)}")
+    raw.setdefault("name", path.stem)
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``raw`` with dotted keys set: {"train.epochs": 2, "grid.t": [1, 2]}.
+
+    Unknown keys are not caught here but by the spec's validation, with the same message as in a file.
+    """
+    result = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = result
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+            node = child
+        node[leaf] = value
+    return result
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML scalars and lists (2, 0.5, true, null, [1, 2], text)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"cannot parse value {text!r}: {error}") from error
+
+
+def parse_number_list(flag: str, text: str) -> list[float]:
+    """``--t 1,2.5,5`` → [1.0, 2.5, 5.0]; any item that is not a number is an error naming the flag."""
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(float(item.strip()))
+        except ValueError:
+            raise ConfigError(f"{flag} takes comma-separated numbers but got {item.strip()!r} in {text!r}") from None
+        if not math.isfinite(values[-1]):
+            raise ConfigError(f"{flag} takes finite numbers but got {item.strip()!r}")
+    return values
+
+
+def build_spec(raw: dict[str, Any], cwd: Path | None = None) -> StudySpec:
+    """Validate a raw study mapping and build its spec; relative paths are taken from ``cwd``."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown study file key(s) {unknown}; known: {list(SECTIONS)}")
+    source = _absolute_paths(copy.deepcopy(raw), cwd or Path.cwd())
+    train_raw = dict(_section(source, "train"))
+    if "teacher_checkpoint" in train_raw:
+        raise ConfigError(
+            "set the teacher in the 'teacher' section (checkpoint: or train:), not train.teacher_checkpoint"
+        )
+    teacher = _teacher_spec(_section(source, "teacher"))
+    # Built first without the teacher's terms: a trained teacher's file is only known from data and cache.
+    neutral = from_dict(TrainConfig, {**_without_teacher(train_raw), "kd": {"alpha": 0.0}, "overlay": {"p": 0.0}})
+    train = from_dict(TrainConfig, {**train_raw, "teacher_checkpoint": teacher_checkpoint_path(teacher, neutral)})
+    return StudySpec(
+        name=str(source["name"]),
+        train=train,
+        teacher=teacher,
+        grid=_optional(source, "grid", lambda s: _grid_spec(s, train)),
+        tpe=_optional(source, "tpe", _tpe_spec),
+        ablation=_optional(source, "ablation", lambda s: AblationSpec(**_known(AblationSpec, s, "ablation"))),
+        latency=LatencyConfig(**_known(LatencyConfig, _section(source, "latency"), "latency")),
+        source=source,
+    )
+
+
+def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
+    return build_spec(apply_overrides(read_study_file(path), overrides or {}))
+
+
+def teacher_recipe_config(teacher: TeacherSpec, base: TrainConfig) -> TrainConfig:
+    """The TrainConfig that trains the study's teacher (on the study's own training split)."""
+    from kdsearch.train import teacher_recipe
+
+    recipe = teacher.train
+    config = teacher_recipe(base.data, base.teacher, recipe.epochs, recipe.batch_size, recipe.lr, recipe.seed)
+    return replace(config, device=base.device, precision=base.precision, cache_dir=base.cache_dir)
+
+
+def teacher_store_fields(recipe: TrainConfig) -> dict[str, Any]:
+    # Where it was trained does not change what it is; the data split is part of the recipe's config.
+    return {"recipe": {k: v for k, v in to_dict(recipe).items() if k not in ("cache_dir", "device")}}
+
+
+def teacher_checkpoint_path(teacher: TeacherSpec, base: TrainConfig) -> str:
+    """The teacher's file: the given checkpoint, or where the trained teacher is (or will be) cached.
+
+    A trained teacher is a state dict in the artefact store, keyed by its recipe, so every trial,
+    resume and worker sharing a cache directory trains it once.
+    """
+    if teacher.checkpoint is not None:
+        return teacher.checkpoint
+    recipe = teacher_recipe_config(teacher, base)
+    return str(ArtifactStore(base.cache_dir).directory("teacher", teacher_store_fields(recipe)) / "tensors.pt")
+
+
+def with_params(config: TrainConfig, params: dict[str, Any]) -> TrainConfig:
+    """The trial's config: search parameters (t, alpha, p, lr, student_drop) set on the base config."""
+    kd, overlay, optim, student = config.kd, config.overlay, config.optim, config.student
+    if "t" in params:
+        kd = replace(kd, temperature=float(params["t"]))
+    if "alpha" in params:
+        kd = replace(kd, alpha=float(params["alpha"]))
+    if "p" in params:
+        overlay = replace(overlay, p=float(params["p"]))
+    if "lr" in params:
+        optim = replace(optim, lr=float(params["lr"]))
+    if "student_drop" in params:
+        student = replace(student, drop_blocks=int(params["student_drop"]))
+    return replace(config, kd=kd, overlay=overlay, optim=optim, student=student)
+
+
+def _section(source: dict[str, Any], name: str) -> dict[str, Any]:
+    value = source.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"study file section {name!r} must be a mapping but got {value!r}")
+    return value
+
+
+def _optional(source: dict[str, Any], name: str, build) -> Any:
+    return build(_section(source, name)) if source.get(name) is not None else None
+
+
+def _known(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {section} key(s) {unknown}; known: {sorted(known)}")
+    return values
+
+
+def _without_teacher(train_raw: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in train_raw.items() if key not in ("kd", "overlay", "student_init")}
+
+
+def _teacher_spec(values: dict[str, Any]) -> TeacherSpec:
+    values = _known(TeacherSpec, values, "teacher")
+    recipe = values.get("train")
+    if recipe is not None and not isinstance(recipe, dict):
+        raise ConfigError(f"teacher.train must be a mapping of {[f.name for f in dataclasses.fields(TeacherTraining)]}")
+    return TeacherSpec(
+        checkpoint=values.get("checkpoint"),
+        train=TeacherTraining(**_known(TeacherTraining, recipe, "teacher.train")) if recipe is not None else None,
+    )
+
+
+def _grid_spec(values: dict[str, Any], train: TrainConfig) -> GridSpec:
+    # An axis the grid does not name is held at the base config's value: `--t 1,2,4` alone varies T only.
+    held = {"t": train.kd.temperature, "alpha": train.kd.alpha, "p": train.overlay.p}
+    return GridSpec(**{**held, **_known(GridSpec, values, "grid")})
+
+
+def _range(name: str, value: Any) -> Range:
+    if isinstance(value, dict):
+        return Range(**_known(Range, value, f"tpe {name}"))
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return Range(_number(f"tpe {name} low", value[0]), _number(f"tpe {name} high", value[1]))
+    raise ConfigError(f"tpe {name} must be [low, high] or {{low, high, log}} but got {value!r}")
+
+
+def _tpe_spec(values: dict[str, Any]) -> TPESpec:
+    values = dict(_known(TPESpec, values, "tpe"))
+    for name in ("t", "alpha", "p", "lr"):
+        if values.get(name) is not None:
+            values[name] = _range(name, values[name])
+    if values.get("student_drop") is not None:
+        drop = values["student_drop"]
+        if not (isinstance(drop, list | tuple) and len(drop) == 2 and all(isinstance(v, int) for v in drop)):
+            raise ConfigError(f"tpe student_drop must be [low, high] integers but got {drop!r}")
+        values["student_drop"] = tuple(drop)
+    return TPESpec(**values)
+
+
+def _absolute_paths(source: dict[str, Any], cwd: Path) -> dict[str, Any]:
+    for keys in PATH_KEYS:
+        node = source
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            node[keys[-1]] = str((cwd / Path(node[keys[-1]]).expanduser()).resolve())
+    return source
+
+
+def check_files(spec: StudySpec) -> None:
+    """Fail early, before a study is created, on a teacher checkpoint or data folder that is missing."""
+    from kdsearch.errors import DataError
+
+    if spec.teacher.checkpoint is not None and not Path(spec.teacher.checkpoint).is_file():
+        raise ConfigError(f"teacher checkpoint {spec.teacher.checkpoint} does not exist")
+    data = spec.train.data
+    if data.dataset == "folder" and not Path(data.data_dir).is_dir():
+        raise DataError(f"data folder {data.data_dir} does not exist")

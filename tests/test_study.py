@@ -1,0 +1,258 @@
+from __future__ import annotations
+
+import re
+import time
+
+import optuna
+import pytest
+from fixtures_study import SMOKE
+from optuna.trial import TrialState
+
+from kdsearch.cli import main
+from kdsearch.errors import ConfigError
+from kdsearch.study import (
+    HeartbeatConfig,
+    StudyError,
+    check_database,
+    claim_waiting,
+    database_url,
+    join_study,
+    open_grid,
+    open_tpe,
+    run_study,
+    study_identity,
+)
+from kdsearch.studyfile import load_study
+from kdsearch.tracking import MemoryTracker
+
+pytest_plugins = ["fixtures_study"]
+
+# The issue's listed params and metrics, which every nested run must carry.
+RUN_PARAMS = {"kd.temperature", "kd.alpha", "overlay.p", "seed", "epochs", "optim.lr", "batch_size"}
+RUN_PARAMS |= {"student.drop_blocks", "data.name", "data.train_images", "data.val_images", "data.test_images"}
+RUN_PARAMS |= {"teacher_hash", "ig_cache_key"}
+RUN_METRICS = {
+    "train_loss",
+    "val_acc",
+    "test_acc",
+    "teacher_test_acc",
+    "student_params",
+    "teacher_params",
+    "compression_factor",
+    "student_flops",
+    "teacher_flops",
+    "latency_ms_teacher_b1",
+    "latency_ms_teacher_b128",
+    "latency_ms_student_b1",
+    "latency_ms_student_b128",
+    "latency_threads",
+}
+FAST = HeartbeatConfig(interval=1, grace=3)
+
+
+def _points(study: optuna.Study) -> list[tuple]:
+    return sorted(tuple(sorted(t.params.items())) for t in study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def test_smoke_grid_end_to_end_and_rerun_adds_nothing(tmp_path, mlflow_uri, shared_cache, capsys):
+    from mlflow import MlflowClient
+
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    args = ["study", "grid", "--study", str(SMOKE), "--storage", storage, "--tracking-uri", mlflow_uri]
+    args += ["--set", "latency.repeats=1", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "0 of 4 grid points already complete; 4 to run" in out
+
+    [summary] = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert len(study.trials) == 4 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert _points(study) == [
+        (("alpha", a), ("p", 0.5), ("t", t)) for a, t in [(0.1, 1.0), (0.1, 4.0), (0.5, 1.0), (0.5, 4.0)]
+    ]
+    assert all(0 <= t.value <= 100 and "test_acc" in t.user_attrs for t in study.trials)
+
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("kdsearch.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and len(runs) == 5
+    for run in children:
+        assert RUN_PARAMS <= set(run.data.params), RUN_PARAMS - set(run.data.params)
+        assert RUN_METRICS <= set(run.data.metrics), RUN_METRICS - set(run.data.metrics)
+        assert {"git_commit", "device", "torch_version"} <= set(run.data.tags)
+        assert run.data.params["data.name"] == "synthetic" and run.data.params["data.train_images"] == "300"
+        assert run.data.metrics["compression_factor"] > 1
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "model.pt"}
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
+    assert parent.info.status == "FINISHED"
+
+    assert main(args) == 0
+    assert "4 of 4 grid points already complete; nothing to run" in capsys.readouterr().out
+    assert len(optuna.load_study(study_name=summary.study_name, storage=storage).trials) == 4
+    assert len(client.search_runs([experiment.experiment_id])) == 5
+
+
+def test_interrupted_grid_resumes_with_the_remaining_points(tmp_path, mlflow_uri, shared_cache, capsys):
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    args = ["study", "grid", "--study", str(SMOKE), "--storage", storage, "--tracking-uri", mlflow_uri]
+    args += ["--t", "1,2", "--alpha", "0.5", "--p", "0.5", "--set", "latency.repeats=1", "--no-progress"]
+    assert main([*args, "--max-trials", "1"]) == 0
+    assert main(args) == 0
+    assert "1 of 2 grid points already complete; 1 to run" in capsys.readouterr().out
+    [summary] = optuna.get_all_study_summaries(storage)
+    assert summary.n_trials == 2
+
+
+def test_status_and_best(tmp_path, mlflow_uri, shared_cache, capsys):
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    args = ["study", "grid", "--study", str(SMOKE), "--storage", storage, "--tracking-uri", mlflow_uri]
+    assert main([*args, "--t", "1", "--alpha", "0.5", "--p", "0.5", "--set", "latency.repeats=1"]) == 0
+    capsys.readouterr()
+    assert main(["study", "status", "--storage", storage]) == 0
+    out = capsys.readouterr().out
+    assert "(grid): 1 of 1 complete" in out and "complete 1" in out and "best: trial 0" in out
+    assert main(["study", "best", "--storage", storage]) == 0
+    assert '"val_acc"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--t", "1,abc"], "--t takes comma-separated numbers but got 'abc'"),
+        (["--alpha", "0.1,1.5"], r"grid alpha must be in \[0, 1\] but got 1.5"),
+        (["--p", "-0.5"], r"grid p must be in \[0, 1\] but got -0.5"),
+        (["--set", "train.epohcs=2"], "epohcs"),
+        (["--storage", "postgresql://nobody:secret@127.0.0.1:9/kd"], "cannot reach storage postgresql"),
+        (["--storage", "sqlite:////no/such/dir/studies.db"], "directory /no/such/dir does not exist"),
+        (["--storage", "not a url"], "is not a database URL"),
+        (["--tracking-uri", "http://127.0.0.1:9"], "cannot reach the MLflow server"),
+        (["--teacher-checkpoint", "missing.pt"], "missing.pt does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(extra, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["study", "grid", "--study", str(SMOKE), *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert "secret" not in err
+    assert re.search(message, err), err
+    assert list(tmp_path.iterdir()) == []  # no studies.db, no mlruns/
+
+
+def test_unknown_study_file_key_is_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path.parent / f"{tmp_path.name}-bad.yaml"
+    study.write_text(SMOKE.read_text() + "\nsearch: {t: [1]}\n")
+    assert main(["study", "grid", "--study", str(study)]) == 2
+    assert "unknown study file key(s) ['search']" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_study_name_is_derived_from_spec_and_grid():
+    spec = load_study(SMOKE)
+    other = load_study(SMOKE, {"grid.t": [1.0, 2.0]})
+    space = {"t": [1.0], "alpha": [0.1], "p": [0.5]}
+    assert study_identity(spec, "grid", space) == study_identity(load_study(SMOKE), "grid", space)
+    assert study_identity(spec, "grid", space) != study_identity(spec, "grid", {**space, "t": [2.0]})
+    assert study_identity(spec, "grid", space) != study_identity(other, "grid", space)
+    # Where the cache lives or which device runs it does not change what a trial computes.
+    moved = load_study(SMOKE, {"train.cache_dir": "/elsewhere", "train.device": "cpu"})
+    assert study_identity(moved, "grid", space) == study_identity(spec, "grid", space)
+
+
+def test_a_name_taken_by_another_grid_is_refused(tmp_path):
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    open_grid(load_study(SMOKE), storage, FAST, study_name="mine")
+    with pytest.raises(StudyError, match="already exists with a different spec"):
+        open_grid(load_study(SMOKE, {"grid.t": [2.0, 3.0]}), storage, FAST, study_name="mine")
+
+
+def test_claims_are_exclusive(tmp_path):
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    handle = open_grid(load_study(SMOKE), storage, FAST)
+    other_worker = join_study(handle.name, storage, FAST)
+    claimed = [claim_waiting(handle), claim_waiting(other_worker), claim_waiting(handle), claim_waiting(other_worker)]
+    assert len({trial.number for trial in claimed}) == 4
+    assert claim_waiting(handle) is None and claim_waiting(other_worker) is None
+    assert len({tuple(sorted(t.system_attrs["fixed_params"].items())) for t in handle.trials()}) == 4
+
+
+def test_reopening_queues_only_points_without_a_live_trial(tmp_path):
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    handle = open_grid(load_study(SMOKE), storage, FAST)
+    first = claim_waiting(handle)
+    handle.study.tell(first, state=TrialState.FAIL)
+    reopened = open_grid(load_study(SMOKE), storage, FAST)
+    states = [trial.state for trial in reopened.trials()]
+    assert states.count(TrialState.WAITING) == 4 and states.count(TrialState.FAIL) == 1
+
+
+def test_a_dead_workers_trial_is_retried_and_every_point_completes_once(
+    tmp_path, shared_cache, smoke_overrides, tiny_teacher_checkpoint
+):
+    """A worker that stops sending heartbeats mid-trial (SIGKILL, lost machine): its trial goes stale."""
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    overrides = {**smoke_overrides, "teacher": {"checkpoint": tiny_teacher_checkpoint}}
+    spec = load_study(SMOKE, {**overrides, "grid.t": [1.0, 2.0], "grid.alpha": [0.5]})
+    handle = open_grid(spec, storage, FAST)
+    dead = claim_waiting(handle)
+    study_id = handle.storage.get_study_id_from_name(handle.name)
+    handle.storage.record_heartbeat(handle.storage.get_trial_id_from_study_id_trial_number(study_id, dead.number))
+    start = time.monotonic()
+    summary = run_study(join_study(handle.name, storage, FAST), MemoryTracker(), progress=False)
+    assert time.monotonic() - start >= FAST.grace - 1  # it waited for the dead trial to go stale
+    assert summary.done == 2 and summary.counts["COMPLETE"] == 2 and summary.counts["FAIL"] == 1
+    assert len(_points(handle.study)) == 2
+    [retry] = [t for t in handle.trials((TrialState.COMPLETE,)) if "failed_trial" in t.system_attrs]
+    assert retry.system_attrs["failed_trial"] == dead.number
+
+
+def test_worker_joins_and_finishes_an_existing_study(tmp_path, mlflow_uri, shared_cache, capsys):
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    handle = open_grid(load_study(SMOKE, {"grid.t": [1.0], "latency.repeats": 1}), storage, FAST)
+    args = ["study", "worker", "--study-name", handle.name, "--storage", storage, "--tracking-uri", mlflow_uri]
+    assert main([*args, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "joined grid study" in out and "2 of 2 complete (2 run now)" in out
+    assert main(["study", "worker", "--study-name", "nope", "--storage", storage]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
+
+
+def test_tpe_with_pruning_runs_its_budget_and_resumes(tmp_path, shared_cache, smoke_overrides, tiny_teacher_checkpoint):
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    overrides = {**smoke_overrides, "teacher": {"checkpoint": tiny_teacher_checkpoint}, "train.epochs": 2}
+    overrides |= {"tpe.trials": 3, "tpe.startup_trials": 1, "tpe.lr": [1e-4, 1e-2], "tpe.student_drop": [1, 2]}
+    spec = load_study(SMOKE, overrides)
+    tracker = MemoryTracker()
+    summary = run_study(open_tpe(spec, storage, FAST), tracker, progress=False)
+    assert summary.done == 3 and summary.counts["COMPLETE"] + summary.counts["PRUNED"] == 3
+    trials = optuna.load_study(study_name=_tpe_name(storage), storage=storage).trials
+    assert all({"t", "alpha", "p", "lr", "student_drop"} <= set(t.params) for t in trials)
+    assert all(t.intermediate_values for t in trials)  # the pruner was fed every epoch
+    again = run_study(open_tpe(spec, storage, FAST), tracker, progress=False)
+    assert again.ran == 0 and again.done == 3
+    parent = next(run_id for run_id, run in tracker.runs.items() if run.parent_id is None)
+    assert len(tracker.children(parent)) == 3
+
+
+def _tpe_name(storage: str) -> str:
+    [summary] = optuna.get_all_study_summaries(storage)
+    return summary.study_name
+
+
+def test_check_database_writes_nothing(tmp_path):
+    check_database(f"sqlite:///{tmp_path}/new.db")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(StudyError, match="no such file"):
+        check_database(f"sqlite:///{tmp_path}/new.db", must_exist=True)
+    assert database_url("postgresql://u@h/db").startswith("postgresql+psycopg")
+    assert database_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_studies_select_on_validation_so_they_need_a_validation_split(tmp_path):
+    with pytest.raises(ConfigError, match="val_size must be > 0"):
+        open_grid(load_study(SMOKE, {"train.data.val_size": 0}), f"sqlite:///{tmp_path}/s.db", FAST)
+    assert list(tmp_path.iterdir()) == []
