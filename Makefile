@@ -7,8 +7,8 @@ SHARED ?= ../shared
 # otherwise CIFAR-10 is downloaded through torchvision and a teacher is trained first.
 DATA_DIR ?= $(wildcard $(SHARED)/data/cifar10-jpeg)
 TEACHER ?= $(wildcard $(SHARED)/models/mobilenetv2_cifar10jpeg_teacher.pt)
-DATA_ARGS := $(if $(DATA_DIR),--dataset folder --data-dir $(DATA_DIR) --data-label "CIFAR-10 (JPEG q75 copy)",--dataset cifar10)
 DEMO_DIR ?= runs/demo
+DATA_ARGS := $(if $(DATA_DIR),--dataset folder --data-dir $(DATA_DIR) --data-label "CIFAR-10 (JPEG q75 copy)",--dataset cifar10 --data-dir $(DEMO_DIR)/data)
 
 .PHONY: setup demo test lint clean
 
@@ -21,11 +21,16 @@ $(BIN)/kdsearch: pyproject.toml
 
 setup: $(BIN)/kdsearch
 
-# One KD+IG training of the paper's student on a small CPU budget (about 5 minutes on 2 cores).
+# The main job: a grid study, the baseline/KD/IG/KD+IG ablation and their reports (studies/demo.yaml),
+# in runs/demo/. Without ../shared, CIFAR-10 is downloaded and a short teacher is trained first.
+DEMO_ARGS := --study studies/demo.yaml --workdir $(DEMO_DIR) \
+	$(if $(DATA_DIR),--data-dir $(DATA_DIR),--set train.data.dataset=cifar10 --set train.data.data_dir=$(DEMO_DIR)/data --set train.data.label=CIFAR-10) \
+	--teacher-checkpoint $(or $(TEACHER),$(DEMO_DIR)/teacher.pt)
 demo: setup
+	mkdir -p $(DEMO_DIR)
 	$(if $(TEACHER),,$(BIN)/kdsearch teacher train $(DATA_ARGS) --epochs 3 --out $(DEMO_DIR)/teacher.pt)
-	$(BIN)/kdsearch train $(DATA_ARGS) --teacher-checkpoint $(or $(TEACHER),$(DEMO_DIR)/teacher.pt) \
-		--train-subset 2000 --val-size 1000 --epochs 2 --t 2.5 --alpha 0.01 --p 0.1 --run-dir $(DEMO_DIR)/student
+	$(BIN)/kdsearch study grid $(DEMO_ARGS)
+	$(BIN)/kdsearch ablate $(DEMO_ARGS) --extra-arms ig_shuffled
 
 test: setup
 	$(BIN)/ruff check kdsearch tests bench
