@@ -33,6 +33,7 @@ from kdsearch.cli_options import (
     data_config,
     ig_config,
 )
+from kdsearch.cli_report import register as register_report
 from kdsearch.cli_study import register
 from kdsearch.errors import KdsearchError
 
@@ -50,6 +51,7 @@ ig_app = typer.Typer(
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(ig_app, name="ig")
 register(app)
+register_report(app)
 
 
 def _print_json(payload: dict) -> None:

@@ -1,0 +1,333 @@
+"""The report's tables as pandas DataFrames, written as CSV (full precision), Markdown and HTML.
+
+Three kinds: a study's trials (T, alpha, p, validation and test accuracy, rank by validation accuracy),
+the ablation in the form of the paper's Table 3 (with its paired comparisons), and the deployment
+table (parameters, FLOPs, size, latency of teacher and student) with the paper's figures labelled
+"reported" beside ours labelled "measured". Numbers come in; nothing here reads a store.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# The paper's Table 3 rows, by ablation arm (its paper_results.csv names them so).
+PAPER_ROWS = {"teacher": "Teacher", "baseline": "Baseline Student", "kd": "KD", "ig": "IG", "kd_ig": "KD & IG"}
+ACCURACY = ".2f"  # accuracies in %, as the paper prints them
+
+
+@dataclass
+class Table:
+    """A numeric DataFrame plus how to show it; ``formats`` maps a column to a format spec for md/html."""
+
+    name: str  # file stem
+    title: str
+    frame: pd.DataFrame
+    formats: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    # For tables whose rows hold different quantities: format by the row's first cell, for the columns
+    # that ``formats`` does not name.
+    row_formats: dict[str, str] = field(default_factory=dict)
+
+    def shown(self) -> pd.DataFrame:
+        """The frame as strings: formatted numbers, empty cells for missing values."""
+        first = self.frame.columns[0] if len(self.frame.columns) else None
+        shown = {}
+        for column in self.frame:
+            specs = [
+                self.formats.get(column) or self.row_formats.get(str(label))
+                for label in (self.frame[first] if first is not None else [])
+            ]
+            shown[column] = [_cell(value, spec) for value, spec in zip(self.frame[column], specs, strict=True)]
+        return pd.DataFrame(shown, columns=self.frame.columns)
+
+    def markdown(self) -> str:
+        shown = self.shown()
+        header = "| " + " | ".join(str(c) for c in shown.columns) + " |"
+        rule = "| " + " | ".join("---" for _ in shown.columns) + " |"
+        rows = ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in shown.to_numpy()]
+        notes = [""] + [f"{note}  " for note in self.notes] if self.notes else []
+        return "\n".join([f"### {self.title}", "", header, rule, *rows, *notes]) + "\n"
+
+    def html_fragment(self) -> str:
+        notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in self.notes)
+        table = self.shown().to_html(index=False, border=0, classes="kdsearch", escape=True)
+        return f"<h3>{html.escape(self.title)}</h3>\n{table}\n{notes}"
+
+    def write(self, directory: Path) -> list[Path]:
+        """``<name>.csv``, ``<name>.md`` and ``<name>.html`` in ``directory``."""
+        paths = [directory / f"{self.name}.{suffix}" for suffix in ("csv", "md", "html")]
+        self.frame.to_csv(paths[0], index=False)
+        paths[1].write_text(self.markdown())
+        paths[2].write_text(html_page(self.title, self.html_fragment()))
+        return paths
+
+
+def _cell(value: Any, spec: str | None) -> str:
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if value is None or (number and math.isnan(float(value))):
+        return ""
+    if spec is not None and number:
+        return format(float(value), spec)
+    return str(value)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}
+table.kdsearch{border-collapse:collapse;margin:0.5em 0}
+table.kdsearch th,table.kdsearch td{border-bottom:1px solid #ddd;padding:4px 10px;text-align:right}
+table.kdsearch th{background:#f4f4f4}.note{color:#555;font-size:90%}.partial{color:#b00;font-weight:bold}"""
+
+
+def html_page(title: str, body: str) -> str:
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+# --- a study's trials -------------------------------------------------------------------------
+
+TRIAL_COLUMNS = {"t": "T", "alpha": "α", "p": "p", "lr": "lr", "student_drop": "blocks dropped", "arm": "arm"}
+
+
+def trials_table(rows: Sequence[dict[str, Any]], title: str, notes: list[str]) -> Table:
+    """One row per trial: its parameters, val/test accuracy and rank by validation accuracy (1 = best).
+
+    ``rows``: {"trial", "state", "params": {...}, "val_acc", "test_acc", and optionally
+    "agreement_spearman", "agreement_iou_top10"}. Trials without a value (running, queued, pruned)
+    are listed with their state and no rank.
+    """
+    names = [name for name in TRIAL_COLUMNS if any(name in row["params"] for row in rows)]
+    names += sorted({name for row in rows for name in row["params"]} - set(names))
+    records = []
+    for row in rows:
+        record = {"trial": row["trial"]}
+        record |= {TRIAL_COLUMNS.get(name, name): row["params"].get(name) for name in names}
+        record |= {"val acc (%)": row.get("val_acc"), "test acc (%)": row.get("test_acc")}
+        if any("agreement_spearman" in other for other in rows):
+            record |= {"Spearman": row.get("agreement_spearman"), "IoU@10%": row.get("agreement_iou_top10")}
+        record["state"] = row["state"]
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    if frame.empty:
+        frame = pd.DataFrame(columns=["trial", "val acc (%)", "test acc (%)", "rank", "state"])
+    else:
+        ranks = frame["val acc (%)"].astype(float).rank(ascending=False, method="min")
+        frame.insert(len(frame.columns) - 1, "rank", ranks.map(lambda r: None if math.isnan(r) else int(r)))
+        frame = frame.sort_values(["rank", "trial"], na_position="last", key=_nan_last).reset_index(drop=True)
+    formats = {"val acc (%)": ACCURACY, "test acc (%)": ACCURACY, "Spearman": ".3f", "IoU@10%": ".3f"}
+    formats |= {"trial": ".0f", "rank": ".0f", "T": "g", "α": "g", "p": "g", "lr": ".3g", "seed": ".0f"}
+    return Table("trials", title, frame, formats, notes)
+
+
+def _nan_last(column: pd.Series) -> pd.Series:
+    return column.astype(float).fillna(math.inf)
+
+
+# --- the ablation: the paper's Table 3 --------------------------------------------------------
+
+
+def ablation_tables(table, reported: dict[str, float]) -> tuple[Table, Table]:
+    """Table 3 (per arm) and its paired comparisons, from kdsearch.ablation's ``AblationTable``.
+
+    ``reported``: the paper's test accuracy by Table 3 row name (Teacher, Baseline Student, KD, …).
+    """
+    base = reported.get(PAPER_ROWS["baseline"])
+    records = [
+        {
+            "method": "teacher",
+            "n": None,
+            "test acc mean (%)": table.teacher_test_acc,
+            "std": None,
+            "mean ± std": _num(table.teacher_test_acc),
+            "95% CI low": None,
+            "95% CI high": None,
+            "Δ vs baseline": None,
+            "p (paired t)": None,
+            "Spearman": None,
+            "IoU@10%": None,
+            "reported acc (%)": reported.get(PAPER_ROWS["teacher"]),
+            "reported Δ": None,
+        }
+    ]
+    for row in table.rows:
+        paper = reported.get(PAPER_ROWS.get(row.arm, ""))
+        is_base = row.arm == "baseline"
+        records.append(
+            {
+                "method": row.arm,
+                "n": row.n,
+                "test acc mean (%)": row.mean,
+                "std": row.std,
+                "mean ± std": f"{_num(row.mean)} ± {_num(row.std)}",
+                "95% CI low": row.ci[0],
+                "95% CI high": row.ci[1],
+                "Δ vs baseline": None if is_base else row.delta,
+                "p (paired t)": None if is_base else row.p_value,
+                "Spearman": row.spearman,
+                "IoU@10%": row.iou,
+                "reported acc (%)": paper,
+                "reported Δ": None if is_base or paper is None or base is None else round(paper - base, 2),
+            }
+        )
+    formats = {
+        "n": ".0f",
+        "test acc mean (%)": ACCURACY,
+        "std": ACCURACY,
+        "95% CI low": ACCURACY,
+        "95% CI high": ACCURACY,
+        "Δ vs baseline": "+.2f",
+        "p (paired t)": ".3g",
+        "Spearman": ".3f",
+        "IoU@10%": ".3f",
+        "reported acc (%)": ACCURACY,
+        "reported Δ": "+.2f",
+    }
+    notes = [
+        "measured: test accuracy over seeds (mean, sample std, 95% t-interval); Δ and p are paired over seeds "
+        "against the baseline; Spearman and IoU@10%: agreement of the students' IG maps with the teacher's.",
+        "reported: the paper's Table 3 (CIFAR-10, one run each, no spread given).",
+    ]
+    arms = Table("ablation", table.title, pd.DataFrame.from_records(records), formats, notes)
+    comparisons = pd.DataFrame.from_records(
+        [
+            {
+                "comparison": f"{c.arm} vs {c.reference}",
+                "n": c.n,
+                "Δ (pp)": c.delta,
+                "95% CI low": c.ci[0],
+                "95% CI high": c.ci[1],
+                "p (paired t)": c.p_value,
+            }
+            for c in table.comparisons
+        ]
+    )
+    pair_formats = {"n": ".0f", "Δ (pp)": "+.2f", "95% CI low": "+.2f", "95% CI high": "+.2f", "p (paired t)": ".3g"}
+    pair_notes = ["Paired t-tests on the per-seed differences of test accuracy (percentage points)."]
+    return arms, Table("ablation_comparisons", "Paired comparisons over seeds", comparisons, pair_formats, pair_notes)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else format(value, ACCURACY)
+
+
+# --- deployment -------------------------------------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    """What was measured for one teacher and one student (MLflow metrics of a trial's run)."""
+
+    dataset: str  # the run's data label, e.g. "CIFAR-10 (JPEG q75 copy)"
+    device: str  # where latency was measured
+    metrics: dict[str, float]  # teacher_params, student_flops, latency_ms_student_b128, latency_threads, …
+    teacher_acc: float | None
+    student_acc: float | None
+    student_source: str  # which run or arm the student figures are from
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float]) -> Table:
+    """Teacher and student side by side, each "reported" (the paper) and "measured" (this study).
+
+    Size is the fp32 weights (4 bytes a parameter). The paper gives latency "per batch" on an RTX 3090
+    without the batch size, so its figures get a row of their own rather than one of ours.
+    """
+    m = measured.metrics
+
+    def both(quantity, teacher_reported, teacher, student_reported, student):
+        return {
+            "quantity": quantity,
+            "teacher reported": teacher_reported,
+            "teacher measured": teacher,
+            "student reported": student_reported,
+            "student measured": student,
+            "teacher/student reported": _ratio(teacher_reported, student_reported),
+            "teacher/student measured": _ratio(teacher, student),
+        }
+
+    params = (m.get("teacher_params"), m.get("student_params"))
+    paper_params = (reported.get(("teacher", "params")), reported.get(("student", "params")))
+    records = [
+        {
+            "quantity": "dataset",
+            "teacher reported": "CIFAR-10",
+            "teacher measured": measured.dataset,
+            "student reported": "CIFAR-10",
+            "student measured": measured.dataset,
+        },
+        {
+            "quantity": "hardware",
+            "teacher reported": "NVIDIA RTX 3090",
+            "teacher measured": measured.device,
+            "student reported": "NVIDIA RTX 3090",
+            "student measured": measured.device,
+        },
+        both("parameters", paper_params[0], params[0], paper_params[1], params[1]),
+        both("FLOPs per image", None, m.get("teacher_flops"), None, m.get("student_flops")),
+        both("size, fp32 weights (MB)", None, _megabytes(params[0]), None, _megabytes(params[1])),
+    ]
+    for batch in sorted(int(key.rsplit("_b", 1)[1]) for key in m if key.startswith("latency_ms_teacher_b")):
+        records.append(
+            both(
+                f"latency, batch {batch} (ms)",
+                None,
+                m.get(f"latency_ms_teacher_b{batch}"),
+                None,
+                m.get(f"latency_ms_student_b{batch}"),
+            )
+        )
+    records.append(
+        both(
+            "latency per batch, batch size not stated (ms)",
+            reported.get(("teacher", "latency_per_batch")),
+            None,
+            reported.get(("student", "latency_per_batch")),
+            None,
+        )
+    )
+    records.append(
+        both(
+            "test accuracy (%)",
+            reported.get(("teacher", "test_accuracy")),
+            measured.teacher_acc,
+            reported.get(("student", "test_accuracy")),
+            measured.student_acc,
+        )
+    )
+    frame = pd.DataFrame.from_records(records)
+    frame["teacher/student reported"] = frame["teacher/student reported"].where(
+        frame["quantity"] != "test accuracy (%)"
+    )
+    frame["teacher/student measured"] = frame["teacher/student measured"].where(
+        frame["quantity"] != "test accuracy (%)"
+    )
+    threads = m.get("latency_threads")
+    notes = [
+        f"measured: {measured.dataset}; student = {measured.student_source}. Latency: fp32, eval mode, median of "
+        f"timed repeats after warm-up on {measured.device}" + (f", {int(threads)} threads." if threads else "."),
+        "reported: the paper (CIFAR-10, NVIDIA RTX 3090; Table 4 gives latency per batch without the batch size, "
+        "and the KD & IG student's test accuracy from Table 3).",
+        "teacher/student: the compression factor for parameters, the speed-up for latency.",
+    ]
+    formats = {"teacher/student reported": ".2f", "teacher/student measured": ".2f"}
+    row_formats = {"parameters": ",.0f", "FLOPs per image": ",.0f", "size, fp32 weights (MB)": ".3f"}
+    row_formats |= {record["quantity"]: ".3f" for record in records if record["quantity"].startswith("latency")}
+    row_formats["test accuracy (%)"] = ACCURACY
+    title = f"Deployment: teacher vs student ({measured.dataset})"
+    frame = frame.astype(object).where(frame.notna(), None)
+    return Table("deployment", title, frame, formats, notes, row_formats)
+
+
+def _megabytes(parameters: float | None) -> float | None:
+    return None if parameters is None else parameters * 4 / 1e6
