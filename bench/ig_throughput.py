@@ -18,13 +18,14 @@ CIFAR-10 (JPEG q75 copy) training split (val_size 5000), in index order:
 Per setting: images/s, speed-up vs the reference, relative completeness error
 |sum(IG) - (F(x) - F(x'))| / |F(x) - F(x')| (mean, median), and map agreement: the Pearson
 correlation of each image's 32x32 map (sum over channels of |IG|; kdsearch maps are float16 as
-``ig_maps`` stores them) with its high-accuracy map (mean, min). Target: >= 8x the reference's images/s
-with mean agreement >= 0.99. Each setting gets one untimed warm-up call on ``--warmup-images`` images
-first. Before each timing the script waits (up to
-``--max-wait`` s) until other processes use < 0.3 cores, and it reports the cores they used during the
-timing (``others``); a timing during which they used >= 0.3 cores is retaken (``--retries``) and the
-fastest attempt is kept. Every row except the high-accuracy one is timed ``--repeats`` times (default 2)
-and its fastest timing kept, which gives the reference its best showing too. The last line is JSON.
+``ig_maps`` stores them) with its high-accuracy map (mean, min). Target: >= 8x the reference's
+images/s with mean agreement >= 0.99.
+
+Timing: each setting gets one untimed warm-up call on ``--warmup-images`` images. Before each timing
+the script waits (up to ``--max-wait`` s) until other processes use < 0.3 cores, and it reports the
+cores they used during the timing (``others``); a timing during which they used more is retaken
+(``--retries``). Every row except the high-accuracy one is timed ``--repeats`` times (default 2) and
+its fastest timing kept, which gives the reference its best showing too. The last line is JSON.
 """
 
 from __future__ import annotations
