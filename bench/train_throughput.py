@@ -56,8 +56,9 @@ import kdsearch.train
 from kdsearch.attribution import ig_maps
 from kdsearch.config import IGConfig, KDConfig, ModelConfig, OptimConfig, OverlayConfig, TrainConfig
 from kdsearch.data import Splits, load_splits
+from kdsearch.device import resolve_precision
 from kdsearch.models import build_model, count_parameters, load_model
-from kdsearch.train import resolve_precision, train
+from kdsearch.train import train
 
 ALPHA, TEMPERATURE, P = 0.01, 2.5, 0.1
 BATCH, LR = 64, 1e-3

@@ -27,7 +27,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from kdsearch.attribution import BASELINES, ig_cache_fields, integrated_gradients
+from kdsearch.attribution import BASELINES, ig_cache_fields, integrated_gradients, resolve_ig_precision
 from kdsearch.config import IGConfig, TrainConfig, replace
 from kdsearch.data import Splits
 from kdsearch.errors import ConfigError
@@ -83,6 +83,11 @@ ARMS: dict[str, Callable[[TrainConfig, AblationSpec], TrainConfig]] = {
 COMPARISONS = (("kd_ig", "kd"), ("kd_ig", "ig_shuffled"))
 
 
+# The ablation space's lists that a resume may extend, and the study-file keys that set them.
+GROWING_MEMBERS = {"arms": ("arms", "extra_arms"), "seeds": ("seeds",)}
+SEED_RANGE = (0, 2**31 - 1)  # a fixed distribution: Optuna rejects categorical choices that change
+
+
 def seeds(spec: StudySpec) -> list[int]:
     return [spec.train.seed + index for index in range(spec.ablation.seeds)]
 
@@ -92,12 +97,14 @@ def arm_config(spec: StudySpec, arm: str, seed: int) -> TrainConfig:
 
 
 def ablation_space(spec: StudySpec) -> dict[str, Any]:
-    return json.loads(json.dumps({**vars(spec.ablation), "arms": list(spec.ablation.all_arms), "seeds": seeds(spec)}))
+    space = {**vars(spec.ablation), "arms": list(spec.ablation.all_arms), "seeds": seeds(spec)}
+    del space["extra_arms"]  # folded into arms
+    return json.loads(json.dumps(space))
 
 
-def ablation_points(spec: StudySpec) -> list[dict[str, Any]]:
+def ablation_points(space: dict[str, Any]) -> list[dict[str, Any]]:
     # Seed-major, so a partly done ablation has every arm of its first seeds (complete pairs).
-    return [{"arm": arm, "seed": seed} for seed in seeds(spec) for arm in spec.ablation.all_arms]
+    return [{"arm": arm, "seed": seed} for seed in space["seeds"] for arm in space["arms"]]
 
 
 def validate_ablation(spec: StudySpec) -> None:
@@ -113,14 +120,26 @@ def validate_ablation(spec: StudySpec) -> None:
 def open_ablation(
     spec: StudySpec, storage_url: str, heartbeat: HeartbeatConfig, study_name: str | None = None
 ) -> StudyHandle:
-    """Create or resume the ablation study and queue every arm × seed run that has no live trial."""
+    """Create or resume the ablation study and queue every arm × seed run that has no live trial.
+
+    Resuming with more seeds or arms grows the ablation: runs already finished are kept.
+    """
     # kdsearch.study runs this module's objective for the ablation kind: import it back lazily.
     from kdsearch.study import enqueue_missing, open_study
 
     validate_ablation(spec)
-    points = ablation_points(spec)
-    handle = open_study(spec, "ablation", ablation_space(spec), len(points), storage_url, heartbeat, study_name)
-    enqueue_missing(handle, points)
+    space = ablation_space(spec)
+    handle = open_study(
+        spec,
+        "ablation",
+        space,
+        len(ablation_points(space)),
+        storage_url,
+        heartbeat,
+        study_name,
+        members=GROWING_MEMBERS,
+    )
+    enqueue_missing(handle, ablation_points(handle.space))
     return handle
 
 
@@ -135,8 +154,10 @@ def ablation_objective(handle: StudyHandle, runner: TrialRunner) -> Callable[[op
         )
 
     def objective(trial: optuna.Trial) -> float:
-        arm = trial.suggest_categorical("arm", list(spec.ablation.all_arms))
-        seed = trial.suggest_categorical("seed", seeds(spec))
+        # Every arm kdsearch knows and a fixed seed range, so trials queued after the ablation grew
+        # share one distribution with the earlier ones.
+        arm = trial.suggest_categorical("arm", list(ARMS))
+        seed = trial.suggest_int("seed", *SEED_RANGE)
         result = runner.train(
             trial,
             arm_config(spec, arm, seed),
@@ -217,6 +238,7 @@ class AgreementProbe:
     def build(
         cls, teacher: CifarClassifier, splits: Splits, config: IGConfig, count: int, cache_dir: str | Path
     ) -> AgreementProbe:
+        config = resolve_ig_precision(config, next(teacher.parameters()).device)
         index = agreement_index(len(splits.test_labels), count)
         images, labels = splits.test_images[index], splits.test_labels[index]
 

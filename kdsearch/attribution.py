@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdsearch.config import IGConfig, to_dict
+from kdsearch.config import IGConfig, replace, to_dict
 from kdsearch.data import Splits
+from kdsearch.device import native_bf16
 from kdsearch.models import CifarClassifier, fold_batchnorm, weights_hash
 from kdsearch.store import Artifact, ArtifactStore
 
@@ -54,6 +55,13 @@ BASELINES: dict[str, Callable[[CifarClassifier, Splits], torch.Tensor]] = {
 }
 
 
+def resolve_ig_precision(config: IGConfig, device: torch.device) -> IGConfig:
+    """``precision: auto`` made concrete for ``device``, so cache keys and metadata say what was computed."""
+    if config.precision != "auto":
+        return config
+    return replace(config, precision="bf16" if native_bf16(device) else "fp32")
+
+
 def integrated_gradients(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, baseline: torch.Tensor, config: IGConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +73,7 @@ def integrated_gradients(
     from captum.attr import IntegratedGradients
 
     device = images.device
+    config = resolve_ig_precision(config, device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
     )
@@ -106,6 +115,7 @@ def ig_maps(
     """
     from tqdm import tqdm
 
+    config = resolve_ig_precision(config, device)
     fields = ig_cache_fields(teacher, splits, config)  # keyed by the teacher's own weights
     baseline = BASELINES[config.baseline](teacher, splits)
     # Folded BatchNorm, no parameter gradients (IG needs input gradients only), channels_last.

@@ -188,8 +188,9 @@ def teacher_eval_command(
     """Test accuracy (fp32) of a checkpoint, with its parameter count, FLOPs and size."""
     from kdsearch.config import ModelConfig
     from kdsearch.data import load_splits
+    from kdsearch.device import resolve_device
     from kdsearch.models import count_flops, count_parameters, load_model, read_checkpoint, size_on_disk_bytes
-    from kdsearch.train import accuracy, resolve_device
+    from kdsearch.train import accuracy
 
     splits = load_splits(data_config(dataset, data_dir, data_label, 0, None, 0), cache_dir)
     _, stored = read_checkpoint(checkpoint)
@@ -250,7 +251,7 @@ def ig_compute_command(
     Resumable: an interrupted run continues from its last finished chunk. Concurrent runs compute once.
     """
     from kdsearch.attribution import ig_maps
-    from kdsearch.train import resolve_device
+    from kdsearch.device import resolve_device
 
     settings = ig_config(ig_steps, ig_method, ig_baseline, ig_precision)
     teacher, splits = _ig_inputs(
@@ -288,7 +289,7 @@ def ig_show_command(
     from torchvision.io import write_png
 
     from kdsearch.attribution import ig_maps, ig_panel
-    from kdsearch.train import resolve_device
+    from kdsearch.device import resolve_device
 
     if out.suffix.lower() != ".png":
         raise KdsearchError(f"--out must end in .png but got {out}")

@@ -7,7 +7,12 @@ anything is written: a bad flag leaves no studies.db and no mlruns/ behind.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -73,35 +78,80 @@ Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Progre
 MaxTrials = Annotated[int | None, typer.Option("--max-trials", help="Stop this process after N trials.")]
 
 
-def _overrides(
-    sets: list[str] | None,
-    *,
-    teacher_checkpoint: str | None = None,
-    epochs: int | None = None,
-    train_subset: int | None = None,
-    data_dir: str | None = None,
-    device: str | None = None,
-    precision: str | None = None,
-    cache_dir: str | None = None,
-) -> dict[str, Any]:
-    from kdsearch.studyfile import parse_value
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of every command that runs trials (grid, tpe, ablate): where, and how each trial trains."""
 
-    flags = {
-        "teacher": {"checkpoint": teacher_checkpoint} if teacher_checkpoint is not None else None,
-        "train.epochs": epochs,
-        "train.data.train_subset": train_subset,
-        "train.data.data_dir": data_dir,
-        "train.device": device,
-        "train.precision": precision,
-        "train.cache_dir": cache_dir,
+    storage: Storage = None
+    study_name: StudyName = None
+    workdir: Workdir = Path(".")
+    tracking_uri: TrackingUri = None
+    experiment: Experiment = None
+    sets: Sets = None
+    teacher_checkpoint: TeacherCheckpoint = None
+    epochs: Epochs = None
+    train_subset: TrainSubset = None
+    data_dir: DataDir = None
+    device: Device = None
+    precision: Precision = None
+    cache_dir: CacheDir = None
+    heartbeat_interval: HeartbeatInterval = 30
+    grace_period: GracePeriod = 120
+    progress: Progress = True
+
+    def overrides(self) -> dict[str, Any]:
+        """Study-file overrides from the flags, then from each --set."""
+        from kdsearch.studyfile import parse_value
+
+        flags = {
+            "teacher": {"checkpoint": self.teacher_checkpoint} if self.teacher_checkpoint is not None else None,
+            "train.epochs": self.epochs,
+            "train.data.train_subset": self.train_subset,
+            "train.data.data_dir": self.data_dir,
+            "train.device": self.device,
+            "train.precision": self.precision,
+            "train.cache_dir": self.cache_dir,
+        }
+        overrides = {key: value for key, value in flags.items() if value is not None}
+        for item in self.sets or []:
+            key, separator, value = item.partition("=")
+            if not separator or not key:
+                raise ConfigError(f"--set takes KEY=VALUE but got {item!r}")
+            overrides[key.strip()] = parse_value(value)
+        return overrides
+
+    def setup(self):
+        return _setup(self.workdir, self.storage, self.tracking_uri, self.heartbeat_interval, self.grace_period)
+
+
+def with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` (whose last parameter is ``run: RunOptions``) every RunOptions field as a CLI option.
+
+    Typer reads a command's signature, so the shared options are written once here instead of being
+    repeated in every command's parameter list.
+    """
+    signature = inspect.signature(command)
+    # Resolved annotations (this module postpones them), with their typer.Option metadata.
+    hints = {
+        **typing.get_type_hints(command, include_extras=True),
+        **typing.get_type_hints(RunOptions, include_extras=True),
     }
-    overrides = {key: value for key, value in flags.items() if value is not None}
-    for item in sets or []:
-        key, separator, value = item.partition("=")
-        if not separator or not key:
-            raise ConfigError(f"--set takes KEY=VALUE but got {item!r}")
-        overrides[key.strip()] = parse_value(value)
-    return overrides
+    own = [
+        parameter.replace(annotation=hints[name]) for name, parameter in signature.parameters.items() if name != "run"
+    ]
+    shared = [
+        inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=item.default, annotation=hints[item.name])
+        for item in fields(RunOptions)
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        run = RunOptions(**{item.name: kwargs.pop(item.name) for item in fields(RunOptions)})
+        command(**kwargs, run=run)
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)
+    wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in own + shared}
+    return wrapper
 
 
 def _spec(study_file: Path | None, overrides: dict[str, Any], section: str):
@@ -142,99 +192,55 @@ def _states(counts: dict[str, int]) -> str:
 
 
 @study_app.command("grid")
+@with_run_options
 def grid_command(
     study_file: StudyFile = None,
     t: Annotated[str | None, typer.Option("--t", help="Temperatures, comma-separated: 1,2.5,5.")] = None,
     alpha: Annotated[str | None, typer.Option("--alpha", help="KD weights in [0, 1], comma-separated.")] = None,
     p: Annotated[str | None, typer.Option("--p", help="IG overlay probabilities in [0, 1], comma-separated.")] = None,
-    storage: Storage = None,
-    study_name: StudyName = None,
-    workdir: Workdir = Path("."),
-    tracking_uri: TrackingUri = None,
-    experiment: Experiment = None,
-    sets: Sets = None,
-    teacher_checkpoint: TeacherCheckpoint = None,
-    epochs: Epochs = None,
-    train_subset: TrainSubset = None,
-    data_dir: DataDir = None,
-    device: Device = None,
-    precision: Precision = None,
-    cache_dir: CacheDir = None,
-    heartbeat_interval: HeartbeatInterval = 30,
-    grace_period: GracePeriod = 120,
     max_trials: MaxTrials = None,
-    progress: Progress = True,
+    *,
+    run: RunOptions,
 ) -> None:
     """Evaluate every point of the grid T × alpha × p once (resumes: completed points are not re-run)."""
     from kdsearch.study import describe_progress, open_grid, run_study
     from kdsearch.studyfile import parse_number_list
 
-    overrides = _overrides(
-        sets,
-        teacher_checkpoint=teacher_checkpoint,
-        epochs=epochs,
-        train_subset=train_subset,
-        data_dir=data_dir,
-        device=device,
-        precision=precision,
-        cache_dir=cache_dir,
-    )
+    overrides = run.overrides()
     for flag, name, text in (("--t", "t", t), ("--alpha", "alpha", alpha), ("--p", "p", p)):
         if text is not None:
             overrides[f"grid.{name}"] = parse_number_list(flag, text)
     spec = _spec(study_file, overrides, "grid")
-    storage_url, tracker, heartbeat = _setup(workdir, storage, tracking_uri, heartbeat_interval, grace_period)
-    handle = open_grid(spec, storage_url, heartbeat, study_name)
+    storage_url, tracker, heartbeat = run.setup()
+    handle = open_grid(spec, storage_url, heartbeat, run.study_name)
     typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
-    _report(run_study(handle, tracker, experiment, progress, max_trials))
+    _report(run_study(handle, tracker, run.experiment, run.progress, max_trials))
 
 
 @study_app.command("tpe")
+@with_run_options
 def tpe_command(
     study_file: StudyFile = None,
     trials: Annotated[int | None, typer.Option("--trials", help="Trials in total (tpe.trials).")] = None,
     pruner: Annotated[str | None, typer.Option("--pruner", help="median | hyperband | none (tpe.pruner).")] = None,
-    storage: Storage = None,
-    study_name: StudyName = None,
-    workdir: Workdir = Path("."),
-    tracking_uri: TrackingUri = None,
-    experiment: Experiment = None,
-    sets: Sets = None,
-    teacher_checkpoint: TeacherCheckpoint = None,
-    epochs: Epochs = None,
-    train_subset: TrainSubset = None,
-    data_dir: DataDir = None,
-    device: Device = None,
-    precision: Precision = None,
-    cache_dir: CacheDir = None,
-    heartbeat_interval: HeartbeatInterval = 30,
-    grace_period: GracePeriod = 120,
     max_trials: MaxTrials = None,
-    progress: Progress = True,
+    *,
+    run: RunOptions,
 ) -> None:
     """TPE over the study file's ranges of T, alpha, p (and optionally lr, student depth), pruning on
     per-epoch validation accuracy. Resumes up to --trials in total."""
     from kdsearch.study import describe_progress, open_tpe, run_study
 
-    overrides = _overrides(
-        sets,
-        teacher_checkpoint=teacher_checkpoint,
-        epochs=epochs,
-        train_subset=train_subset,
-        data_dir=data_dir,
-        device=device,
-        precision=precision,
-        cache_dir=cache_dir,
-    )
+    overrides = run.overrides()
     if trials is not None:
         overrides["tpe.trials"] = trials
     if pruner is not None:
         overrides["tpe.pruner"] = pruner
     spec = _spec(study_file, overrides, "tpe")
-    storage_url, tracker, heartbeat = _setup(workdir, storage, tracking_uri, heartbeat_interval, grace_period)
-    handle = open_tpe(spec, storage_url, heartbeat, study_name)
+    storage_url, tracker, heartbeat = run.setup()
+    handle = open_tpe(spec, storage_url, heartbeat, run.study_name)
     typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
-    _report(run_study(handle, tracker, experiment, progress, max_trials))
+    _report(run_study(handle, tracker, run.experiment, run.progress, max_trials))
 
 
 @study_app.command("worker")
@@ -263,11 +269,19 @@ def worker_command(
     """
     from kdsearch.study import describe_progress, join_study, run_study
 
-    overrides = _overrides(
-        None, teacher_checkpoint=teacher_checkpoint, data_dir=data_dir, device=device, cache_dir=cache_dir
+    run = RunOptions(
+        storage=storage,
+        workdir=workdir,
+        tracking_uri=tracking_uri,
+        teacher_checkpoint=teacher_checkpoint,
+        data_dir=data_dir,
+        device=device,
+        cache_dir=cache_dir,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
     )
-    storage_url, tracker, heartbeat = _setup(workdir, storage, tracking_uri, heartbeat_interval, grace_period)
-    handle = join_study(study_name, storage_url, heartbeat, overrides, wait_s=wait)
+    storage_url, tracker, heartbeat = run.setup()
+    handle = join_study(study_name, storage_url, heartbeat, run.overrides(), wait_s=wait)
     typer.echo(f"joined {handle.kind} study {handle.name}: {describe_progress(handle)}")
     _report(run_study(handle, tracker, experiment, progress, max_trials))
 
@@ -311,6 +325,7 @@ def best_command(
     typer.echo(json.dumps(describe_trial(best), indent=2, default=str))
 
 
+@with_run_options
 def ablate_command(
     study_file: StudyFile = None,
     seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds per arm (ablation.seeds).")] = None,
@@ -327,42 +342,20 @@ def ablate_command(
     agreement_images: Annotated[
         int | None, typer.Option("--agreement-images", help="Test images for explanation agreement (0: skip).")
     ] = None,
-    storage: Storage = None,
-    study_name: StudyName = None,
-    workdir: Workdir = Path("."),
-    tracking_uri: TrackingUri = None,
-    experiment: Experiment = None,
-    sets: Sets = None,
-    teacher_checkpoint: TeacherCheckpoint = None,
-    epochs: Epochs = None,
-    train_subset: TrainSubset = None,
-    data_dir: DataDir = None,
-    device: Device = None,
-    precision: Precision = None,
-    cache_dir: CacheDir = None,
-    heartbeat_interval: HeartbeatInterval = 30,
-    grace_period: GracePeriod = 120,
-    progress: Progress = True,
+    *,
+    run: RunOptions,
 ) -> None:
     """Train every arm × seed with the same teacher, cache, data and budget; print the paper's Table 3
-    with paired tests and the students' explanation agreement with the teacher. Resumes."""
+    with paired tests and the students' explanation agreement with the teacher. Resumes, and a later
+    run with more --seeds or arms adds them to the same ablation."""
     from kdsearch.ablation import ablation_table, log_table, open_ablation
     from kdsearch.study import best_trial, default_storage, describe_progress, find_study, run_study
 
-    overrides = _overrides(
-        sets,
-        teacher_checkpoint=teacher_checkpoint,
-        epochs=epochs,
-        train_subset=train_subset,
-        data_dir=data_dir,
-        device=device,
-        precision=precision,
-        cache_dir=cache_dir,
-    )
+    overrides = run.overrides()
     if from_study is not None and (t, alpha, p) != (None, None, None):
         raise ConfigError("give either --from-study or --t/--alpha/--p, not both")
     if from_study is not None:
-        best = best_trial(find_study(storage or default_storage(workdir), from_study))
+        best = best_trial(find_study(run.storage or default_storage(run.workdir), from_study))
         if best is None:
             raise ConfigError(f"study {from_study} has no completed trial to take T, alpha and p from")
         t, alpha, p = (best.params.get(name) for name in ("t", "alpha", "p"))
@@ -379,10 +372,10 @@ def ablate_command(
         if text is not None:
             overrides[f"ablation.{name}"] = [item.strip() for item in text.split(",") if item.strip()]
     spec = _spec(study_file, overrides, "ablation")
-    storage_url, tracker, heartbeat = _setup(workdir, storage, tracking_uri, heartbeat_interval, grace_period)
-    handle = open_ablation(spec, storage_url, heartbeat, study_name)
+    storage_url, tracker, heartbeat = run.setup()
+    handle = open_ablation(spec, storage_url, heartbeat, run.study_name)
     typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
-    summary = run_study(handle, tracker, experiment, progress)
+    summary = run_study(handle, tracker, run.experiment, run.progress)
     table = ablation_table(handle.study)
     if summary.parent_run is not None:
         log_table(tracker, summary.parent_run, table)

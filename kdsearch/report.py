@@ -28,6 +28,7 @@ import torch
 from optuna.trial import TrialState
 
 from kdsearch import figures, tables
+from kdsearch.config import replace
 from kdsearch.errors import ConfigError, KdsearchError
 from kdsearch.figures import Figure, Line
 from kdsearch.tables import Deployment, Table
@@ -275,7 +276,11 @@ def ig_examples(
     present = [c for c in range(splits.num_classes) if bool((splits.train_labels == c).any())]
     index = torch.stack([(splits.train_labels == c).nonzero()[0, 0] for c in present])
     images, labels = splits.train_images[index], splits.train_labels[index]
-    cache = ArtifactStore(train.cache_dir).load("ig", ig_cache_fields(teacher, splits, train.ig))
+    # precision "auto" resolves per machine: the workers' cache may be either precision.
+    precisions = ("bf16", "fp32") if train.ig.precision == "auto" else (train.ig.precision,)
+    store = ArtifactStore(train.cache_dir)
+    caches = (store.load("ig", ig_cache_fields(teacher, splits, replace(train.ig, precision=p))) for p in precisions)
+    cache = next((found for found in caches if found is not None), None)
     if cache is not None:
         maps, how = cache.tensors["maps"][index].float(), f"maps from the IG cache {cache.path.name}"
     else:

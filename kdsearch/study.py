@@ -42,6 +42,7 @@ from optuna.trial import TrialState
 from kdsearch.attribution import ig_maps
 from kdsearch.config import TrainConfig, flatten, replace, to_dict
 from kdsearch.data import Splits, load_splits
+from kdsearch.device import resolve_device
 from kdsearch.errors import ConfigError, KdsearchError
 from kdsearch.latency import LatencyConfig, measure_latency
 from kdsearch.models import (
@@ -68,7 +69,6 @@ from kdsearch.train import (
     accuracy,
     cached_teacher_logits,
     load_teacher,
-    resolve_device,
     train,
 )
 
@@ -218,11 +218,22 @@ def point_key(trial: optuna.trial.FrozenTrial) -> str:
     return json.dumps(trial.system_attrs.get("fixed_params") or trial.params, sort_keys=True)
 
 
-def study_identity(spec: StudySpec, kind: str, space: dict[str, Any]) -> str:
-    """Hash of what the trials compute: the spec without machine-local settings, and the space."""
+def study_identity(
+    spec: StudySpec, kind: str, space: dict[str, Any], members: dict[str, tuple[str, ...]] | None = None
+) -> str:
+    """Hash of what the trials compute: the spec without machine-local settings, and the space.
+
+    ``members`` maps space keys whose lists may grow on resume to the spec keys (in the ``kind``
+    section) that set them; both are left out, so adding members keeps the study.
+    """
     source = json.loads(json.dumps(spec.source, default=str))
     for key in ("cache_dir", "device"):
         source.get("train", {}).pop(key, None)
+    space = dict(space)
+    for space_key, spec_keys in (members or {}).items():
+        space.pop(space_key, None)
+        for spec_key in spec_keys:
+            source.get(kind, {}).pop(spec_key, None)
     return content_key({"kind": kind, "spec": source, "space": space})
 
 
@@ -236,14 +247,17 @@ def open_study(
     study_name: str | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
+    members: dict[str, tuple[str, ...]] | None = None,
 ) -> StudyHandle:
     """Create the study, or load it when the same spec and space made it before (a resume).
 
     Checks the storage first, so a bad URL creates nothing. A name that exists with another spec or
-    space is an error rather than a silent mix of two experiments.
+    space is an error rather than a silent mix of two experiments. The lists of the space named in
+    ``members`` (an ablation's arms and seeds) may differ: the study keeps the union of old and new
+    members, so finished runs are kept and only new ones are added.
     """
     check_database(storage_url)
-    identity = study_identity(spec, kind, space)
+    identity = study_identity(spec, kind, space, members)
     name = study_name or f"{spec.name}-{kind}-{identity[:8]}"
     storage = open_storage(storage_url, heartbeat)
     study = optuna.create_study(
@@ -255,14 +269,20 @@ def open_study(
         pruner=pruner,
     )
     stored = study.user_attrs.get(ATTR)
-    if stored is None:
-        study.set_user_attr(
-            ATTR, {"kind": kind, "identity": identity, "spec": spec.source, "space": space, "total": total}
-        )
-    elif stored["identity"] != identity:
+    if stored is not None and stored["identity"] != identity:
         raise StudyError(
             f"study {name} already exists with a different {'spec or space' if stored['kind'] == kind else 'kind'}"
             f" ({stored['kind']}); pick another --study-name"
+        )
+    if stored is not None and members:
+        space = {**space}
+        total = 1
+        for key in members:
+            space[key] = stored["space"][key] + [item for item in space[key] if item not in stored["space"][key]]
+            total *= len(space[key])
+    if stored is None or stored["space"] != space:
+        study.set_user_attr(
+            ATTR, {"kind": kind, "identity": identity, "spec": spec.source, "space": space, "total": total}
         )
     return StudyHandle(study, storage, spec, kind, space, total, heartbeat)
 

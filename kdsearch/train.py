@@ -14,7 +14,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from kdsearch.config import (
     to_dict,
 )
 from kdsearch.data import Splits, load_splits
+from kdsearch.device import autocast_context, resolve_device, resolve_precision
 from kdsearch.errors import CheckpointError
 from kdsearch.losses import kd_loss
 from kdsearch.models import (
@@ -65,31 +65,6 @@ class TrainResult:
     model: CifarClassifier | None = None
     teacher_hash: str | None = None
     ig_cache_key: str | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("device cuda was asked for but CUDA is not available")
-    return device
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. auto: bf16 where the hardware runs it natively."""
-    if name == "fp32":
-        return None
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # bf16 autocast is measured faster than fp32 only on CPUs with native bf16 (AVX512-BF16/AMX).
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @torch.no_grad()

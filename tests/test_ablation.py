@@ -182,3 +182,30 @@ def test_ablate_from_a_study_takes_its_best_point(tmp_path, mlflow_uri, shared_c
     assert "T=3.0, alpha=0.2, p=0.4" in capsys.readouterr().out
     assert main([*ablate, "--from-study", "g", "--t", "2", *common]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_ablation_grows_with_more_seeds_and_arms_and_keeps_finished_runs(tmp_path, mlflow_uri, shared_cache, capsys):
+    from mlflow import MlflowClient
+
+    common = ["--study", str(SMOKE), "--agreement-images", "0", "--storage", f"sqlite:///{tmp_path}/studies.db"]
+    common += ["--tracking-uri", mlflow_uri, "--set", "latency.repeats=1", "--no-progress", "--study-name", "grow"]
+    assert main(["ablate", "--seeds", "1", "--arms", "baseline", *common]) == 0
+    assert "0 of 1 arm × seed runs already complete; 1 to run" in capsys.readouterr().out
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("smoke")
+    [first] = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "baseline-seed0"]
+
+    assert main(["ablate", "--seeds", "2", "--arms", "baseline,kd", *common]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 4 arm × seed runs already complete; 3 to run" in out
+    assert any(line.startswith("kd ") and " 2 " in line for line in out.splitlines())
+    runs = client.search_runs([experiment.experiment_id])
+    names = sorted(r.info.run_name for r in runs if r.data.tags.get("kdsearch.role") != "parent")
+    assert names == ["baseline-seed0", "baseline-seed1", "kd-seed0", "kd-seed1"]
+    assert first.info.run_id in {r.info.run_id for r in runs}
+
+    # Asking for fewer members later keeps the union; changing what a run computes is still refused.
+    assert main(["ablate", "--seeds", "1", "--arms", "baseline", *common]) == 0
+    assert "4 of 4 arm × seed runs already complete; nothing to run" in capsys.readouterr().out
+    assert main(["ablate", "--seeds", "1", "--arms", "baseline", "--t", "3", *common]) == 2
+    assert "already exists with a different spec or space" in capsys.readouterr().err

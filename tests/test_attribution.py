@@ -3,7 +3,14 @@ import json
 import pytest
 import torch
 
-from kdsearch.attribution import BASELINES, CHUNK_IMAGES, ig_maps, ig_panel, integrated_gradients
+from kdsearch.attribution import (
+    BASELINES,
+    CHUNK_IMAGES,
+    ig_maps,
+    ig_panel,
+    integrated_gradients,
+    resolve_ig_precision,
+)
 from kdsearch.config import IGConfig, ModelConfig
 from kdsearch.data import load_splits
 from kdsearch.models import build_model, load_model
@@ -19,7 +26,8 @@ def test_ig_is_complete_on_a_tiny_model():
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="tiny_cnn")).eval()
     images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    _, errors = integrated_gradients(model, images, labels, torch.zeros(1, 3, 1, 1), IGConfig(n_steps=256))
+    exact = IGConfig(n_steps=256, method="gausslegendre", precision="fp32")  # bf16 rounding is not the path integral
+    _, errors = integrated_gradients(model, images, labels, torch.zeros(1, 3, 1, 1), exact)
     assert errors.max() < 0.01  # sum of attributions = F(x) - F(baseline), to within 1 %
 
 
@@ -30,7 +38,9 @@ def test_more_steps_reduce_the_completeness_error():
     coarse = integrated_gradients(
         model, images, labels, torch.zeros(1, 3, 1, 1), IGConfig(n_steps=2, method="riemann_right")
     )[1]
-    fine = integrated_gradients(model, images, labels, torch.zeros(1, 3, 1, 1), IGConfig(n_steps=256))[1]
+    fine = integrated_gradients(
+        model, images, labels, torch.zeros(1, 3, 1, 1), IGConfig(n_steps=256, precision="fp32")
+    )[1]
     assert fine.mean() < coarse.mean()
 
 
@@ -46,7 +56,8 @@ def test_baselines_differ_as_documented(tiny_teacher_checkpoint, tmp_path):
 def test_cached_map_i_is_the_ig_of_training_image_i(tiny_teacher_checkpoint, tmp_path):
     splits = load_splits(SYNTHETIC, tmp_path)
     teacher = _teacher(tiny_teacher_checkpoint)
-    config = IGConfig(n_steps=8, images_per_call=7)  # calls that straddle batches
+    # Calls that straddle batches; fp32, so that the folded teacher's maps match the plain one's closely.
+    config = IGConfig(n_steps=8, images_per_call=7, precision="fp32")
     artifact = ig_maps(teacher, splits, config, tmp_path, torch.device("cpu"), progress=False)
     maps = artifact.tensors["maps"]
     assert maps.shape == (300, 32, 32) and maps.dtype == torch.float16
@@ -58,6 +69,18 @@ def test_cached_map_i_is_the_ig_of_training_image_i(tiny_teacher_checkpoint, tmp
         torch.testing.assert_close(maps[index].float(), expected[0], rtol=2e-3, atol=1e-4)
     meta = json.loads((artifact.path / "meta.json").read_text())
     assert meta["images"] == 300 and meta["completeness_relative_error"]["mean"] >= 0
+
+
+def test_auto_precision_is_resolved_before_the_cache_is_keyed(tiny_teacher_checkpoint, tmp_path, monkeypatch):
+    splits = load_splits(SYNTHETIC, tmp_path)
+    teacher = _teacher(tiny_teacher_checkpoint)
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr("kdsearch.attribution.native_bf16", lambda device, native=native: native)
+        assert resolve_ig_precision(IGConfig(), cpu).precision == expected
+        artifact = ig_maps(teacher, splits, IGConfig(n_steps=2), tmp_path / expected, cpu, progress=False)
+        assert json.loads((artifact.path / "meta.json").read_text())["settings"]["precision"] == expected
+    assert resolve_ig_precision(IGConfig(precision="fp32"), cpu).precision == "fp32"
 
 
 def test_second_request_loads_instead_of_computing(tiny_teacher_checkpoint, tmp_path, monkeypatch):

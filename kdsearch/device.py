@@ -1,0 +1,40 @@
+"""Where a run computes and in which precision: CUDA when present, bf16 where the hardware runs it natively."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from kdsearch.errors import CheckpointError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device cuda was asked for but CUDA is not available")
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # bf16 autocast is measured faster than fp32 only on CPUs with native bf16 (AVX512-BF16/AMX).
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. auto: bf16 where the hardware runs it natively."""
+    if name == "fp32":
+        return None
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if native_bf16(device) else torch.float16
+        return torch.bfloat16 if native_bf16(device) else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
