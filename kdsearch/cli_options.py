@@ -48,7 +48,9 @@ TeacherCheckpoint = Annotated[
 IGSteps = Annotated[int, typer.Option("--ig-steps", help="Integrated Gradients integration steps.")]
 IGMethod = Annotated[str, typer.Option("--ig-method", help="Captum approximation method (gausslegendre, riemann_*).")]
 IGBaseline = Annotated[str, typer.Option("--ig-baseline", help="IG baseline: black | mean | zeros_normalized.")]
-IGPrecision = Annotated[str, typer.Option("--ig-precision", help="fp32 | bf16 autocast for the IG passes.")]
+IGPrecision = Annotated[
+    str, typer.Option("--ig-precision", help="auto (bf16 where native, else fp32) | fp32 | bf16 for the IG passes.")
+]
 
 DEFAULT_CACHE_DIR = str(default_cache_dir())
 DEFAULT_DATA_DIR = default_data_dir()

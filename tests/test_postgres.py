@@ -10,6 +10,7 @@ import time
 import uuid
 
 import optuna
+import pandas as pd
 import pytest
 from fixtures_study import CLI, SMOKE
 from mlflow import MlflowClient
@@ -65,6 +66,19 @@ def test_two_workers_evaluate_every_grid_point_exactly_once(tmp_path, mlflow_uri
     assert len(points) == 6 and len(set(points)) == 6  # the whole 3 x 2 x 1 grid, each point once
     assert len(study.trials) == 6 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert {t.user_attrs["worker"].split(":")[-1] for t in study.trials} == {str(w.pid) for w in workers}
+
+    # The report needs only the two stores: run it from another directory, as on another machine.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    args = ["report", "--study", name, "--storage", URL, "--tracking-uri", mlflow_uri, "--out", "report"]
+    report = subprocess.run([*CLI, *args], cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr
+    table = pd.read_csv(elsewhere / "report" / "tables" / "trials.csv")
+    assert sorted(table["trial"]) == sorted(t.number for t in study.trials)
+    for trial in study.trials:
+        [row] = table[table["trial"] == trial.number].to_dict("records")
+        assert row["val acc (%)"] == pytest.approx(trial.value) and row["T"] == trial.params["t"]
+        assert row["test acc (%)"] == pytest.approx(trial.user_attrs["test_acc"])
 
 
 def test_a_worker_killed_mid_trial_leaves_every_point_completed(tmp_path, mlflow_uri, shared_cache):
