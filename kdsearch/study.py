@@ -51,6 +51,7 @@ from kdsearch.models import (
     count_flops,
     count_parameters,
     save_checkpoint,
+    size_on_disk_bytes,
     weights_hash,
 )
 from kdsearch.store import ArtifactStore, content_key
@@ -482,7 +483,11 @@ class Prepared:
         """Parameters, FLOPs and latency of a student architecture, measured once per architecture."""
         key = json.dumps(to_dict(config.student), sort_keys=True)
         if key not in self._student_costs:
-            costs = {"student_params": float(count_parameters(model)), "student_flops": float(count_flops(model))}
+            costs = {
+                "student_params": float(count_parameters(model)),
+                "student_flops": float(count_flops(model)),
+                "student_size_bytes": float(size_on_disk_bytes(model)),
+            }
             costs.update(measure_latency(model, self.device, self.latency, "latency_ms_student"))
             self._student_costs[key] = costs
         costs = dict(self._student_costs[key])
@@ -521,6 +526,7 @@ def prepare(spec: StudySpec, configs: list[TrainConfig], progress: bool = True) 
         # fp32, like `kdsearch teacher eval`: the teacher's accuracy should not depend on the autocast.
         "teacher_test_acc": accuracy(teacher, splits.test_images, splits.test_labels, 500, device, None),
         "teacher_params": float(count_parameters(teacher)),
+        "teacher_size_bytes": float(size_on_disk_bytes(teacher)),
         "teacher_flops": float(count_flops(teacher)),
         **measure_latency(teacher, device, spec.latency, "latency_ms_teacher"),
     }

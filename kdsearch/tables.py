@@ -240,7 +240,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float]) -> Table:
     """Teacher and student side by side, each "reported" (the paper) and "measured" (this study).
 
-    Size is the fp32 weights (4 bytes a parameter). The paper gives latency "per batch" on an RTX 3090
+    Size is the saved state dict's bytes, as measured by the study. The paper gives latency "per batch" on an RTX 3090
     without the batch size, so its figures get a row of their own rather than one of ours.
     """
     m = measured.metrics
@@ -275,7 +275,13 @@ def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float
         },
         both("parameters", paper_params[0], params[0], paper_params[1], params[1]),
         both("FLOPs per image", None, m.get("teacher_flops"), None, m.get("student_flops")),
-        both("size, fp32 weights (MB)", None, _megabytes(params[0]), None, _megabytes(params[1])),
+        both(
+            "size on disk, state dict (MB)",
+            None,
+            _megabytes(m.get("teacher_size_bytes")),
+            None,
+            _megabytes(m.get("student_size_bytes")),
+        ),
     ]
     for batch in sorted(int(key.rsplit("_b", 1)[1]) for key in m if key.startswith("latency_ms_teacher_b")):
         records.append(
@@ -321,7 +327,7 @@ def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float
         "teacher/student: the compression factor for parameters, the speed-up for latency.",
     ]
     formats = {"teacher/student reported": ".2f", "teacher/student measured": ".2f"}
-    row_formats = {"parameters": ",.0f", "FLOPs per image": ",.0f", "size, fp32 weights (MB)": ".3f"}
+    row_formats = {"parameters": ",.0f", "FLOPs per image": ",.0f", "size on disk, state dict (MB)": ".3f"}
     row_formats |= {record["quantity"]: ".3f" for record in records if record["quantity"].startswith("latency")}
     row_formats["test accuracy (%)"] = ACCURACY
     title = f"Deployment: teacher vs student ({measured.dataset})"
@@ -329,5 +335,5 @@ def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float
     return Table("deployment", title, frame, formats, notes, row_formats)
 
 
-def _megabytes(parameters: float | None) -> float | None:
-    return None if parameters is None else parameters * 4 / 1e6
+def _megabytes(size_bytes: float | None) -> float | None:
+    return None if size_bytes is None else size_bytes / 1e6

@@ -199,7 +199,7 @@ def test_deployment_table_numbers_are_mlflows(stores, grid_report):
     for who in ("teacher", "student"):
         assert_shows(rows["parameters"][f"{who} measured"], metrics[f"{who}_params"])
         assert_shows(rows["FLOPs per image"][f"{who} measured"], metrics[f"{who}_flops"])
-        assert_shows(rows["size, fp32 weights (MB)"][f"{who} measured"], metrics[f"{who}_params"] * 4 / 1e6)
+        assert_shows(rows["size on disk, state dict (MB)"][f"{who} measured"], metrics[f"{who}_size_bytes"] / 1e6)
         for batch in (1, 128):
             assert_shows(rows[f"latency, batch {batch} (ms)"][f"{who} measured"], metrics[f"latency_ms_{who}_b{batch}"])
     assert_shows(rows["parameters"]["teacher/student measured"], metrics["compression_factor"])

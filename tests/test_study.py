@@ -41,6 +41,8 @@ RUN_METRICS = {
     "compression_factor",
     "student_flops",
     "teacher_flops",
+    "student_size_bytes",
+    "teacher_size_bytes",
     "latency_ms_teacher_b1",
     "latency_ms_teacher_b128",
     "latency_ms_student_b1",
