@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -32,6 +33,7 @@ from kdsearch.cli_options import (
     ValSize,
     data_config,
     ig_config,
+    with_options,
 )
 from kdsearch.cli_report import register as register_report
 from kdsearch.cli_study import register
@@ -217,47 +219,52 @@ def teacher_eval_command(
     )
 
 
-def _ig_inputs(teacher_checkpoint, arch, dataset, data_dir, data_label, val_size, train_subset, split_seed, cache_dir):
-    from kdsearch.config import ModelConfig
-    from kdsearch.data import load_splits
-    from kdsearch.models import load_model
+@dataclass(frozen=True)
+class IGInputs:
+    """What the ``ig`` commands share: the teacher, the training split and the IG settings."""
 
-    if teacher_checkpoint is None:
-        raise KdsearchError("--teacher-checkpoint is required")
-    splits = load_splits(data_config(dataset, data_dir, data_label, val_size, train_subset, split_seed), cache_dir)
-    teacher, _ = load_model(teacher_checkpoint, ModelConfig(arch=arch, num_classes=splits.num_classes))
-    return teacher, splits
+    teacher_checkpoint: TeacherCheckpoint = None
+    arch: Annotated[str, typer.Option(help="Teacher architecture.")] = "mobilenetv2_cifar"
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto"
+    dataset: Dataset = "cifar10"
+    data_dir: DataDir = DEFAULT_DATA_DIR
+    data_label: DataLabel = None
+    val_size: ValSize = 5000
+    train_subset: TrainSubset = None
+    split_seed: SplitSeed = 0
+    ig_steps: IGSteps = DEFAULT_IG.n_steps
+    ig_method: IGMethod = DEFAULT_IG.method
+    ig_baseline: IGBaseline = DEFAULT_IG.baseline
+    ig_precision: IGPrecision = DEFAULT_IG.precision
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR
+
+    def maps(self):
+        """(teacher, splits, IG cache artifact): settings are validated before any data is loaded."""
+        from kdsearch.attribution import ig_maps
+        from kdsearch.config import ModelConfig
+        from kdsearch.data import load_splits
+        from kdsearch.device import resolve_device
+        from kdsearch.models import load_model
+
+        settings = ig_config(self.ig_steps, self.ig_method, self.ig_baseline, self.ig_precision)
+        if self.teacher_checkpoint is None:
+            raise KdsearchError("--teacher-checkpoint is required")
+        data = data_config(
+            self.dataset, self.data_dir, self.data_label, self.val_size, self.train_subset, self.split_seed
+        )
+        splits = load_splits(data, self.cache_dir)
+        teacher, _ = load_model(self.teacher_checkpoint, ModelConfig(arch=self.arch, num_classes=splits.num_classes))
+        return teacher, splits, ig_maps(teacher, splits, settings, self.cache_dir, resolve_device(self.device))
 
 
 @ig_app.command("compute")
-def ig_compute_command(
-    teacher_checkpoint: TeacherCheckpoint = None,
-    arch: Annotated[str, typer.Option(help="Teacher architecture.")] = "mobilenetv2_cifar",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
-    dataset: Dataset = "cifar10",
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    data_label: DataLabel = None,
-    val_size: ValSize = 5000,
-    train_subset: TrainSubset = None,
-    split_seed: SplitSeed = 0,
-    ig_steps: IGSteps = DEFAULT_IG.n_steps,
-    ig_method: IGMethod = DEFAULT_IG.method,
-    ig_baseline: IGBaseline = DEFAULT_IG.baseline,
-    ig_precision: IGPrecision = DEFAULT_IG.precision,
-    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
-) -> None:
+@with_options(IGInputs, "inputs")
+def ig_compute_command(*, inputs: IGInputs) -> None:
     """Compute (or find) the IG cache of the training split and print its location and statistics.
 
     Resumable: an interrupted run continues from its last finished chunk. Concurrent runs compute once.
     """
-    from kdsearch.attribution import ig_maps
-    from kdsearch.device import resolve_device
-
-    settings = ig_config(ig_steps, ig_method, ig_baseline, ig_precision)
-    teacher, splits = _ig_inputs(
-        teacher_checkpoint, arch, dataset, data_dir, data_label, val_size, train_subset, split_seed, cache_dir
-    )
-    artifact = ig_maps(teacher, splits, settings, cache_dir, resolve_device(device))
+    _, _, artifact = inputs.maps()
     _print_json(
         {
             "cache": artifact.path,
@@ -267,39 +274,25 @@ def ig_compute_command(
 
 
 @ig_app.command("show")
+@with_options(IGInputs, "inputs")
 def ig_show_command(
     index: Annotated[int, typer.Option(help="Position of the image in the training split.")],
     out: Annotated[Path, typer.Option(help="PNG to write: original | IG map | overlay.")],
-    teacher_checkpoint: TeacherCheckpoint = None,
-    arch: Annotated[str, typer.Option(help="Teacher architecture.")] = "mobilenetv2_cifar",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
-    dataset: Dataset = "cifar10",
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    data_label: DataLabel = None,
-    val_size: ValSize = 5000,
-    train_subset: TrainSubset = None,
-    split_seed: SplitSeed = 0,
-    ig_steps: IGSteps = DEFAULT_IG.n_steps,
-    ig_method: IGMethod = DEFAULT_IG.method,
-    ig_baseline: IGBaseline = DEFAULT_IG.baseline,
-    ig_precision: IGPrecision = DEFAULT_IG.precision,
-    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+    *,
+    inputs: IGInputs,
 ) -> None:
     """Write a PNG of one training image, its cached IG map and the overlay (computes the cache if needed)."""
     from torchvision.io import write_png
 
-    from kdsearch.attribution import ig_maps, ig_panel
-    from kdsearch.device import resolve_device
+    from kdsearch.attribution import ig_panel
 
     if out.suffix.lower() != ".png":
         raise KdsearchError(f"--out must end in .png but got {out}")
-    settings = ig_config(ig_steps, ig_method, ig_baseline, ig_precision)
-    teacher, splits = _ig_inputs(
-        teacher_checkpoint, arch, dataset, data_dir, data_label, val_size, train_subset, split_seed, cache_dir
-    )
-    if not 0 <= index < len(splits.train_labels):
+    if index < 0:
+        raise KdsearchError(f"--index must be >= 0 but got {index}")
+    _, splits, artifact = inputs.maps()
+    if index >= len(splits.train_labels):
         raise KdsearchError(f"--index must be in [0, {len(splits.train_labels) - 1}] but got {index}")
-    artifact = ig_maps(teacher, splits, settings, cache_dir, resolve_device(device))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_png(ig_panel(splits.train_images[index], artifact.tensors["maps"][index]), str(out))
     typer.echo(f"wrote {out} (class {splits.classes[int(splits.train_labels[index])]})")

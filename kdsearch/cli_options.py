@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Annotated, Any
 
 import typer
 
@@ -77,3 +82,36 @@ def data_config(
 
 def ig_config(steps: int, method: str, baseline: str, precision: str) -> IGConfig:
     return IGConfig(n_steps=steps, method=method, baseline=baseline, precision=precision)
+
+
+def with_options(options: type, parameter: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorator: give a command every field of the dataclass ``options`` as a CLI option, and pass them
+    to it as one ``options`` instance in its keyword-only parameter ``parameter``.
+
+    Typer reads a command's signature, so options that several commands share are written once, as a
+    dataclass with ``Annotated`` field types, instead of being repeated in each parameter list.
+    """
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command)
+        # Resolved annotations (the CLI modules postpone them), keeping their typer.Option metadata.
+        hints = typing.get_type_hints(command, include_extras=True)
+        hints |= typing.get_type_hints(options, include_extras=True)
+        own = [item.replace(annotation=hints[name]) for name, item in signature.parameters.items() if name != parameter]
+        shared = [
+            inspect.Parameter(
+                item.name, inspect.Parameter.KEYWORD_ONLY, default=item.default, annotation=hints[item.name]
+            )
+            for item in fields(options)
+        ]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> None:
+            bundle = options(**{item.name: kwargs.pop(item.name) for item in fields(options)})
+            command(**kwargs, **{parameter: bundle})
+
+        wrapper.__signature__ = signature.replace(parameters=own + shared)
+        wrapper.__annotations__ = {item.name: item.annotation for item in own + shared}
+        return wrapper
+
+    return decorate

@@ -7,17 +7,14 @@ anything is written: a bad flag leaves no studies.db and no mlruns/ behind.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
-import typing
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from kdsearch.cli_options import with_options
 from kdsearch.errors import ConfigError
 
 study_app = typer.Typer(
@@ -124,36 +121,6 @@ class RunOptions:
         return _setup(self.workdir, self.storage, self.tracking_uri, self.heartbeat_interval, self.grace_period)
 
 
-def with_run_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give ``command`` (whose last parameter is ``run: RunOptions``) every RunOptions field as a CLI option.
-
-    Typer reads a command's signature, so the shared options are written once here instead of being
-    repeated in every command's parameter list.
-    """
-    signature = inspect.signature(command)
-    # Resolved annotations (this module postpones them), with their typer.Option metadata.
-    hints = {
-        **typing.get_type_hints(command, include_extras=True),
-        **typing.get_type_hints(RunOptions, include_extras=True),
-    }
-    own = [
-        parameter.replace(annotation=hints[name]) for name, parameter in signature.parameters.items() if name != "run"
-    ]
-    shared = [
-        inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=item.default, annotation=hints[item.name])
-        for item in fields(RunOptions)
-    ]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs: Any) -> None:
-        run = RunOptions(**{item.name: kwargs.pop(item.name) for item in fields(RunOptions)})
-        command(**kwargs, run=run)
-
-    wrapper.__signature__ = signature.replace(parameters=own + shared)
-    wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in own + shared}
-    return wrapper
-
-
 def _spec(study_file: Path | None, overrides: dict[str, Any], section: str):
     """The spec of a study file (or the defaults) with ``section`` present, then the overrides."""
     from kdsearch.studyfile import apply_overrides, build_spec, read_study_file
@@ -192,7 +159,7 @@ def _states(counts: dict[str, int]) -> str:
 
 
 @study_app.command("grid")
-@with_run_options
+@with_options(RunOptions, "run")
 def grid_command(
     study_file: StudyFile = None,
     t: Annotated[str | None, typer.Option("--t", help="Temperatures, comma-separated: 1,2.5,5.")] = None,
@@ -218,7 +185,7 @@ def grid_command(
 
 
 @study_app.command("tpe")
-@with_run_options
+@with_options(RunOptions, "run")
 def tpe_command(
     study_file: StudyFile = None,
     trials: Annotated[int | None, typer.Option("--trials", help="Trials in total (tpe.trials).")] = None,
@@ -325,7 +292,7 @@ def best_command(
     typer.echo(json.dumps(describe_trial(best), indent=2, default=str))
 
 
-@with_run_options
+@with_options(RunOptions, "run")
 def ablate_command(
     study_file: StudyFile = None,
     seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds per arm (ablation.seeds).")] = None,

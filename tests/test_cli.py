@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,15 @@ def test_every_command_explains_itself(capsys):
     for command in (["--help"], ["train", "--help"], ["teacher", "train", "--help"], ["ig", "compute", "--help"]):
         code, out, _ = _run(capsys, command)
         assert code == 0 and "Usage" in out
+
+
+def test_ig_compute_prints_the_cache_and_its_resolved_settings(capsys, tiny_teacher_checkpoint, tmp_path):
+    args = ["ig", "compute", *TINY_ARGS, "--teacher-checkpoint", tiny_teacher_checkpoint, "--ig-steps", "3"]
+    args += ["--cache-dir", str(tmp_path)]
+    code, out, _ = _run(capsys, [*args, "--ig-precision", "fp32", "--ig-method", "riemann_right"])
+    assert code == 0
+    report = json.loads(out)
+    assert report["images"] == 1100 and Path(report["cache"]).is_dir()
+    assert report["settings"] | {"n_steps": 3, "precision": "fp32", "method": "riemann_right"} == report["settings"]
+    code, _, err = _run(capsys, [*args, "--ig-precision", "fp16"])
+    assert code == 2 and "IG precision must be auto, fp32 or bf16" in err
