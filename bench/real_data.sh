@@ -33,9 +33,9 @@ ablate)
         --workdir runs/cifar10-ablation --study-name cifar10-ablation --no-progress
     ;;
 reports)
-    $KDSEARCH report --study cpu-quick-grid --workdir runs/cifar10-grid --out studies/results/cpu-quick-grid
-    $KDSEARCH report --study cpu-quick-tpe --workdir runs/cifar10-grid --out studies/results/cpu-quick-tpe
-    $KDSEARCH report --ablation cifar10-ablation --workdir runs/cifar10-ablation --out studies/results/cifar10-ablation
+    $KDSEARCH report --study cpu-quick-grid --workdir runs/cifar10-grid --out studies/results/cpu-quick-grid --plotly-js cdn
+    $KDSEARCH report --study cpu-quick-tpe --workdir runs/cifar10-grid --out studies/results/cpu-quick-tpe --plotly-js cdn
+    $KDSEARCH report --ablation cifar10-ablation --workdir runs/cifar10-ablation --out studies/results/cifar10-ablation --plotly-js cdn
     ;;
 *)
     echo "usage: bench/real_data.sh grid|noise|ablate|reports" >&2

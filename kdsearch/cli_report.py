@@ -41,6 +41,14 @@ def report_command(
     log: Annotated[
         bool, typer.Option("--log/--no-log", help="Log the report to the study's MLflow parent run.")
     ] = True,
+    plotly_js: Annotated[
+        str,
+        typer.Option(
+            "--plotly-js",
+            help="local: plotly.min.js (3.5 MB) beside the figures, works offline | cdn: load it from plotly's CDN "
+            "(small reports, e.g. to keep in git).",
+        ),
+    ] = "local",
 ) -> None:
     """Tables (CSV, Markdown, HTML), figures (HTML, PNG, SVG) and an index.html of a study or an ablation,
     from its storage alone; a study still running is reported as far as it got, marked partial."""
@@ -65,6 +73,7 @@ def report_command(
         overrides={key: value for key, value in overrides.items() if value is not None},
         ig_figure=ig,
         log_artifacts=log,
+        plotly_js=plotly_js,
     )
     typer.echo(describe(write_report(config)))
 

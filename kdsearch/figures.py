@@ -305,10 +305,14 @@ def ig_figure(images: torch.Tensor, maps: torch.Tensor, names: Sequence[str], ti
 # --- export -----------------------------------------------------------------------------------
 
 
-def write_html(figure: Figure, directory: Path) -> Path:
-    """``<name>.html``, interactive; plotly.js sits once beside it (plotly.min.js), so it works offline."""
+PLOTLY_JS = {"local": "directory", "cdn": "cdn"}  # --plotly-js → plotly's include_plotlyjs
+
+
+def write_html(figure: Figure, directory: Path, plotly_js: str = "local") -> Path:
+    """``<name>.html``, interactive. plotly.js sits once beside it (plotly.min.js, 3.5 MB), so it works
+    offline; ``plotly_js="cdn"`` loads it from plotly's CDN instead, for reports kept in git."""
     path = directory / f"{figure.name}.html"
-    figure.figure.write_html(path, include_plotlyjs="directory", full_html=True)
+    figure.figure.write_html(path, include_plotlyjs=PLOTLY_JS[plotly_js], full_html=True)
     return path
 
 

@@ -55,10 +55,13 @@ class ReportConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     ig_figure: bool = True
     log_artifacts: bool = True  # also log the files to the study's MLflow parent run
+    plotly_js: str = "local"  # local: plotly.min.js beside the figures (offline) | cdn: loaded from plotly's CDN
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in KINDS:
             raise ConfigError(f"report kind must be one of {sorted(KINDS)} but got {self.kind!r}")
+        if self.plotly_js not in figures.PLOTLY_JS:
+            raise ConfigError(f"--plotly-js must be one of {sorted(figures.PLOTLY_JS)} but got {self.plotly_js!r}")
 
 
 @dataclass
@@ -402,7 +405,7 @@ def _write(
     for table in report_tables:
         files += table.write(out / "tables")
     for figure in report_figures:
-        files.append(figures.write_html(figure, out / "figures"))
+        files.append(figures.write_html(figure, out / "figures", config.plotly_js))
     static = figures.write_static(report_figures, out / "figures")
     if static is not None:
         notes.append(static)

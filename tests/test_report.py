@@ -436,3 +436,14 @@ def test_ig_figure_is_one_column_per_image_in_three_rows():
     figure = ig_figure(images, torch.rand(4, 8, 8), ["a", "b", "c", "d"], "title")
     assert len(figure.data) == 12 and figure.data[0].name == "original: a" and figure.data[11].name == "overlay: d"
     assert all(trace.z.shape == (8, 8, 3) for trace in figure.data)
+
+
+def test_a_cdn_report_leaves_plotly_js_out_and_links_the_cdn(stores, tmp_path):
+    out = tmp_path / "cdn"
+    assert _report(stores, "--study", "grid", out, "--plotly-js", "cdn", "--no-ig", "--no-log") == 0
+    assert not (out / "figures" / "plotly.min.js").exists()
+    html = (out / "figures" / "compression_accuracy.html").read_text()
+    assert re.search(r"<script[^>]+src=\"https://cdn\.plot\.ly/plotly-[0-9.]+\.min\.js\"", html)
+    assert plotly_json(out / "figures" / "compression_accuracy.html")["data"]
+    assert _report(stores, "--study", "grid", tmp_path / "bad", "--plotly-js", "web") == 2
+    assert not (tmp_path / "bad").exists()
