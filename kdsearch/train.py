@@ -253,7 +253,8 @@ def train(
             scaler.update()
             scheduler.step()
             epoch_loss += loss.item() * len(index)
-        step_seconds += time.perf_counter() - step_start
+        epoch_seconds = time.perf_counter() - step_start
+        step_seconds += epoch_seconds
         images_seen += count
         row = {
             "epoch": epoch + 1,
@@ -262,14 +263,15 @@ def train(
             "lr": scheduler.get_last_lr()[0],
         }
         history.append(row)
-        if progress:
-            log.info(
-                "epoch %d/%d  train_loss %.4f  val_acc %.2f",
-                row["epoch"],
-                config.epochs,
-                row["train_loss"],
-                row["val_acc"],
-            )
+        # Also without progress bars: a background run's log then shows how far it got.
+        log.info(
+            "epoch %d/%d  train_loss %.4f  val_acc %.2f  (%.0f img/s)",
+            row["epoch"],
+            config.epochs,
+            row["train_loss"],
+            row["val_acc"],
+            count / epoch_seconds,
+        )
         if run_dir is not None:
             _save_training_state(run_dir, student, optimizer, scheduler, scaler, epoch + 1, history, config)
         if on_epoch is not None:
