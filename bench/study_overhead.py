@@ -33,9 +33,11 @@ def main() -> None:
     import optuna
     from mlflow import MlflowClient
 
-    from kdsearch.study import HeartbeatConfig, open_grid, prepare, run_study, trial_configs
+    from kdsearch.storage import HeartbeatConfig
+    from kdsearch.study import open_grid, run_study, trial_configs
     from kdsearch.studyfile import load_study
     from kdsearch.tracking import MlflowTracker, device_name
+    from kdsearch.trial import prepare
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as scratch:

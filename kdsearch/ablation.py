@@ -36,7 +36,9 @@ from kdsearch.store import ArtifactStore
 from kdsearch.studyfile import AblationSpec, StudySpec, check_files
 
 if TYPE_CHECKING:
-    from kdsearch.study import HeartbeatConfig, StudyHandle, TrialRunner
+    from kdsearch.storage import HeartbeatConfig
+    from kdsearch.study import StudyHandle
+    from kdsearch.trial import TrialRunner
 
 TOP_FRACTION = 0.1  # the IoU compares each map's top 10% of pixels
 

@@ -134,7 +134,7 @@ def _setup(workdir: Path, storage: str | None, tracking_uri: str | None, interva
     """(storage URL, tracker, heartbeat) with the tracking store checked; nothing is written."""
     import optuna
 
-    from kdsearch.study import HeartbeatConfig, default_storage
+    from kdsearch.storage import HeartbeatConfig, default_storage
     from kdsearch.tracking import MlflowTracker, default_tracking_uri
 
     if not workdir.is_dir():
@@ -261,7 +261,8 @@ def status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Trials by state, progress and the best trial so far."""
-    from kdsearch.study import default_storage, find_study, status
+    from kdsearch.storage import default_storage
+    from kdsearch.study import find_study, status
 
     report = status(find_study(storage or default_storage(workdir), study_name))
     if as_json:
@@ -283,7 +284,9 @@ def best_command(
     workdir: Workdir = Path("."),
 ) -> None:
     """The best trial (highest validation accuracy) as JSON: its params, val_acc, test_acc, run id."""
-    from kdsearch.study import StudyError, best_trial, default_storage, describe_trial, find_study
+    from kdsearch.errors import StudyError
+    from kdsearch.storage import default_storage
+    from kdsearch.study import best_trial, describe_trial, find_study
 
     study = find_study(storage or default_storage(workdir), study_name)
     best = best_trial(study)
@@ -316,7 +319,8 @@ def ablate_command(
     with paired tests and the students' explanation agreement with the teacher. Resumes, and a later
     run with more --seeds or arms adds them to the same ablation."""
     from kdsearch.ablation import ablation_table, log_table, open_ablation
-    from kdsearch.study import best_trial, default_storage, describe_progress, find_study, run_study
+    from kdsearch.storage import default_storage
+    from kdsearch.study import best_trial, describe_progress, find_study, run_study
 
     overrides = run.overrides()
     if from_study is not None and (t, alpha, p) != (None, None, None):

@@ -15,3 +15,7 @@ class DataError(KdsearchError):
 
 class CheckpointError(KdsearchError):
     """A checkpoint cannot be read or does not fit the architecture."""
+
+
+class StudyError(KdsearchError):
+    """A study cannot be created, found or joined (storage unreachable, name taken, no such study)."""

@@ -100,7 +100,8 @@ class Source:
 
 def open_source(config: ReportConfig) -> Source:
     """Find the study and its MLflow runs; raises a one-line KdsearchError and writes nothing otherwise."""
-    from kdsearch.study import ATTR, StudyError, find_study
+    from kdsearch.errors import StudyError
+    from kdsearch.study import ATTR, find_study
 
     study = find_study(config.storage, config.study)
     stored = study.user_attrs.get(ATTR)
@@ -435,7 +436,7 @@ def _write(
 
 
 def _index(source: Source, config: ReportConfig, report_tables, report_figures, summary: dict, static: bool) -> str:
-    from kdsearch.study import database_url
+    from kdsearch.storage import database_url
 
     shown = _hide_password(database_url(config.storage))
     experiment = source.client.get_experiment(source.parent.info.experiment_id).name if source.parent else None

@@ -23,153 +23,30 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import tempfile
 import threading
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
-import torch
 from optuna.trial import TrialState
 
-from kdsearch.attribution import ig_maps
-from kdsearch.config import TrainConfig, flatten, replace, to_dict
-from kdsearch.data import Splits, load_splits
-from kdsearch.device import resolve_device
-from kdsearch.errors import ConfigError, KdsearchError
-from kdsearch.latency import LatencyConfig, measure_latency
-from kdsearch.models import (
-    CifarClassifier,
-    build_model,
-    count_flops,
-    count_parameters,
-    save_checkpoint,
-    size_on_disk_bytes,
-    weights_hash,
-)
-from kdsearch.store import ArtifactStore, content_key
-from kdsearch.studyfile import (
-    StudySpec,
-    apply_overrides,
-    build_spec,
-    check_files,
-    teacher_recipe_config,
-    teacher_store_fields,
-    with_params,
-)
+from kdsearch.config import TrainConfig, replace, to_dict
+from kdsearch.errors import ConfigError, StudyError
+from kdsearch.models import build_model
+from kdsearch.storage import HeartbeatConfig, check_database, database_url, open_storage
+from kdsearch.store import content_key
+from kdsearch.studyfile import StudySpec, apply_overrides, build_spec, check_files, with_params
 from kdsearch.tracking import Tracker, run_tags
-from kdsearch.train import (
-    TrainResult,
-    accuracy,
-    cached_teacher_logits,
-    load_teacher,
-    train,
-)
+from kdsearch.trial import Prepared, TrialRunner, prepare
 
 log = logging.getLogger(__name__)
 
 ATTR = "kdsearch"  # the study user attribute holding kind, spec and search space
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-class StudyError(KdsearchError):
-    """A study cannot be created, found or joined (storage unreachable, name taken, no such study)."""
-
-
-@dataclass(frozen=True)
-class HeartbeatConfig:
-    interval: int = 30  # seconds between heartbeats of a running trial
-    grace: int = 120  # a trial silent for this long is taken as dead: failed, and queued again
-    max_retry: int = 3  # times one trial is queued again after its worker died
-
-    def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise ConfigError(f"heartbeat interval must be >= 1 second but got {self.interval}")
-        if self.grace <= self.interval:
-            raise ConfigError(f"heartbeat grace ({self.grace}s) must exceed the interval ({self.interval}s)")
-        if self.max_retry < 0:
-            raise ConfigError(f"max_retry must be >= 0 but got {self.max_retry}")
-
-
-# --- storage ---------------------------------------------------------------------------------
-
-
-def default_storage(workdir: str | Path = ".") -> str:
-    return "sqlite:///" + str((Path(workdir) / "studies.db").resolve())
-
-
-def database_url(url: str) -> str:
-    """``postgresql://…`` with the PostgreSQL driver that is installed made explicit.
-
-    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, while kdsearch[postgres] installs
-    psycopg2; naming the driver keeps the URL users write (and MLflow's) working with either.
-    """
-    import importlib.util
-
-    scheme, separator, rest = url.partition("://")
-    if separator and scheme in ("postgresql", "postgres"):
-        driver = "psycopg" if importlib.util.find_spec("psycopg") is not None else "psycopg2"
-        return f"postgresql+{driver}://{rest}"
-    return url
-
-
-def check_database(
-    url: str, what: str = "storage", must_exist: bool = False, error: type[KdsearchError] = StudyError
-) -> None:
-    """Raise ``error`` unless ``url`` names a database that can be reached. Writes nothing.
-
-    SQLite: its directory must exist (and with ``must_exist`` the file too); the file itself is only
-    created by the first study. Servers: one connection is opened and closed.
-    """
-    import sqlalchemy
-
-    try:
-        parsed = sqlalchemy.engine.make_url(database_url(url))
-    except sqlalchemy.exc.ArgumentError:
-        raise error(f"{what} {url!r} is not a database URL (sqlite:///FILE or postgresql://…)") from None
-    shown = parsed.render_as_string(hide_password=True)
-    if parsed.get_backend_name() == "sqlite":
-        if not parsed.database or parsed.database == ":memory:":
-            raise error(f"{what} {shown}: an in-memory database cannot be shared or resumed; name a file")
-        path = Path(parsed.database)
-        if not path.parent.is_dir():
-            raise error(f"{what} {shown}: directory {path.parent} does not exist")
-        if must_exist and not path.is_file():
-            raise error(f"{what} {shown}: no such file (no study has been created there)")
-        return
-    connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
-    try:
-        engine = sqlalchemy.create_engine(parsed, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
-        with engine.connect():
-            pass
-    except ModuleNotFoundError as missing:
-        raise error(f"{what} {shown} needs the {missing.name} driver (pip install 'kdsearch[postgres]')") from None
-    except Exception as failure:  # drivers raise their own errors: any failure means "cannot use it"
-        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
-        raise error(f"cannot reach {what} {shown}: {reason}") from None
-
-
-def open_storage(url: str, heartbeat: HeartbeatConfig) -> optuna.storages.RDBStorage:
-    url = database_url(url)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat.interval,
-            grace_period=heartbeat.grace,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=heartbeat.max_retry
-            ),
-        )
 
 
 # --- a study handle: what is stored, how far it got -----------------------------------------
@@ -461,183 +338,6 @@ def trial_configs(handle: StudyHandle) -> list[TrainConfig]:
 
         return [arm_config(handle.spec, arm, 0) for arm in handle.spec.ablation.all_arms]
     return [with_params(handle.spec.train, point) for point in handle.spec.grid.points()]
-
-
-# --- what every trial shares: data, teacher, caches, costs ------------------------------------
-
-
-@dataclass
-class Prepared:
-    """Everything computed once per process before the first trial and reused by all of them."""
-
-    splits: Splits
-    device: torch.device
-    teacher: CifarClassifier
-    teacher_hash: str
-    ig_cache_key: str | None  # None when no trial overlays IG maps
-    teacher_metrics: dict[str, float]
-    latency: LatencyConfig
-    _student_costs: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def student_metrics(self, model: CifarClassifier, config: TrainConfig) -> dict[str, float]:
-        """Parameters, FLOPs and latency of a student architecture, measured once per architecture."""
-        key = json.dumps(to_dict(config.student), sort_keys=True)
-        if key not in self._student_costs:
-            costs = {
-                "student_params": float(count_parameters(model)),
-                "student_flops": float(count_flops(model)),
-                "student_size_bytes": float(size_on_disk_bytes(model)),
-            }
-            costs.update(measure_latency(model, self.device, self.latency, "latency_ms_student"))
-            self._student_costs[key] = costs
-        costs = dict(self._student_costs[key])
-        costs["compression_factor"] = self.teacher_metrics["teacher_params"] / costs["student_params"]
-        return costs
-
-
-def ensure_teacher(spec: StudySpec, splits: Splits, progress: bool) -> None:
-    """Train the study's teacher when its spec gives a recipe and no process has cached it yet."""
-    if spec.teacher.train is None:
-        return
-    recipe = teacher_recipe_config(spec.teacher, spec.train)
-
-    def build(scratch: Path):
-        log.info("training the study's teacher (%d epochs); cached for every later trial", recipe.epochs)
-        result = train(recipe, splits=splits, progress=progress)
-        state = {name: tensor.detach().cpu() for name, tensor in result.model.state_dict().items()}
-        return state, {"test_acc": result.test_acc, "val_acc": result.val_acc}
-
-    ArtifactStore(spec.train.cache_dir).get_or_build("teacher", teacher_store_fields(recipe), build)
-
-
-def prepare(spec: StudySpec, configs: list[TrainConfig], progress: bool = True) -> Prepared:
-    """Decode the data, get the teacher, fill the IG and teacher-logit caches, measure the teacher."""
-    base = spec.train
-    device = resolve_device(base.device)
-    splits = load_splits(base.data, base.cache_dir)
-    ensure_teacher(spec, splits, progress)
-    teacher = load_teacher(base, splits.num_classes, device)
-    ig_key = None
-    if any(config.overlay.p > 0 for config in configs):
-        ig_key = ig_maps(teacher, splits, base.ig, base.cache_dir, device, progress).path.name
-    if any(config.kd.alpha > 0 and config.kd.teacher_logits == "cached" for config in configs):
-        cached_teacher_logits(teacher, splits, base.cache_dir, device)
-    teacher_metrics = {
-        # fp32, like `kdsearch teacher eval`: the teacher's accuracy should not depend on the autocast.
-        "teacher_test_acc": accuracy(teacher, splits.test_images, splits.test_labels, 500, device, None),
-        "teacher_params": float(count_parameters(teacher)),
-        "teacher_size_bytes": float(size_on_disk_bytes(teacher)),
-        "teacher_flops": float(count_flops(teacher)),
-        **measure_latency(teacher, device, spec.latency, "latency_ms_teacher"),
-    }
-    return Prepared(splits, device, teacher, weights_hash(teacher), ig_key, teacher_metrics, spec.latency)
-
-
-# --- one tracked trial ------------------------------------------------------------------------
-
-
-@dataclass
-class TrialRunner:
-    """Trains one trial's config with tracking: a nested run with params, per-epoch and final metrics."""
-
-    prepared: Prepared
-    tracker: Tracker
-    experiment: str
-    parent_run: str
-    progress: bool = True
-
-    def params(self, config: TrainConfig) -> dict[str, Any]:
-        splits = self.prepared.splits
-        sizes = splits.sizes()
-        return {
-            **flatten(config),
-            "data.name": splits.label,
-            "data.train_images": sizes["train"],
-            "data.val_images": sizes["val"],
-            "data.test_images": sizes["test"],
-            "teacher_hash": self.prepared.teacher_hash,
-            "ig_cache_key": self.prepared.ig_cache_key if config.overlay.p > 0 else "none",
-        }
-
-    def train(
-        self,
-        trial: optuna.Trial,
-        config: TrainConfig,
-        *,
-        run_name: str | None = None,
-        extra_params: dict[str, Any] | None = None,
-        prune: bool = False,
-        evaluate: Callable[[TrainResult], dict[str, float]] | None = None,
-    ) -> TrainResult:
-        """Train ``config`` as ``trial``; raises optuna.TrialPruned to prune.
-
-        ``evaluate(result)`` adds metrics after training (the ablation's explanation agreement).
-        """
-        tracker = self.tracker
-        if "run_id" in trial.user_attrs:  # a retry inherits the run of the trial whose worker died
-            self._close_dead_run(trial.user_attrs["run_id"])
-        run_id = tracker.start_run(
-            self.experiment,
-            run_name or f"trial-{trial.number}",
-            self.parent_run,
-            {
-                **run_tags(self.prepared.device),
-                "optuna.study": trial.study.study_name,
-                "optuna.trial": str(trial.number),
-            },
-        )
-        trial.set_user_attr("run_id", run_id)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        tracker.log_params(run_id, {**self.params(config), "optuna.trial": trial.number, **(extra_params or {})})
-
-        def on_epoch(epoch: int, row: dict) -> None:
-            tracker.log_metrics(run_id, {"train_loss": row["train_loss"], "val_acc": row["val_acc"]}, step=epoch + 1)
-            if prune:
-                trial.report(row["val_acc"], epoch + 1)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"val_acc {row['val_acc']:.2f} at epoch {epoch + 1}")
-
-        try:
-            result = train(config, splits=self.prepared.splits, on_epoch=on_epoch, progress=self.progress)
-            extra = evaluate(result) if evaluate is not None else {}
-            metrics = {
-                "test_acc": result.test_acc,
-                "train_time_s": result.train_time_s,
-                "setup_time_s": result.setup_time_s,
-                "images_per_s": result.images_per_s,
-                **self.prepared.teacher_metrics,
-                **self.prepared.student_metrics(result.model, config),
-                **extra,
-            }
-            tracker.log_metrics(run_id, metrics, step=result.epochs_completed)
-            self._log_artifacts(run_id, config, result.model)
-        except optuna.TrialPruned:
-            tracker.set_tags(run_id, {"kdsearch.state": "PRUNED"})
-            tracker.end_run(run_id, "KILLED")
-            raise
-        except BaseException:
-            tracker.end_run(run_id, "FAILED")
-            raise
-        # On the trial too, so `study status`, `study best` and the ablation table need no tracking store.
-        for key in ("test_acc", "train_time_s", *extra):
-            trial.set_user_attr(key, metrics[key])
-        tracker.end_run(run_id)
-        return result
-
-    def _close_dead_run(self, run_id: str) -> None:
-        try:
-            self.tracker.set_tags(run_id, {"kdsearch.state": "WORKER_DIED"})
-            self.tracker.end_run(run_id, "FAILED")
-        except Exception as error:  # best effort: the run may live in another worker's tracking store
-            log.warning("could not close the run %s of a dead worker: %s", run_id, error)
-
-    def _log_artifacts(self, run_id: str, config: TrainConfig, model: CifarClassifier) -> None:
-        self.tracker.log_dict(run_id, to_dict(config), "config.json")
-        with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / "model.pt"
-            model_config = replace(config.student, num_classes=self.prepared.splits.num_classes)
-            save_checkpoint(model, model_config, path, extra={"train_config": to_dict(config)})
-            self.tracker.log_artifact(run_id, path)
 
 
 # --- the worker loop --------------------------------------------------------------------------

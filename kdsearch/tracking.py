@@ -87,7 +87,7 @@ class Tracker(abc.ABC):
 
 class MlflowTracker(Tracker):
     def __init__(self, uri: str):
-        from kdsearch.study import database_url
+        from kdsearch.storage import database_url
 
         self.uri = database_url(uri)
         self._experiments: dict[str, str] = {}
@@ -118,7 +118,7 @@ class MlflowTracker(Tracker):
             except (urllib.error.URLError, OSError) as error:
                 raise TrackingError(f"cannot reach the MLflow server at {self.uri} ({error})") from None
         elif scheme in ("postgresql", "mysql", "mssql") or scheme.startswith(("postgresql+", "mysql+")):
-            from kdsearch.study import check_database
+            from kdsearch.storage import check_database
 
             check_database(self.uri, what="tracking store", error=TrackingError)
         elif scheme == "file":

@@ -16,8 +16,10 @@ from fixtures_study import CLI, SMOKE
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from kdsearch.study import HeartbeatConfig, database_url, open_grid, prepare, trial_configs
+from kdsearch.storage import HeartbeatConfig, database_url
+from kdsearch.study import open_grid, trial_configs
 from kdsearch.studyfile import load_study
+from kdsearch.trial import prepare
 
 pytest_plugins = ["fixtures_study"]
 pytestmark = pytest.mark.postgres

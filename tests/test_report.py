@@ -23,7 +23,8 @@ from kdsearch.cli import main
 from kdsearch.errors import KdsearchError
 from kdsearch.figures import Line, compression_accuracy, find_chromium, ig_figure
 from kdsearch.report import ig_examples, literature, reported_accuracy
-from kdsearch.study import HeartbeatConfig, claim_waiting, join_study
+from kdsearch.storage import HeartbeatConfig
+from kdsearch.study import claim_waiting, join_study
 from kdsearch.tables import Deployment, deployment_table, trials_table
 
 pytest_plugins = ["fixtures_study"]

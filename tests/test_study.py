@@ -9,13 +9,10 @@ from fixtures_study import SMOKE
 from optuna.trial import TrialState
 
 from kdsearch.cli import main
-from kdsearch.errors import ConfigError
+from kdsearch.errors import ConfigError, StudyError
+from kdsearch.storage import HeartbeatConfig, check_database, database_url
 from kdsearch.study import (
-    HeartbeatConfig,
-    StudyError,
-    check_database,
     claim_waiting,
-    database_url,
     join_study,
     open_grid,
     open_tpe,
