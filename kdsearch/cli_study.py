@@ -117,6 +117,11 @@ class RunOptions:
             overrides[key.strip()] = parse_value(value)
         return overrides
 
+    @property
+    def checkpoints(self) -> Path:
+        """Per-epoch checkpoints of running trials (removed when a trial ends): WORKDIR/checkpoints."""
+        return self.workdir / "checkpoints"
+
     def setup(self):
         return _setup(self.workdir, self.storage, self.tracking_uri, self.heartbeat_interval, self.grace_period)
 
@@ -181,7 +186,7 @@ def grid_command(
     storage_url, tracker, heartbeat = run.setup()
     handle = open_grid(spec, storage_url, heartbeat, run.study_name)
     typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
-    _report(run_study(handle, tracker, run.experiment, run.progress, max_trials))
+    _report(run_study(handle, tracker, run.experiment, run.progress, max_trials, run.checkpoints))
 
 
 @study_app.command("tpe")
@@ -207,7 +212,7 @@ def tpe_command(
     storage_url, tracker, heartbeat = run.setup()
     handle = open_tpe(spec, storage_url, heartbeat, run.study_name)
     typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
-    _report(run_study(handle, tracker, run.experiment, run.progress, max_trials))
+    _report(run_study(handle, tracker, run.experiment, run.progress, max_trials, run.checkpoints))
 
 
 @study_app.command("worker")
@@ -250,7 +255,7 @@ def worker_command(
     storage_url, tracker, heartbeat = run.setup()
     handle = join_study(study_name, storage_url, heartbeat, run.overrides(), wait_s=wait)
     typer.echo(f"joined {handle.kind} study {handle.name}: {describe_progress(handle)}")
-    _report(run_study(handle, tracker, experiment, progress, max_trials))
+    _report(run_study(handle, tracker, experiment, progress, max_trials, run.checkpoints))
 
 
 @study_app.command("status")
@@ -346,7 +351,7 @@ def ablate_command(
     storage_url, tracker, heartbeat = run.setup()
     handle = open_ablation(spec, storage_url, heartbeat, run.study_name)
     typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
-    summary = run_study(handle, tracker, run.experiment, run.progress)
+    summary = run_study(handle, tracker, run.experiment, run.progress, checkpoint_root=run.checkpoints)
     table = ablation_table(handle.study)
     if summary.parent_run is not None:
         log_table(tracker, summary.parent_run, table)

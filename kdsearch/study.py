@@ -29,6 +29,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -468,13 +469,18 @@ def run_study(
     experiment: str | None = None,
     progress: bool = True,
     max_trials: int | None = None,
+    checkpoint_root: Path | None = None,
 ) -> RunSummary:
-    """Prepare once, then run the study's remaining trials as nested runs of the study's parent run."""
+    """Prepare once, then run the study's remaining trials as nested runs of the study's parent run.
+
+    With ``checkpoint_root``, trials write per-epoch checkpoints there, and a trial retried after its
+    worker died continues from the last one.
+    """
     if handle.done() < handle.total:
         prepared = prepare(handle.spec, trial_configs(handle), progress)
         experiment = experiment or handle.spec.name
         parent = parent_run(handle, tracker, experiment, prepared)
-        runner = TrialRunner(prepared, tracker, experiment, parent, progress)
+        runner = TrialRunner(prepared, tracker, experiment, parent, progress, checkpoint_root)
         ran = run_trials(handle, OBJECTIVES[handle.kind](handle, runner), progress, max_trials)
         finish_parent(handle, tracker, parent)
         return summarize(handle, ran, parent)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from kdsearch.models import (
     size_on_disk_bytes,
     weights_hash,
 )
-from kdsearch.store import ArtifactStore
+from kdsearch.store import ArtifactStore, content_key
 from kdsearch.studyfile import StudySpec, teacher_recipe_config, teacher_store_fields
 from kdsearch.tracking import Tracker, run_tags
 from kdsearch.train import TrainResult, accuracy, cached_teacher_logits, load_teacher, train
@@ -117,6 +118,15 @@ class TrialRunner:
     experiment: str
     parent_run: str
     progress: bool = True
+    # Per-epoch checkpoints of running trials, one directory per study and point: a trial retried
+    # after its worker died (on this machine) continues from its last epoch instead of from scratch.
+    checkpoint_root: Path | None = None
+
+    def checkpoint_dir(self, trial: optuna.Trial) -> Path | None:
+        if self.checkpoint_root is None:
+            return None
+        point = content_key({"study": trial.study.study_name, "params": trial.params})
+        return self.checkpoint_root / trial.study.study_name / point
 
     def params(self, config: TrainConfig) -> dict[str, Any]:
         splits = self.prepared.splits
@@ -162,15 +172,32 @@ class TrialRunner:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         tracker.log_params(run_id, {**self.params(config), "optuna.trial": trial.number, **(extra_params or {})})
 
+        logged: set[int] = set()
+
+        def log_epoch(row: dict) -> None:
+            tracker.log_metrics(run_id, {"train_loss": row["train_loss"], "val_acc": row["val_acc"]}, step=row["epoch"])
+            logged.add(row["epoch"])
+
         def on_epoch(epoch: int, row: dict) -> None:
-            tracker.log_metrics(run_id, {"train_loss": row["train_loss"], "val_acc": row["val_acc"]}, step=epoch + 1)
+            log_epoch(row)
             if prune:
                 trial.report(row["val_acc"], epoch + 1)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"val_acc {row['val_acc']:.2f} at epoch {epoch + 1}")
 
+        run_dir = self.checkpoint_dir(trial)
         try:
-            result = train(config, splits=self.prepared.splits, on_epoch=on_epoch, progress=self.progress)
+            result = train(
+                config,
+                run_dir=run_dir,
+                resume=run_dir is not None,
+                splits=self.prepared.splits,
+                on_epoch=on_epoch,
+                progress=self.progress,
+            )
+            for row in result.history:  # epochs restored from a dead worker's checkpoint
+                if row["epoch"] not in logged:
+                    log_epoch(row)
             extra = evaluate(result) if evaluate is not None else {}
             metrics = {
                 "test_acc": result.test_acc,
@@ -186,6 +213,7 @@ class TrialRunner:
         except optuna.TrialPruned:
             tracker.set_tags(run_id, {"kdsearch.state": "PRUNED"})
             tracker.end_run(run_id, "KILLED")
+            _remove(run_dir)
             raise
         except BaseException:
             tracker.end_run(run_id, "FAILED")
@@ -194,6 +222,7 @@ class TrialRunner:
         for key in ("test_acc", "train_time_s", *extra):
             trial.set_user_attr(key, metrics[key])
         tracker.end_run(run_id)
+        _remove(run_dir)  # the student is an MLflow artefact now
         return result
 
     def _close_dead_run(self, run_id: str) -> None:
@@ -210,3 +239,8 @@ class TrialRunner:
             model_config = replace(config.student, num_classes=self.prepared.splits.num_classes)
             save_checkpoint(model, model_config, path, extra={"train_config": to_dict(config)})
             self.tracker.log_artifact(run_id, path)
+
+
+def _remove(run_dir: Path | None) -> None:
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)

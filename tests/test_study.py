@@ -255,3 +255,40 @@ def test_studies_select_on_validation_so_they_need_a_validation_split(tmp_path):
     with pytest.raises(ConfigError, match="val_size must be > 0"):
         open_grid(load_study(SMOKE, {"train.data.val_size": 0}), f"sqlite:///{tmp_path}/s.db", FAST)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_trial_run_again_resumes_from_its_last_epoch(
+    tmp_path, shared_cache, smoke_overrides, tiny_teacher_checkpoint, monkeypatch
+):
+    import kdsearch.trial
+
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    overrides = {**smoke_overrides, "teacher": {"checkpoint": tiny_teacher_checkpoint}, "train.epochs": 3}
+    spec = load_study(SMOKE, {**overrides, "grid.t": [1.0], "grid.alpha": [0.5], "grid.p": [0.5]})
+    real_train = kdsearch.trial.train
+    epochs_trained: list[int] = []
+
+    def train(config, on_epoch, **kwargs):
+        def record(epoch, row):
+            on_epoch(epoch, row)
+            epochs_trained.append(epoch)
+            if die_after is not None and epoch == die_after:
+                raise RuntimeError("the worker died")  # after this epoch's checkpoint was written
+
+        return real_train(config, on_epoch=record, **kwargs)
+
+    monkeypatch.setattr(kdsearch.trial, "train", train)
+    checkpoints = tmp_path / "checkpoints"
+    die_after = 0
+    with pytest.raises(RuntimeError, match="the worker died"):
+        run_study(open_grid(spec, storage, FAST), MemoryTracker(), progress=False, checkpoint_root=checkpoints)
+    assert [path.name for path in checkpoints.rglob("last.pt")] == ["last.pt"]
+
+    die_after, epochs_trained[:] = None, []
+    tracker = MemoryTracker()
+    summary = run_study(open_grid(spec, storage, FAST), tracker, progress=False, checkpoint_root=checkpoints)
+    assert summary.counts["COMPLETE"] == 1 and summary.counts["FAIL"] == 1
+    assert epochs_trained == [1, 2]  # epoch 0 came from the checkpoint
+    [run] = [run for run in tracker.runs.values() if run.parent_id is not None]
+    assert sorted(step for step, _ in run.metrics["val_acc"]) == [1, 2, 3]  # restored epoch logged too
+    assert not list(checkpoints.rglob("*.pt"))  # removed once the trial completed
