@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from common import QUIET_CORES, TEACHER, Timer, cache_dir, data_config, header, load1, machine, wait_quiet
 
-from kdsearch.attribution import ig_maps
+from kdsearch.attribution import MIN_OUTPUT_DIFFERENCE, ig_maps
 from kdsearch.config import IGConfig, ModelConfig
 from kdsearch.data import Splits, load_splits
 from kdsearch.models import load_model
@@ -121,7 +121,9 @@ def reference_ig(teacher, images, labels, n_steps: int, per_call: int) -> tuple[
             return_convergence_delta=True,
         )
         output_difference = attributions.sum(dim=(1, 2, 3)) - delta
-        errors.append(delta.abs() / output_difference.abs().clamp_min(1e-12))
+        error = delta.abs() / output_difference.abs()
+        error[output_difference.abs() < MIN_OUTPUT_DIFFERENCE] = float("nan")  # as kdsearch does
+        errors.append(error)
         maps.append(attributions.abs().sum(dim=1))
     return torch.cat(maps).detach(), torch.cat(errors).detach()
 
@@ -178,8 +180,8 @@ def measure(name, run, images, labels, args, cache: dict, repeats: int, retries:
         load_before=timer.load_before,
         load_after=timer.load_after,
         others=timer.others,
-        error_mean=errors.mean().item(),
-        error_median=errors.median().item(),
+        error_mean=errors.nanmean().item(),
+        error_median=errors.nanmedian().item(),
     )
     print(
         f"  measured {name}: {row.images_per_s:.2f} img/s (fastest of {', '.join(timings)} s; other processes "

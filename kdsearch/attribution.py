@@ -34,6 +34,7 @@ from kdsearch.store import Artifact, ArtifactStore
 log = logging.getLogger(__name__)
 
 CHUNK_IMAGES = 1024  # images per resumable chunk of the IG cache
+MIN_OUTPUT_DIFFERENCE = 1e-3  # logit units: below it, an image's relative completeness error is undefined
 
 
 def _black(model: CifarClassifier, splits: Splits) -> torch.Tensor:
@@ -68,7 +69,9 @@ def integrated_gradients(
     """(maps (B, H, W) float32, relative completeness error (B,)) for pixel images in [0, 1].
 
     The relative completeness error is |sum(IG) - (F(x) - F(x'))| / |F(x) - F(x')|, from Captum's
-    convergence delta; 0 is an exact path integral.
+    convergence delta; 0 is an exact path integral. It is NaN for an image whose target logit hardly
+    differs between x and the baseline (|F(x) - F(x')| < MIN_OUTPUT_DIFFERENCE): there the ratio
+    measures rounding, not the integration, and one such image would swamp a mean.
     """
     from captum.attr import IntegratedGradients
 
@@ -90,7 +93,8 @@ def integrated_gradients(
     attributions = attributions.float()
     delta = delta.float()
     output_difference = attributions.sum(dim=(1, 2, 3)) - delta  # F(x) - F(x') for the target logit
-    relative_error = delta.abs() / output_difference.abs().clamp_min(1e-12)
+    relative_error = delta.abs() / output_difference.abs()
+    relative_error[output_difference.abs() < MIN_OUTPUT_DIFFERENCE] = float("nan")
     return attributions.abs().sum(dim=1), relative_error
 
 
@@ -156,9 +160,10 @@ def ig_maps(
             "settings": to_dict(config),
             "images": count,
             "completeness_relative_error": {
-                "mean": errors.mean().item(),
-                "median": errors.median().item(),
-                "p95": errors.quantile(0.95).item(),
+                "mean": errors.nanmean().item(),
+                "median": errors.nanmedian().item(),
+                "p95": errors.nanquantile(0.95).item(),
+                "undefined_images": int(errors.isnan().sum()),  # |F(x) - F(baseline)| < MIN_OUTPUT_DIFFERENCE
             },
         }
         return {"maps": maps, "relative_error": errors}, meta

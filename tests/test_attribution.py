@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -31,12 +32,20 @@ def test_ig_is_complete_on_a_tiny_model():
     assert errors.max() < 0.01  # sum of attributions = F(x) - F(baseline), to within 1 %
 
 
+def test_completeness_error_is_undefined_where_the_image_is_the_baseline():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="tiny_cnn")).eval()
+    images = torch.stack([torch.zeros(3, 32, 32), torch.rand(3, 32, 32)])  # the first is the black baseline
+    _, errors = integrated_gradients(model, images, torch.tensor([0, 1]), torch.zeros(1, 3, 1, 1), IGConfig())
+    assert errors[0].isnan() and errors[1].isfinite()
+
+
 def test_more_steps_reduce_the_completeness_error():
     torch.manual_seed(1)
     model = build_model(ModelConfig(arch="tiny_cnn")).eval()
     images, labels = torch.rand(6, 3, 32, 32), torch.arange(6)
     coarse = integrated_gradients(
-        model, images, labels, torch.zeros(1, 3, 1, 1), IGConfig(n_steps=2, method="riemann_right")
+        model, images, labels, torch.zeros(1, 3, 1, 1), IGConfig(n_steps=2, method="riemann_right", precision="fp32")
     )[1]
     fine = integrated_gradients(
         model, images, labels, torch.zeros(1, 3, 1, 1), IGConfig(n_steps=256, precision="fp32")
@@ -68,7 +77,9 @@ def test_cached_map_i_is_the_ig_of_training_image_i(tiny_teacher_checkpoint, tmp
         )
         torch.testing.assert_close(maps[index].float(), expected[0], rtol=2e-3, atol=1e-4)
     meta = json.loads((artifact.path / "meta.json").read_text())
-    assert meta["images"] == 300 and meta["completeness_relative_error"]["mean"] >= 0
+    stats = meta["completeness_relative_error"]
+    assert meta["images"] == 300 and 0 <= stats["median"] <= stats["p95"] and math.isfinite(stats["mean"])
+    assert stats["undefined_images"] == int(artifact.tensors["relative_error"].isnan().sum())
 
 
 def test_auto_precision_is_resolved_before_the_cache_is_keyed(tiny_teacher_checkpoint, tmp_path, monkeypatch):
