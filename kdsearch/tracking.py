@@ -99,9 +99,18 @@ class MlflowTracker(Tracker):
 
         for name in ("alembic", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.WARNING)  # schema-migration chatter on first use
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return MlflowClient(tracking_uri=self.uri)
+        if not self.uri.startswith("sqlite:///"):
+            return MlflowClient(tracking_uri=self.uri)
+        path = Path(self.uri.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Two workers opening a new SQLite store at once both run MLflow's schema migration, and one
+        # fails ("expected to match one row ... in 'alembic_version'"): create it under a file lock.
+        from filelock import FileLock
+
+        with FileLock(str(path) + ".lock"):
+            client = MlflowClient(tracking_uri=self.uri)
+            client.search_experiments(max_results=1)  # creates and migrates the store
+        return client
 
     def check(self) -> None:
         scheme = self.uri.split(":", 1)[0].lower() if ":" in self.uri else "file"

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -76,3 +80,26 @@ def test_run_tags_say_where_and_with_what():
     assert tags["torch_version"] == torch.__version__
     assert tags["device"].startswith("cpu:") and "threads" in tags["device"]
     assert tags["git_commit"] == git_commit() and tags["git_commit"]
+
+
+def test_workers_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+    # Each process opens the same new store and creates a parent run; without a lock around MLflow's
+    # schema migration, one of several simultaneous first users fails.
+    script = (
+        "import sys, time\n"
+        "from kdsearch.tracking import MlflowTracker\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "tracker = MlflowTracker(sys.argv[1])\n"
+        "print(tracker.parent_run('race', 'study', 'study', {}))\n"
+    )
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    start = f"{time.time() + 3:.3f}"  # after every interpreter has started
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, uri, start], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    results = [process.communicate(timeout=180) for process in processes]
+    assert [process.returncode for process in processes] == [0] * 4, [err[-500:] for _, err in results]
+    assert all(out.strip() for out, _ in results)  # each got a parent run id
