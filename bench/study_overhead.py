@@ -60,7 +60,8 @@ def main() -> None:
         MlflowClient(tracking).search_experiments()  # MLflow's tables: once per store
 
         start = time.perf_counter()
-        summary = run_study(handle, MlflowTracker(tracking), progress=False)
+        # As the CLI runs it: per-epoch trial checkpoints under the work directory.
+        summary = run_study(handle, MlflowTracker(tracking), progress=False, checkpoint_root=scratch / "checkpoints")
         wall = time.perf_counter() - start
 
         trials = handle.study.get_trials()
