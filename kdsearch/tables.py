@@ -321,7 +321,7 @@ def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float
     threads = m.get("latency_threads")
     notes = [
         f"measured: {measured.dataset}; student = {measured.student_source}. Latency: fp32, eval mode, median of "
-        f"timed repeats after warm-up on {measured.device}" + (f", {int(threads)} threads." if threads else "."),
+        f"timed repeats after warm-up on {measured.device}" + (f", {_threads(threads)}." if threads else "."),
         "reported: the paper (CIFAR-10, NVIDIA RTX 3090; Table 4 gives latency per batch without the batch size, "
         "and the KD & IG student's test accuracy from Table 3).",
         "teacher/student: the compression factor for parameters, the speed-up for latency.",
@@ -337,3 +337,7 @@ def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float
 
 def _megabytes(size_bytes: float | None) -> float | None:
     return None if size_bytes is None else size_bytes / 1e6
+
+
+def _threads(count: float) -> str:
+    return "1 thread" if int(count) == 1 else f"{int(count)} threads"

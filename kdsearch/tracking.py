@@ -307,7 +307,8 @@ def device_name(device) -> str:
                 break
     except OSError:
         pass
-    return f"cpu:{cpu} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu:{cpu} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def run_tags(device) -> dict[str, str]:
