@@ -7,7 +7,7 @@ Both studies must already have run (``bench/real_data.sh grid`` runs them on stu
 this script only reads their Optuna storage. The grid's cost is every epoch of every trial. TPE's cost
 to reach the target is the epochs of its trials in the order they started, up to and including the
 first trial whose final validation accuracy is within ``--tolerance`` points of the grid's best; a
-pruned trial costs the epochs it ran (its reported intermediate values). Also printed: the best of
+complete trial costs the study file's epochs, a pruned one the epochs it reported to the pruner. Also printed: the best of
 each search and its test accuracy, and whether TPE reached the target at all. The last line is JSON.
 """
 
@@ -20,8 +20,14 @@ import optuna
 from optuna.trial import TrialState
 
 
-def epochs_run(trial: optuna.trial.FrozenTrial) -> int:
-    return len(trial.intermediate_values)
+def configured_epochs(study: optuna.Study) -> int:
+    """Epochs of every trial, from the study file stored with the study."""
+    return int(study.user_attrs["kdsearch"]["spec"]["train"]["epochs"])
+
+
+def epochs_run(trial: optuna.trial.FrozenTrial, epochs: int) -> int:
+    # A complete trial ran every epoch (grid trials report none to a pruner); a pruned one, those it reported.
+    return epochs if trial.state == TrialState.COMPLETE else len(trial.intermediate_values)
 
 
 def main() -> None:
@@ -37,7 +43,7 @@ def main() -> None:
 
     grid_trials = grid.get_trials(states=(TrialState.COMPLETE,))
     grid_best = max(grid_trials, key=lambda t: t.value)
-    grid_epochs = sum(epochs_run(t) for t in grid_trials)
+    grid_epochs = sum(epochs_run(t, configured_epochs(grid)) for t in grid_trials)
     target = grid_best.value - args.tolerance
     print(f"grid {args.grid}: {len(grid_trials)} complete trials, {grid_epochs} epochs")
     print(
@@ -50,9 +56,9 @@ def main() -> None:
     finished = sorted(tpe.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)), key=lambda t: t.number)
     print(f"TPE {args.tpe}: {len(finished)} finished trials")
     for trial in finished:
-        spent += epochs_run(trial)
+        spent += epochs_run(trial, configured_epochs(tpe))
         value = trial.value if trial.state == TrialState.COMPLETE else None
-        shown = f"{value:.2f}" if value is not None else f"pruned after {epochs_run(trial)}"
+        shown = f"{value:.2f}" if value is not None else f"pruned after {len(trial.intermediate_values)}"
         marker = ""
         if reached is None and value is not None and value >= target:
             reached = (trial.number, spent, value)
