@@ -284,8 +284,10 @@ def _search_algorithms(spec: StudySpec, kind: str, seed: int | None):
     return sampler, PRUNERS[spec.tpe.pruner](spec)
 
 
+# Trials report 1-based epochs, and Optuna prunes once a step is >= n_warmup_steps: 2 keeps the
+# first epoch, whose accuracy is still close to chance, from deciding anything.
 PRUNERS: dict[str, Callable[[StudySpec], optuna.pruners.BasePruner]] = {
-    "median": lambda spec: optuna.pruners.MedianPruner(n_startup_trials=spec.tpe.startup_trials, n_warmup_steps=1),
+    "median": lambda spec: optuna.pruners.MedianPruner(n_startup_trials=spec.tpe.startup_trials, n_warmup_steps=2),
     "hyperband": lambda spec: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.train.epochs),
     "none": lambda spec: optuna.pruners.NopPruner(),
 }

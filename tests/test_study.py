@@ -12,6 +12,7 @@ from kdsearch.cli import main
 from kdsearch.errors import ConfigError, StudyError
 from kdsearch.storage import HeartbeatConfig, check_database, database_url
 from kdsearch.study import (
+    PRUNERS,
     claim_waiting,
     join_study,
     open_grid,
@@ -292,3 +293,18 @@ def test_a_failed_trial_run_again_resumes_from_its_last_epoch(
     [run] = [run for run in tracker.runs.values() if run.parent_id is not None]
     assert sorted(step for step, _ in run.metrics["val_acc"]) == [1, 2, 3]  # restored epoch logged too
     assert not list(checkpoints.rglob("*.pt"))  # removed once the trial completed
+
+
+def test_the_median_pruner_lets_every_trial_finish_its_first_epoch():
+    spec = load_study(SMOKE, {"tpe.startup_trials": 1})
+    study = optuna.create_study(direction="maximize", pruner=PRUNERS["median"](spec))
+    for _ in range(2):
+        trial = study.ask()
+        trial.report(60.0, 1)
+        trial.report(70.0, 2)
+        study.tell(trial, 70.0)
+    weak = study.ask()
+    weak.report(10.0, 1)  # far below the median, but after the first epoch only
+    assert not weak.should_prune()
+    weak.report(20.0, 2)
+    assert weak.should_prune()
