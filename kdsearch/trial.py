@@ -182,7 +182,8 @@ class TrialRunner:
             log_epoch(row)
             if prune:
                 trial.report(row["val_acc"], epoch + 1)
-                if trial.should_prune():
+                # After the last epoch there is nothing left to save: the trial completes with its value.
+                if epoch + 1 < config.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"val_acc {row['val_acc']:.2f} at epoch {epoch + 1}")
 
         run_dir = self.checkpoint_dir(trial)

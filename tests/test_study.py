@@ -308,3 +308,19 @@ def test_the_median_pruner_lets_every_trial_finish_its_first_epoch():
     assert not weak.should_prune()
     weak.report(20.0, 2)
     assert weak.should_prune()
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("epochs", "state"), [(1, "COMPLETE"), (2, "PRUNED")])
+def test_a_trial_is_never_pruned_after_its_last_epoch(
+    epochs, state, tmp_path, shared_cache, smoke_overrides, tiny_teacher_checkpoint, monkeypatch
+):
+    monkeypatch.setitem(PRUNERS, "median", lambda spec: _AlwaysPrune())
+    overrides = {**smoke_overrides, "teacher": {"checkpoint": tiny_teacher_checkpoint}, "train.epochs": epochs}
+    spec = load_study(SMOKE, {**overrides, "tpe.trials": 1, "tpe.pruner": "median"})
+    summary = run_study(open_tpe(spec, f"sqlite:///{tmp_path}/studies.db", FAST), MemoryTracker(), progress=False)
+    assert summary.counts[state] == 1 and summary.done == 1
