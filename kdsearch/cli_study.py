@@ -123,7 +123,19 @@ class RunOptions:
         return self.workdir / "checkpoints"
 
     def setup(self):
-        return _setup(self.workdir, self.storage, self.tracking_uri, self.heartbeat_interval, self.grace_period)
+        """(storage URL, tracker, heartbeat) with the tracking store checked; nothing is written."""
+        import optuna
+
+        from kdsearch.storage import HeartbeatConfig, default_storage
+        from kdsearch.tracking import MlflowTracker, default_tracking_uri
+
+        if not self.workdir.is_dir():
+            raise ConfigError(f"--workdir {self.workdir} does not exist")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdsearch reports progress itself
+        heartbeat = HeartbeatConfig(interval=self.heartbeat_interval, grace=self.grace_period)
+        tracker = MlflowTracker(self.tracking_uri or default_tracking_uri(self.workdir))
+        tracker.check()
+        return self.storage or default_storage(self.workdir), tracker, heartbeat
 
 
 def _spec(study_file: Path | None, overrides: dict[str, Any], section: str):
@@ -133,22 +145,6 @@ def _spec(study_file: Path | None, overrides: dict[str, Any], section: str):
     raw = read_study_file(study_file) if study_file is not None else {"name": "default"}
     raw.setdefault(section, {})
     return build_spec(apply_overrides(raw, overrides))
-
-
-def _setup(workdir: Path, storage: str | None, tracking_uri: str | None, interval: int, grace: int):
-    """(storage URL, tracker, heartbeat) with the tracking store checked; nothing is written."""
-    import optuna
-
-    from kdsearch.storage import HeartbeatConfig, default_storage
-    from kdsearch.tracking import MlflowTracker, default_tracking_uri
-
-    if not workdir.is_dir():
-        raise ConfigError(f"--workdir {workdir} does not exist")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdsearch reports progress itself
-    heartbeat = HeartbeatConfig(interval=interval, grace=grace)
-    tracker = MlflowTracker(tracking_uri or default_tracking_uri(workdir))
-    tracker.check()
-    return storage or default_storage(workdir), tracker, heartbeat
 
 
 def _report(summary) -> None:

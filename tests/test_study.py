@@ -295,6 +295,40 @@ def test_a_failed_trial_run_again_resumes_from_its_last_epoch(
     assert not list(checkpoints.rglob("*.pt"))  # removed once the trial completed
 
 
+def test_a_checkpoint_of_another_configuration_is_discarded_not_resumed(
+    tmp_path, shared_cache, smoke_overrides, tiny_teacher_checkpoint, monkeypatch
+):
+    import kdsearch.trial
+
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    overrides = {**smoke_overrides, "teacher": {"checkpoint": tiny_teacher_checkpoint}, "train.epochs": 2}
+    spec = load_study(SMOKE, {**overrides, "grid.t": [1.0], "grid.alpha": [0.5], "grid.p": [0.5]})
+    real_train = kdsearch.trial.train
+    epochs_trained: list[int] = []
+
+    def train(config, on_epoch, **kwargs):
+        def record(epoch, row):
+            on_epoch(epoch, row)
+            epochs_trained.append(epoch)
+            if dying:
+                raise RuntimeError("the worker died")
+
+        return real_train(config, on_epoch=record, **kwargs)
+
+    monkeypatch.setattr(kdsearch.trial, "train", train)
+    checkpoints = tmp_path / "checkpoints"
+    handle = open_grid(spec, storage, FAST)
+    dying = True
+    with pytest.raises(RuntimeError, match="the worker died"):
+        run_study(handle, MemoryTracker(), progress=False, checkpoint_root=checkpoints)
+    # A worker on the same machine with another cache directory: same point, another TrainConfig.
+    dying, epochs_trained[:] = False, []
+    handle = open_grid(spec, storage, FAST)  # queues the failed point again
+    other = join_study(handle.name, storage, FAST, {"train.cache_dir": str(tmp_path / "other-cache")})
+    summary = run_study(other, MemoryTracker(), progress=False, checkpoint_root=checkpoints)
+    assert summary.counts["COMPLETE"] == 1 and epochs_trained == [0, 1]  # from scratch, not a refused resume
+
+
 def test_the_median_pruner_lets_every_trial_finish_its_first_epoch():
     spec = load_study(SMOKE, {"tpe.startup_trials": 1})
     study = optuna.create_study(direction="maximize", pruner=PRUNERS["median"](spec))
