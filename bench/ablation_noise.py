@@ -65,7 +65,11 @@ def main() -> None:
         measured_time = [t for t in times if t is not None]
         mean_time = float(np.mean(measured_time)) if measured_time else None
         shown_time = f"{mean_time / 60:.1f} min" if mean_time is not None else "n/a"
-        print(f"  mean {accuracies.mean():.2f}, std {sd:.2f} points; training time per run {shown_time}")
+        # Wall time of each run: a run paused or sharing the CPU shows it here, so the mean is a hint only.
+        per_run = ", ".join(f"{t / 60:.1f}" for t in measured_time)
+        print(
+            f"  mean {accuracies.mean():.2f}, std {sd:.2f} points; training wall time per run {per_run} min (mean {shown_time})"
+        )
         print(f"  assumed spread of a paired difference: std * sqrt(2) = {sd_difference:.2f}")
         rows = []
         for n in SEEDS:
