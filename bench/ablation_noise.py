@@ -1,8 +1,7 @@
 """Size an ablation by measured noise: the baseline's seed-to-seed spread at candidate budgets.
 
     .venv/bin/python bench/ablation_noise.py \\
-        --study 10k-8ep=sqlite:///runs/cifar10-ablation/studies.db:cifar10-ablation \\
-        --study 5k-8ep=sqlite:///runs/cifar10-noise/studies.db:noise-5k
+        --study 10k-8ep=sqlite:///runs/cifar10-ablation/studies.db:cifar10-ablation
 
 Each ``--study LABEL=STORAGE_URL:STUDY_NAME`` is an ablation study (``kdsearch ablate``) holding at
 least two completed baseline seeds. For each, the script prints the baseline's test accuracies, their

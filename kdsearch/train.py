@@ -49,6 +49,8 @@ from kdsearch.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
+OVERLAY_STREAM = 1 << 40  # offsets the overlay's per-epoch seed far from every (seed, epoch) of the data stream
+
 EpochCallback = Callable[[int, dict], None]  # (epoch index, history row); may raise to stop (pruning)
 
 
@@ -205,8 +207,12 @@ def train(
     images_seen = 0
 
     for epoch in range(start_epoch, config.epochs):
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout draws, for exact resumes
+        epoch_seed = config.seed * 1_000_003 + epoch
+        generator = torch.Generator().manual_seed(epoch_seed)
+        # The overlay draws from its own stream so that every arm of one seed gets the same batches,
+        # crops and flips: arm-vs-baseline differences are then paired on the data, not only the init.
+        overlay_generator = torch.Generator().manual_seed(epoch_seed + OVERLAY_STREAM)
+        torch.manual_seed(epoch_seed)  # dropout draws, for exact resumes
         order = torch.randperm(count, generator=generator).to(device)
         student.train()
         epoch_loss, step_start = 0.0, time.perf_counter()
@@ -221,11 +227,11 @@ def train(
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             images = train_images[index].float().div_(255)
             if maps is not None:
-                overlay_maps = maps[map_index(index, count, generator)].float().unsqueeze(1)
+                overlay_maps = maps[map_index(index, count, overlay_generator)].float().unsqueeze(1)
                 stacked = random_crop_flip(
                     torch.cat([images, overlay_maps], 1), config.crop_padding, generator, config.pad_mode
                 )
-                images, _ = ig_overlay(stacked[:, :3], stacked[:, 3], config.overlay.p, generator)
+                images, _ = ig_overlay(stacked[:, :3], stacked[:, 3], config.overlay.p, overlay_generator)
             else:
                 images = random_crop_flip(images, config.crop_padding, generator, config.pad_mode)
             if config.channels_last:

@@ -48,6 +48,15 @@ def test_resume_refuses_a_checkpoint_of_another_config(student_config, tmp_path)
         train(other, run_dir=tmp_path / "run", resume=True, progress=False)
 
 
+def test_an_ig_arm_sees_the_same_batches_crops_and_flips_as_its_baseline(student_config):
+    # With p so small that no image is blended, an IG arm must train exactly like the arm without
+    # IG: the overlay's random draws may not shift the data augmentation of the paired run.
+    without_ig = train(replace(student_config, overlay=OverlayConfig(p=0.0)), progress=False)
+    ig_never_blended = train(replace(student_config, overlay=OverlayConfig(p=1e-12)), progress=False)
+    assert ig_never_blended.ig_cache_key is not None
+    assert weights_hash(ig_never_blended.model) == weights_hash(without_ig.model)
+
+
 def test_each_image_is_overlaid_with_its_own_map_under_shuffling(student_config, monkeypatch):
     import kdsearch.train as train_module
 
