@@ -8,12 +8,13 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import resource
 import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from kdsearch.latency import machine_busy_seconds, own_cpu_seconds
 
 DATA_DIR = "/work/shared/data/cifar10-jpeg"
 DATA_LABEL = "CIFAR-10 (JPEG q75 copy)"
@@ -92,27 +93,12 @@ def header(title: str, info: dict) -> None:
         print(f"  busy at start: {line}")
 
 
-def _system_busy_seconds() -> float:
-    """CPU-seconds spent busy by the whole machine since boot (all cores), from /proc/stat."""
-    with open("/proc/stat") as handle:
-        fields = [int(value) for value in handle.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    """CPU-seconds of this process (all threads) and of its reaped children (DataLoader workers)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
 def other_cores(window_s: float = 1.0) -> float:
     """Cores' worth of CPU used by other processes over the next ``window_s`` seconds (this one idle)."""
-    busy, own, start = _system_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+    busy, own, start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
     time.sleep(window_s)
     wall = time.perf_counter() - start
-    return max(0.0, (_system_busy_seconds() - busy) - (_own_cpu_seconds() - own)) / wall
+    return max(0.0, (machine_busy_seconds() - busy) - (own_cpu_seconds() - own)) / wall
 
 
 def wait_quiet(max_wait_s: float, threshold: float = QUIET_CORES) -> float:
@@ -137,7 +123,7 @@ def wait_quiet(max_wait_s: float, threshold: float = QUIET_CORES) -> float:
 
 def cpu_reading() -> tuple[float, float, float]:
     """(machine busy CPU-s, this process's CPU-s, wall s) now; two readings give ``others_between``."""
-    return _system_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+    return machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
 
 
 def others_between(first: tuple[float, float, float], second: tuple[float, float, float]) -> float:
@@ -151,13 +137,13 @@ class Timer:
 
     def __enter__(self) -> Timer:
         self.load_before = load1()
-        self._busy, self._own = _system_busy_seconds(), _own_cpu_seconds()
+        self._busy, self._own = machine_busy_seconds(), own_cpu_seconds()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
-        other = (_system_busy_seconds() - self._busy) - (_own_cpu_seconds() - self._own)
+        other = (machine_busy_seconds() - self._busy) - (own_cpu_seconds() - self._own)
         self.others = max(0.0, other) / self.seconds
         self.load_after = load1()
 

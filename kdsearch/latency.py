@@ -2,12 +2,16 @@
 
 Measured in fp32, eval mode, without gradients, on channels_last input (the layout training uses),
 on random 32x32 images: the latency of the architecture, not of particular weights. The median
-resists the odd slow repeat that another process on a shared CPU causes.
+resists the odd slow repeat that another process on a shared CPU causes, but not a neighbour that
+keeps the cores busy throughout (a second study worker): so the CPU that other processes used during
+the timing is measured too, and reports flag latencies taken on a busy machine.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,6 +38,41 @@ class LatencyConfig:
             raise ConfigError(f"latency batch_sizes must be positive integers but got {list(self.batch_sizes)}")
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU-seconds the whole machine (all cores) has spent busy since boot; None where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(value) for value in handle.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU-seconds of this process (all threads) and of its reaped children (DataLoader workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class OtherProcesses:
+    """Cores' worth of CPU that other processes used while the block ran (``cores``; None if unknown)."""
+
+    cores: float | None = None
+
+    def __enter__(self) -> OtherProcesses:
+        self._busy, self._own, self._start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = machine_busy_seconds()
+        if busy is None or self._busy is None:
+            return
+        other = (busy - self._busy) - (own_cpu_seconds() - self._own)
+        self.cores = max(0.0, other) / max(time.perf_counter() - self._start, 1e-9)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -57,7 +96,11 @@ def latency_ms(model: nn.Module, batch_size: int, device: torch.device, config: 
 
 
 def measure_latency(model: nn.Module, device: torch.device, config: LatencyConfig, prefix: str) -> dict[str, float]:
-    """{"<prefix>_b1": ms, "<prefix>_b128": ms, ..., "latency_threads": n} for the configured batch sizes."""
-    metrics = {f"{prefix}_b{size}": latency_ms(model, size, device, config) for size in config.batch_sizes}
+    """{"<prefix>_b1": ms, "<prefix>_b128": ms, ..., "latency_threads": n} for the configured batch sizes,
+    and "<prefix>_other_cores": the cores other processes kept busy meanwhile (where measurable)."""
+    with OtherProcesses() as others:
+        metrics = {f"{prefix}_b{size}": latency_ms(model, size, device, config) for size in config.batch_sizes}
     metrics["latency_threads"] = float(torch.get_num_threads())
+    if others.cores is not None:
+        metrics[f"{prefix}_other_cores"] = others.cores
     return metrics

@@ -233,6 +233,11 @@ class Deployment:
     student_source: str  # which run or arm the student figures are from
 
 
+# Cores that other processes may use during a latency measurement before the report calls it unclean: a
+# second one-thread study worker uses ~1, background noise on an idle machine ~0.05.
+BUSY_MACHINE_CORES = 0.25
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b not in (None, 0) else None
 
@@ -326,6 +331,13 @@ def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float
         "and the KD & IG student's test accuracy from Table 3).",
         "teacher/student: the compression factor for parameters, the speed-up for latency.",
     ]
+    others = [m[key] for key in ("latency_ms_teacher_other_cores", "latency_ms_student_other_cores") if key in m]
+    if others and max(others) >= BUSY_MACHINE_CORES:
+        notes.append(
+            f"Not a clean timing: other processes kept up to {max(others):.2f} cores busy while these latencies "
+            "were measured (e.g. a second study worker); time the models on a quiet machine instead "
+            "(bench/latency.py)."
+        )
     formats = {"teacher/student reported": ".2f", "teacher/student measured": ".2f"}
     row_formats = {"parameters": ",.0f", "FLOPs per image": ",.0f", "size on disk, state dict (MB)": ".3f"}
     row_formats |= {record["quantity"]: ".3f" for record in records if record["quantity"].startswith("latency")}

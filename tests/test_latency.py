@@ -1,20 +1,36 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 from kdsearch.config import ModelConfig
 from kdsearch.errors import ConfigError
-from kdsearch.latency import LatencyConfig, latency_ms, measure_latency
+from kdsearch.latency import LatencyConfig, OtherProcesses, latency_ms, measure_latency
 from kdsearch.models import build_model
 
 
 def test_latency_of_each_batch_size_and_the_thread_count():
     model = build_model(ModelConfig(arch="tiny_cnn"))
     metrics = measure_latency(model, torch.device("cpu"), LatencyConfig(warmup=1, repeats=3, batch_sizes=(1, 16)), "x")
-    assert set(metrics) == {"x_b1", "x_b16", "latency_threads"}
+    assert set(metrics) == {"x_b1", "x_b16", "latency_threads", "x_other_cores"}
     assert 0 < metrics["x_b1"] and 0 < metrics["x_b16"]
-    assert metrics["latency_threads"] == torch.get_num_threads()
+    assert metrics["latency_threads"] == torch.get_num_threads() and metrics["x_other_cores"] >= 0
+
+
+def test_a_neighbour_keeping_a_core_busy_is_measured():
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        with OtherProcesses() as others:
+            time.sleep(1.0)
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    assert others.cores is not None and others.cores >= 0.7
 
 
 def test_latency_leaves_the_model_as_it_was():

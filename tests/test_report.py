@@ -421,6 +421,14 @@ def test_deployment_table_labels_reported_and_measured():
     ]
 
 
+@pytest.mark.parametrize("other_cores, flagged", [(0.02, False), (1.0, True)])
+def test_deployment_table_flags_latency_timed_on_a_busy_machine(other_cores, flagged):
+    metrics = {"latency_ms_teacher_b1": 4.0, "latency_ms_student_b1": 1.0, "latency_ms_teacher_other_cores": 0.0}
+    measured = Deployment("synthetic", "cpu:test", metrics | {"latency_ms_student_other_cores": other_cores}, 1, 1, "x")
+    notes = " ".join(deployment_table(measured, {}).notes)
+    assert ("Not a clean timing" in notes) == flagged
+
+
 def test_compression_figure_means_and_a_row_without_compression():
     table = literature()
     figure = compression_accuracy(table, [Line("ours", 90.0, 4.0, 88.0)], "synthetic")
