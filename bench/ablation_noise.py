@@ -9,7 +9,8 @@ standard deviation s, the mean training time per run, and, for n seeds per arm, 
 of an arm-vs-baseline difference and the minimum detectable effect (two-sided paired t-test,
 alpha 0.05, power 0.8). Until arms have run, the spread of a paired difference is taken as s * sqrt(2)
 (arms independent given the seed); when other arms have completed seeds, the measured spread of
-each arm's paired differences is printed too. The last line is JSON.
+each arm's paired differences, and that spread pooled over the arms, are used too. The last line is
+JSON.
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ from optuna.trial import TrialState
 from scipy import stats
 
 TARGET_HALF_WIDTH = 0.5  # points: the issue's bound on each arm-vs-baseline 95 % CI half-width
-SEEDS = (3, 4, 5, 6, 8, 10, 12, 16, 20)
+SEEDS = (3, 4, 5, 6, 8, 10, 12, 16, 20, 30, 40, 50)
 
 
 def half_width(sd: float, n: int) -> float:
     return float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+
+
+def seeds_for(sd: float, target: float) -> int:
+    """The fewest seeds whose paired 95 % CI half-width is at most ``target`` at spread ``sd``."""
+    n = 2
+    while half_width(sd, n) > target:
+        n += 1
+    return n
 
 
 def detectable_effect(sd: float, n: int, power: float = 0.8) -> float:
@@ -69,17 +78,6 @@ def main() -> None:
         print(
             f"  mean {accuracies.mean():.2f}, std {sd:.2f} points; training wall time per run {per_run} min (mean {shown_time})"
         )
-        print(f"  assumed spread of a paired difference: std * sqrt(2) = {sd_difference:.2f}")
-        rows = []
-        for n in SEEDS:
-            rows.append(
-                {"seeds": n, "half_width": half_width(sd_difference, n), "mde": detectable_effect(sd_difference, n)}
-            )
-            print(
-                f"  n={n:>2}: 95% CI half-width {rows[-1]['half_width']:.2f}, minimum detectable effect {rows[-1]['mde']:.2f}"
-            )
-        enough = next((row["seeds"] for row in rows if row["half_width"] <= TARGET_HALF_WIDTH), None)
-        print(f"  seeds for a half-width <= {TARGET_HALF_WIDTH}: {enough if enough else f'more than {SEEDS[-1]}'}")
         measured = {}
         for arm, runs in arms.items():
             common = sorted(set(runs) & set(baseline))
@@ -93,6 +91,31 @@ def main() -> None:
                 f"  measured {arm} - baseline over {len(common)} seeds: mean {differences.mean():+.2f}, "
                 f"std {differences.std(ddof=1):.2f}, 95% CI half-width {half_width(differences.std(ddof=1), len(common)):.2f}"
             )
+        spreads = {"assumed (baseline std * sqrt(2))": sd_difference}
+        pooled_df = sum(arm["n"] - 1 for arm in measured.values())
+        if pooled_df:
+            # Every arm's differences pooled (each about its own mean): one spread estimate with more degrees
+            # of freedom than any single arm's, on the assumption that pairing removes as much noise in each arm.
+            pooled = math.sqrt(sum((arm["n"] - 1) * arm["sd"] ** 2 for arm in measured.values()) / pooled_df)
+            spreads[f"measured, pooled over arms ({pooled_df} degrees of freedom)"] = pooled
+        rows, needed = [], {}
+        for source, spread in spreads.items():
+            print(f"  spread of a paired difference, {source}: {spread:.2f}")
+            for n in SEEDS:
+                rows.append(
+                    {
+                        "spread": source,
+                        "seeds": n,
+                        "half_width": half_width(spread, n),
+                        "mde": detectable_effect(spread, n),
+                    }
+                )
+                print(
+                    f"    n={n:>2}: 95% CI half-width {rows[-1]['half_width']:.2f}, "
+                    f"minimum detectable effect {rows[-1]['mde']:.2f}"
+                )
+            needed[source] = seeds_for(spread, TARGET_HALF_WIDTH)
+            print(f"    seeds for a half-width <= {TARGET_HALF_WIDTH}: {needed[source]}")
         summary.append(
             {
                 "label": label,
@@ -101,8 +124,8 @@ def main() -> None:
                 "std": sd,
                 "train_time_s": mean_time,
                 "rows": rows,
-                "seeds_needed": enough,
                 "measured_differences": measured,
+                "seeds_needed": needed,
             }
         )
     print(json.dumps(summary))
