@@ -159,16 +159,29 @@ def ablation_bars(table, reported: dict[str, float]) -> go.Figure:
         go.Bar(
             x=arms,
             y=means,
-            name="measured: mean, 95% CI",
+            name="measured: mean",
+            text=[f"{row.mean:.2f} (n={row.n})" for row in table.rows],
+            textposition="inside",
+            insidetextanchor="end",  # the top: the axis starts well above 0, hiding the base
+        )
+    )
+    # Intervals in a trace of their own, for the arms that have one: plotly draws a missing (null) error
+    # value as a zero-width interval, which would make an arm with one seed look exactly measured.
+    with_interval = [row for row in table.rows if not math.isnan(row.ci[0])]
+    figure.add_trace(
+        go.Scatter(
+            x=[row.arm for row in with_interval],
+            y=[row.mean for row in with_interval],
+            mode="markers",
+            marker={"size": 1, "color": "black"},
+            name="95% CI (n >= 2)",
             error_y={
                 "type": "data",
                 "symmetric": False,
-                "array": [row.ci[1] - row.mean for row in table.rows],
-                "arrayminus": [row.mean - row.ci[0] for row in table.rows],
+                "array": [row.ci[1] - row.mean for row in with_interval],
+                "arrayminus": [row.mean - row.ci[0] for row in with_interval],
+                "color": "black",
             },
-            text=[f"{mean:.2f}" for mean in means],
-            textposition="inside",
-            insidetextanchor="start",
         )
     )
     paper = [(arm, reported[arm]) for arm in arms if arm in reported]
@@ -198,7 +211,7 @@ def ablation_bars(table, reported: dict[str, float]) -> go.Figure:
     values = [v for v in means + [value for _, value in paper] if not math.isnan(v)]
     low = min(values + [table.teacher_test_acc or math.inf]) if values else 0
     figure.update_layout(
-        title=table.title,
+        title=table.title.replace(" (partial", "<br>(partial"),  # one line is wider than the figure
         xaxis_title="arm",
         yaxis_title="test accuracy (%)",
         yaxis_range=[max(0.0, low - 10), 100] if values else None,

@@ -18,10 +18,10 @@ from fixtures_study import SMOKE
 from optuna.trial import TrialState
 from torchvision.io import decode_png, read_file
 
-from kdsearch.ablation import ablation_table
+from kdsearch.ablation import AblationTable, ArmRow, ablation_table
 from kdsearch.cli import main
 from kdsearch.errors import KdsearchError
-from kdsearch.figures import Line, compression_accuracy, find_chromium, ig_figure
+from kdsearch.figures import Line, ablation_bars, compression_accuracy, find_chromium, ig_figure
 from kdsearch.report import ig_examples, literature, reported_accuracy
 from kdsearch.storage import HeartbeatConfig
 from kdsearch.study import claim_waiting, join_study
@@ -299,12 +299,23 @@ def test_grid_figures_hold_the_study(stores, grid_report):
 
 def test_ablation_bars_hold_means_and_intervals(stores, ablation_report):
     table = ablation_table(_study(stores, "ablation"))
-    bars, paper = plotly_json(ablation_report / "figures" / "ablation_bars.html")["data"][:2]
+    bars, intervals, paper = plotly_json(ablation_report / "figures" / "ablation_bars.html")["data"][:3]
     assert bars["type"] == "bar" and bars["x"] == ARMS
     assert bars["y"] == pytest.approx([row.mean for row in table.rows])
-    assert bars["error_y"]["array"] == pytest.approx([row.ci[1] - row.mean for row in table.rows])
-    assert bars["error_y"]["arrayminus"] == pytest.approx([row.mean - row.ci[0] for row in table.rows])
+    assert intervals["x"] == ARMS
+    assert intervals["error_y"]["array"] == pytest.approx([row.ci[1] - row.mean for row in table.rows])
+    assert intervals["error_y"]["arrayminus"] == pytest.approx([row.mean - row.ci[0] for row in table.rows])
     assert paper["name"] == "reported (paper)" and paper["y"] == [91.43, 92.29, 92.01, 92.45]
+
+
+def test_an_arm_with_one_seed_gets_no_interval_bar():
+    def row(arm, n, ci):
+        return ArmRow(arm, n, 60.0, math.nan, ci, 0.0, math.nan, math.nan, math.nan)
+
+    table = AblationTable(87.0, [row("baseline", 3, (58.0, 62.0)), row("kd", 1, (math.nan, math.nan))], [], "t")
+    bars, intervals = ablation_bars(table, {}).data[:2]
+    assert list(bars.x) == ["baseline", "kd"] and list(bars.text) == ["60.00 (n=3)", "60.00 (n=1)"]
+    assert list(intervals.x) == ["baseline"] and list(intervals.error_y.array) == [2.0]
 
 
 # --- a study still running, on another machine ------------------------------------------------
