@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kdsearch.latency import machine_busy_seconds, own_cpu_seconds
+from kdsearch.latency import OtherProcesses, machine_busy_seconds, own_cpu_seconds
 
 DATA_DIR = "/work/shared/data/cifar10-jpeg"
 DATA_LABEL = "CIFAR-10 (JPEG q75 copy)"
@@ -95,10 +95,9 @@ def header(title: str, info: dict) -> None:
 
 def other_cores(window_s: float = 1.0) -> float:
     """Cores' worth of CPU used by other processes over the next ``window_s`` seconds (this one idle)."""
-    busy, own, start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
-    time.sleep(window_s)
-    wall = time.perf_counter() - start
-    return max(0.0, (machine_busy_seconds() - busy) - (own_cpu_seconds() - own)) / wall
+    with OtherProcesses() as others:
+        time.sleep(window_s)
+    return others.cores
 
 
 def wait_quiet(max_wait_s: float, threshold: float = QUIET_CORES) -> float:
@@ -132,19 +131,18 @@ def others_between(first: tuple[float, float, float], second: tuple[float, float
     return max(0.0, other) / max(second[2] - first[2], 1e-9)
 
 
-class Timer:
-    """Wall time of a block, and how many cores other processes used meanwhile (``others``)."""
+class Timer(OtherProcesses):
+    """Wall time of a block (``seconds``), and how many cores other processes used meanwhile (``others``)."""
 
     def __enter__(self) -> Timer:
         self.load_before = load1()
-        self._busy, self._own = machine_busy_seconds(), own_cpu_seconds()
         self.start = time.perf_counter()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
-        other = (machine_busy_seconds() - self._busy) - (own_cpu_seconds() - self._own)
-        self.others = max(0.0, other) / self.seconds
+        super().__exit__(*exc)
+        self.others = self.cores
         self.load_after = load1()
 
 

@@ -19,16 +19,10 @@ import argparse
 import json
 
 import torch
-from common import cpu_reading, header, machine, wait_quiet
+from common import header, machine, wait_quiet
 
-from kdsearch.latency import LatencyConfig, latency_ms
+from kdsearch.latency import LatencyConfig, OtherProcesses, latency_ms
 from kdsearch.models import ModelConfig, build_model, count_flops, count_parameters, fold_batchnorm, size_on_disk_bytes
-
-
-def others_between(start: tuple[float, float, float]) -> float:
-    busy, own, wall = start
-    busy_now, own_now, wall_now = cpu_reading()
-    return max(0.0, (busy_now - busy) - (own_now - own)) / (wall_now - wall)
 
 
 def main() -> None:
@@ -69,9 +63,9 @@ def main() -> None:
         for batch in batch_sizes:
             for name, model in models.items():
                 wait_quiet(args.max_wait)
-                start = cpu_reading()
-                ms = latency_ms(model, batch, device, config)
-                others = others_between(start)
+                with OtherProcesses() as during:
+                    ms = latency_ms(model, batch, device, config)
+                others = during.cores
                 rows.append({"model": name, "threads": count, "batch": batch, "ms": ms, "others": others})
                 print(
                     f"{name:<22} {count:>7} {batch:>5} {ms:>9.2f} {1000 * batch / ms:>9.0f} {others:>7.2f}",
