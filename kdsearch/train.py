@@ -140,6 +140,7 @@ def train(
     *,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    discard_foreign_checkpoint: bool = False,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
     splits: Splits | None = None,
@@ -147,7 +148,9 @@ def train(
     """Train a student (or, with a teacher recipe, a teacher) and return its metrics.
 
     ``run_dir`` receives ``last.pt`` after every epoch and ``model.pt`` at the end; ``resume`` continues
-    from ``last.pt``. ``on_epoch`` is called after each epoch's validation (studies prune there).
+    from ``last.pt``, and refuses one written by another configuration unless ``discard_foreign_checkpoint``
+(a study's retried trial, whose checkpoint a worker given other paths may have written) starts afresh.
+``on_epoch`` is called after each epoch's validation (studies prune there).
     ``splits`` may be passed to reuse data already in memory (studies run many trials on one split).
     """
     from tqdm import tqdm
@@ -189,14 +192,17 @@ def train(
     start_epoch = 0
     if resume and run_dir is not None and (run_dir / "last.pt").exists():
         state = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
-        if state["config"] != to_dict(config):
+        if state["config"] != to_dict(config) and discard_foreign_checkpoint:
+            log.warning("discarding %s: written by another configuration", run_dir / "last.pt")
+        elif state["config"] != to_dict(config):
             raise CheckpointError(f"{run_dir / 'last.pt'} was written by a different configuration; use a new run dir")
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        history, start_epoch = state["history"], state["epoch"]
-        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+        else:
+            student.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            history, start_epoch = state["history"], state["epoch"]
+            log.info("resuming %s after epoch %d", run_dir, start_epoch)
 
     train_images = splits.train_images.to(device)
     train_labels = splits.train_labels.to(device)

@@ -187,12 +187,12 @@ class TrialRunner:
                     raise optuna.TrialPruned(f"val_acc {row['val_acc']:.2f} at epoch {epoch + 1}")
 
         run_dir = self.checkpoint_dir(trial)
-        _drop_stale_checkpoint(run_dir, config)
         try:
             result = train(
                 config,
                 run_dir=run_dir,
                 resume=run_dir is not None,
+                discard_foreign_checkpoint=True,
                 splits=self.prepared.splits,
                 on_epoch=on_epoch,
                 progress=self.progress,
@@ -247,12 +247,3 @@ def _remove(run_dir: Path | None) -> None:
     if run_dir is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
-
-def _drop_stale_checkpoint(run_dir: Path | None, config: TrainConfig) -> None:
-    """Remove a checkpoint written for another configuration of the same point (a worker given other
-    paths, say): resuming it would be refused, and the retried trial would fail every time."""
-    last = run_dir / "last.pt" if run_dir is not None else None
-    if last is not None and last.exists():
-        if torch.load(last, map_location="cpu", weights_only=False)["config"] != to_dict(config):
-            log.warning("discarding %s: written by another configuration", last)
-            _remove(run_dir)

@@ -48,6 +48,16 @@ def test_resume_refuses_a_checkpoint_of_another_config(student_config, tmp_path)
         train(other, run_dir=tmp_path / "run", resume=True, progress=False)
 
 
+def test_a_retried_trial_discards_a_checkpoint_of_another_config_and_trains_afresh(student_config, tmp_path):
+    train(student_config, run_dir=tmp_path / "run", progress=False)
+    other = replace(student_config, kd=KDConfig(alpha=0.9, temperature=2.0))
+    fresh = train(other, progress=False)
+    retried = train(other, run_dir=tmp_path / "run", resume=True, discard_foreign_checkpoint=True, progress=False)
+    assert [row["epoch"] for row in retried.history] == [1]
+    assert weights_hash(retried.model) == weights_hash(fresh.model)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["config"]["kd"]["alpha"] == 0.9
+
+
 def test_an_ig_arm_sees_the_same_batches_crops_and_flips_as_its_baseline(student_config):
     # With p so small that no image is blended, an IG arm must train exactly like the arm without
     # IG: the overlay's random draws may not shift the data augmentation of the paired run.
