@@ -148,10 +148,11 @@ def _compression(row: pd.Series) -> float | None:
 # --- ablation ---------------------------------------------------------------------------------
 
 
-def ablation_bars(table, reported: dict[str, float]) -> go.Figure:
+def ablation_bars(table, reported: dict[str, float], progress: str = "") -> go.Figure:
     """Mean test accuracy per arm with its 95% t-interval, the paper's figures as markers, the teacher as a line.
 
-    ``table``: kdsearch.ablation's AblationTable; ``reported``: the paper's accuracy by arm name.
+    ``table``: kdsearch.ablation's AblationTable; ``reported``: the paper's accuracy by arm name;
+    ``progress``: how far a partial study got, shown under the title (one line is wider than the figure).
     """
     arms = [row.arm for row in table.rows]
     means = [row.mean for row in table.rows]
@@ -211,7 +212,7 @@ def ablation_bars(table, reported: dict[str, float]) -> go.Figure:
     values = [v for v in means + [value for _, value in paper] if not math.isnan(v)]
     low = min(values + [table.teacher_test_acc or math.inf]) if values else 0
     figure.update_layout(
-        title=table.title.replace(" (partial", "<br>(partial"),  # one line is wider than the figure
+        title=f"{table.title}<br>({progress})" if progress else table.title,
         xaxis_title="arm",
         yaxis_title="test accuracy (%)",
         yaxis_range=[max(0.0, low - 10), 100] if values else None,

@@ -310,19 +310,21 @@ def write_report(config: ReportConfig) -> Report:
 
     report_tables = [tables.trials_table(rows, f"Trials of {name} ({source.kind}){marker}", [status])]
     if ablation is not None:
-        ablation.title += marker
-        report_tables += list(tables.ablation_tables(ablation, reported_accuracy()))
+        report_tables += list(
+            tables.ablation_tables(replace(ablation, title=ablation.title + marker), reported_accuracy())
+        )
     measured = deployment(source, ablation)
     if measured is not None:
         report_tables.append(tables.deployment_table(measured, reported_deployment()))
     else:
         notes.append("deployment table and this study's line in Fig. 1: no complete trial with an MLflow run yet")
 
-    report_figures = _figures(source, config, rows, ablation, measured, marker, notes)
+    report_figures = _figures(source, config, rows, ablation, measured, status if partial else "", notes)
     return _write(config, source, report_tables, report_figures, partial, status, notes)
 
 
-def _figures(source: Source, config: ReportConfig, rows, ablation, measured, marker: str, notes: list[str]):
+def _figures(source: Source, config: ReportConfig, rows, ablation, measured, progress: str, notes: list[str]):
+    """``progress``: how far a partial study got, for the figure titles; empty when it is complete."""
     ours = []
     if measured is not None and measured.teacher_acc is not None and measured.student_acc is not None:
         compression = measured.metrics.get("compression_factor")
@@ -348,12 +350,17 @@ def _figures(source: Source, config: ReportConfig, rows, ablation, measured, mar
     if ablation is not None:
         reported = {arm: reported_accuracy()[row] for arm, row in tables.PAPER_ROWS.items()}
         found.append(
-            Figure("ablation_bars", "Ablation: test accuracy with 95% CI", figures.ablation_bars(ablation, reported))
+            Figure(
+                "ablation_bars",
+                "Ablation: test accuracy with 95% CI",
+                figures.ablation_bars(ablation, reported, progress),
+            )
         )
     else:
         if source.kind == "grid":
             heatmaps = figures.grid_heatmaps([r for r in rows if r["val_acc"] is not None], source.space)
-            heatmaps.update_layout(title=heatmaps.layout.title.text + marker)
+            if progress:
+                heatmaps.update_layout(title=f"{heatmaps.layout.title.text}<br>({progress})")
             found.append(
                 Figure(
                     "grid_heatmaps", "Grid: T × α per p", heatmaps, width=350 * len(source.space["p"]) + 250, height=500

@@ -149,8 +149,8 @@ def train(
 
     ``run_dir`` receives ``last.pt`` after every epoch and ``model.pt`` at the end; ``resume`` continues
     from ``last.pt``, and refuses one written by another configuration unless ``discard_foreign_checkpoint``
-(a study's retried trial, whose checkpoint a worker given other paths may have written) starts afresh.
-``on_epoch`` is called after each epoch's validation (studies prune there).
+    (a study's retried trial, whose checkpoint a worker given other paths may have written) starts afresh.
+    ``on_epoch`` is called after each epoch's validation (studies prune there).
     ``splits`` may be passed to reuse data already in memory (studies run many trials on one split).
     """
     from tqdm import tqdm

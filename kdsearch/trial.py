@@ -246,4 +246,3 @@ class TrialRunner:
 def _remove(run_dir: Path | None) -> None:
     if run_dir is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
-

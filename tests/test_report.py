@@ -313,7 +313,9 @@ def test_an_arm_with_one_seed_gets_no_interval_bar():
         return ArmRow(arm, n, 60.0, math.nan, ci, 0.0, math.nan, math.nan, math.nan)
 
     table = AblationTable(87.0, [row("baseline", 3, (58.0, 62.0)), row("kd", 1, (math.nan, math.nan))], [], "t")
-    bars, intervals = ablation_bars(table, {}).data[:2]
+    figure = ablation_bars(table, {}, "partial: 4 of 15 arm × seed runs complete")
+    assert figure.layout.title.text == "t<br>(partial: 4 of 15 arm × seed runs complete)"
+    bars, intervals = figure.data[:2]
     assert list(bars.x) == ["baseline", "kd"] and list(bars.text) == ["60.00 (n=3)", "60.00 (n=1)"]
     assert list(intervals.x) == ["baseline"] and list(intervals.error_y.array) == [2.0]
 
@@ -346,7 +348,11 @@ def test_a_running_study_is_reported_as_partial_from_storage_alone(stores, tmp_p
         assert (row["val acc (%)"] == "" and row["rank"] == "") == (row["state"] != "complete")
     assert "partial: 2 of 4" in (out / "tables" / "trials.md").read_text().splitlines()[0]
     assert "partial" in (out / "index.html").read_text()
-    [heatmap] = plotly_json(out / "figures" / "grid_heatmaps.html")["data"]
+    heatmaps = plotly_json(out / "figures" / "grid_heatmaps.html")
+    assert heatmaps["layout"]["title"]["text"].endswith(
+        "<br>(partial: 2 of 4 grid points complete; 1 running, 1 queued)"
+    )
+    [heatmap] = heatmaps["data"]
     assert sum(value is None for line in heatmap["z"] for value in line) == 2
     assert (out / "tables" / "deployment.md").is_file()
 
