@@ -1,3 +1,4 @@
+import shutil
 import time
 
 import pytest
@@ -58,6 +59,22 @@ def test_folder_cache_is_keyed_by_content(tmp_path):
     after = load_splits(config, tmp_path / "cache")
     assert after.fingerprint != before
     assert int(after.train_images.float().sum()) != 0
+
+
+def test_a_copy_of_the_same_images_elsewhere_keeps_the_fingerprint(tmp_path):
+    # A fresh checkout or a re-synced share has new paths and mtimes: the IG maps and teacher logits
+    # keyed by the fingerprint must still be found.
+    root = _write_folder(tmp_path / "data")
+    original = load_splits(DataConfig(dataset="folder", data_dir=str(root), val_size=3), tmp_path / "cache")
+    time.sleep(0.01)
+    copy = shutil.copytree(root, tmp_path / "elsewhere")  # copytree keeps mtimes: touch every file
+    for path in copy.rglob("*.jpg"):
+        path.touch()
+    copied = load_splits(DataConfig(dataset="folder", data_dir=str(copy), val_size=3), tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "decoded").glob("*/meta.json"))) == 2  # decoded again, then
+    assert copied.fingerprint == original.fingerprint
+    other_split = load_splits(DataConfig(dataset="folder", data_dir=str(copy), val_size=6), tmp_path / "cache")
+    assert other_split.fingerprint != original.fingerprint
 
 
 def test_train_subset_is_stratified_and_excludes_validation(tmp_path):
