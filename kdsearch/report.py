@@ -225,7 +225,8 @@ def trial_rows(source: Source) -> list[dict[str, Any]]:
 
 
 def deployment(source: Source, ablation) -> Deployment | None:
-    """Teacher and student costs from one trial's run: the best trial's, or an ablation's kd_ig arm."""
+    """Teacher and student costs from one trial's run: the best trial's, or an ablation's kd_ig arm (its run
+    whose latencies were timed on the quietest machine: the arm's seeds share the architecture)."""
     from kdsearch.study import best_trial
 
     complete = [t for t in source.trials if t.state == TrialState.COMPLETE and source.run_of(t) is not None]
@@ -241,7 +242,7 @@ def deployment(source: Source, ablation) -> Deployment | None:
         what = f"the best trial by validation accuracy (trial {best.number})" if best is not None else ""
     if not chosen:
         return None
-    run = source.run_of(chosen[0])
+    run = min((source.run_of(trial) for trial in chosen), key=lambda run: tables.timing_contention(run.data.metrics))
     return Deployment(
         dataset=run.data.params.get("data.name", "unknown dataset"),
         device=run.data.tags.get("device", "unknown device"),

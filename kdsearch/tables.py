@@ -242,6 +242,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b not in (None, 0) else None
 
 
+def timing_contention(metrics: dict[str, float]) -> float:
+    """The most cores other processes kept busy during a run's latency timings; inf where not recorded."""
+    others = [
+        metrics[key] for key in ("latency_ms_teacher_other_cores", "latency_ms_student_other_cores") if key in metrics
+    ]
+    return max(others) if others else math.inf
+
+
 def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float]) -> Table:
     """Teacher and student side by side, each "reported" (the paper) and "measured" (this study).
 
@@ -331,10 +339,15 @@ def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float
         "and the KD & IG student's test accuracy from Table 3).",
         "teacher/student: the compression factor for parameters, the speed-up for latency.",
     ]
-    others = [m[key] for key in ("latency_ms_teacher_other_cores", "latency_ms_student_other_cores") if key in m]
-    if others and max(others) >= BUSY_MACHINE_CORES:
+    contention = timing_contention(m)
+    if math.isinf(contention):
         notes.append(
-            f"Not a clean timing: other processes kept up to {max(others):.2f} cores busy while these latencies "
+            "Whether other processes were busy while these latencies were measured was not recorded (a run "
+            "logged before kdsearch recorded it, or a system without /proc/stat); bench/latency.py times the models on a quiet machine."
+        )
+    elif contention >= BUSY_MACHINE_CORES:
+        notes.append(
+            f"Not a clean timing: other processes kept up to {contention:.2f} cores busy while these latencies "
             "were measured (e.g. a second study worker); time the models on a quiet machine instead "
             "(bench/latency.py)."
         )

@@ -25,7 +25,7 @@ from kdsearch.figures import Line, ablation_bars, compression_accuracy, find_chr
 from kdsearch.report import ig_examples, literature, reported_accuracy
 from kdsearch.storage import HeartbeatConfig
 from kdsearch.study import claim_waiting, join_study
-from kdsearch.tables import Deployment, deployment_table, trials_table
+from kdsearch.tables import Deployment, deployment_table, timing_contention, trials_table
 
 pytest_plugins = ["fixtures_study"]
 
@@ -438,12 +438,15 @@ def test_deployment_table_labels_reported_and_measured():
     ]
 
 
-@pytest.mark.parametrize("other_cores, flagged", [(0.02, False), (1.0, True)])
-def test_deployment_table_flags_latency_timed_on_a_busy_machine(other_cores, flagged):
-    metrics = {"latency_ms_teacher_b1": 4.0, "latency_ms_student_b1": 1.0, "latency_ms_teacher_other_cores": 0.0}
-    measured = Deployment("synthetic", "cpu:test", metrics | {"latency_ms_student_other_cores": other_cores}, 1, 1, "x")
-    notes = " ".join(deployment_table(measured, {}).notes)
-    assert ("Not a clean timing" in notes) == flagged
+@pytest.mark.parametrize("other_cores, note", [(0.02, None), (1.0, "Not a clean timing"), (None, "was not recorded")])
+def test_deployment_table_says_whether_latency_was_timed_on_a_busy_machine(other_cores, note):
+    metrics = {"latency_ms_teacher_b1": 4.0, "latency_ms_student_b1": 1.0}
+    if other_cores is not None:
+        metrics |= {"latency_ms_teacher_other_cores": 0.0, "latency_ms_student_other_cores": other_cores}
+    assert timing_contention(metrics) == (other_cores if other_cores is not None else math.inf)
+    notes = " ".join(deployment_table(Deployment("synthetic", "cpu:test", metrics, 1, 1, "x"), {}).notes)
+    for text in ("Not a clean timing", "was not recorded"):
+        assert (text in notes) == (text == note)
 
 
 def test_compression_figure_means_and_a_row_without_compression():
