@@ -58,7 +58,7 @@ EpochCallback = Callable[[int, dict], None]  # (epoch index, history row); may r
 class TrainResult:
     val_acc: float  # % on the held-out validation split, after the last epoch
     test_acc: float  # % on the test set (for reporting only; never used for selection)
-    train_time_s: float  # wall time of the epochs, including per-epoch validation
+    train_time_s: float  # wall time of the epochs, including per-epoch validation, over every resume
     setup_time_s: float  # data, teacher, IG maps and teacher logits (cached after the first run)
     images_per_s: float  # training images per second in the training steps alone
     epochs_completed: int
@@ -190,6 +190,7 @@ def train(
     run_dir = Path(run_dir) if run_dir is not None else None
     history: list[dict] = []
     start_epoch = 0
+    earlier_train_time = 0.0  # spent before a resume, so that train_time_s is the whole run's
     if resume and run_dir is not None and (run_dir / "last.pt").exists():
         state = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
         if state["config"] != to_dict(config) and discard_foreign_checkpoint:
@@ -202,6 +203,8 @@ def train(
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             history, start_epoch = state["history"], state["epoch"]
+            # A checkpoint from before kdsearch recorded it: the time already spent is unknown, not zero.
+            earlier_train_time = state.get("train_time_s", math.nan)
             log.info("resuming %s after epoch %d", run_dir, start_epoch)
 
     train_images = splits.train_images.to(device)
@@ -285,11 +288,12 @@ def train(
             count / epoch_seconds,
         )
         if run_dir is not None:
-            _save_training_state(run_dir, student, optimizer, scheduler, scaler, epoch + 1, history, config)
+            elapsed = earlier_train_time + time.perf_counter() - loop_start
+            _save_training_state(run_dir, student, optimizer, scheduler, scaler, epoch + 1, history, config, elapsed)
         if on_epoch is not None:
             on_epoch(epoch, row)
 
-    train_time = time.perf_counter() - loop_start
+    train_time = earlier_train_time + time.perf_counter() - loop_start
     test_acc = accuracy(student, splits.test_images, splits.test_labels, config.eval_batch_size, device, dtype)
     checkpoint = None
     if run_dir is not None:
@@ -310,7 +314,9 @@ def train(
     )
 
 
-def _save_training_state(run_dir: Path, model, optimizer, scheduler, scaler, epoch, history, config) -> None:
+def _save_training_state(
+    run_dir: Path, model, optimizer, scheduler, scaler, epoch, history, config, train_time_s: float
+) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
@@ -320,6 +326,7 @@ def _save_training_state(run_dir: Path, model, optimizer, scheduler, scaler, epo
         "epoch": epoch,
         "history": history,
         "config": to_dict(config),
+        "train_time_s": train_time_s,
     }
     tmp = run_dir / "last.pt.tmp"
     torch.save(state, tmp)

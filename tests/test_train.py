@@ -35,7 +35,11 @@ def test_resumed_run_ends_with_the_same_weights(student_config, tmp_path):
 
     with pytest.raises(Interrupt):
         train(config, run_dir=tmp_path / "run", on_epoch=stop_after_first_epoch, progress=False)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    # The first epoch's time is the checkpoint's: make it unmistakable in the resumed run's total.
+    torch.save({**state, "train_time_s": state["train_time_s"] + 1000.0}, tmp_path / "run" / "last.pt")
     resumed = train(config, run_dir=tmp_path / "run", resume=True, progress=False)
+    assert resumed.train_time_s > 1000.0 + state["train_time_s"]
     assert resumed.epochs_completed == 2 and [row["epoch"] for row in resumed.history] == [1, 2]
     assert weights_hash(resumed.model) == weights_hash(straight.model)
     assert resumed.val_acc == straight.val_acc
