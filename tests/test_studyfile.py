@@ -32,6 +32,15 @@ def test_shipped_study_files_validate():
     assert (2.5, 0.01, 0.1) in {(pt["t"], pt["alpha"], pt["p"]) for pt in paper.grid.points()}
 
 
+def test_the_teacher_initialised_ablation_differs_from_the_real_data_one_only_where_it_says():
+    studies = SMOKE.parents[1] / "studies"
+    scratch = to_dict(load_study(studies / "cifar10-ablation.yaml").train)
+    teacher_init = to_dict(load_study(studies / "cifar10-ablation-teacher-init.yaml").train)
+    changed = {key for key in scratch if scratch[key] != teacher_init[key]}
+    assert changed == {"student_init", "epochs"}  # same data, teacher and IG settings: one shared IG cache
+    assert teacher_init["student_init"] == "teacher" and teacher_init["epochs"] == 3
+
+
 def test_cpu_quick_paths_are_relative_to_the_working_directory(monkeypatch):
     monkeypatch.chdir(SMOKE.parents[1])
     spec = load_study(CPU_QUICK)
