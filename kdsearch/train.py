@@ -193,10 +193,11 @@ def train(
     earlier_train_time = 0.0  # spent before a resume, so that train_time_s is the whole run's
     if resume and run_dir is not None and (run_dir / "last.pt").exists():
         state = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
-        if state["config"] != to_dict(config) and discard_foreign_checkpoint:
-            log.warning("discarding %s: written by another configuration", run_dir / "last.pt")
-        elif state["config"] != to_dict(config):
+        foreign = state["config"] != to_dict(config)
+        if foreign and not discard_foreign_checkpoint:
             raise CheckpointError(f"{run_dir / 'last.pt'} was written by a different configuration; use a new run dir")
+        if foreign:
+            log.warning("discarding %s: written by another configuration", run_dir / "last.pt")
         else:
             student.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
