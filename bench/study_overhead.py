@@ -33,8 +33,9 @@ def main() -> None:
     import optuna
     from mlflow import MlflowClient
 
-    from kdsearch.storage import HeartbeatConfig
-    from kdsearch.study import open_grid, run_study, trial_configs
+    from kdsearch.search import GRID
+    from kdsearch.study import open_study, run_study
+    from kdsearch.study_db import HeartbeatConfig
     from kdsearch.studyfile import load_study
     from kdsearch.tracking import MlflowTracker, device_name
     from kdsearch.trial import prepare
@@ -55,8 +56,8 @@ def main() -> None:
         storage = f"sqlite:///{scratch}/studies.db"
         tracking = f"sqlite:///{scratch}/mlruns/mlflow.db"
         (scratch / "mlruns").mkdir()
-        handle = open_grid(spec, storage, HeartbeatConfig())
-        prepare(spec, trial_configs(handle), progress=False)  # teacher + IG cache: once per cache dir
+        handle = open_study(GRID, spec, storage, HeartbeatConfig())
+        prepare(spec, GRID.trial_configs(spec, handle.space), progress=False)  # teacher + IG cache: once per cache dir
         MlflowClient(tracking).search_experiments()  # MLflow's tables: once per store
 
         start = time.perf_counter()

@@ -20,25 +20,24 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import optuna
 import torch
 from optuna.trial import TrialState
+from scipy import stats
 
-from kdsearch.attribution import BASELINES, ig_cache_fields, integrated_gradients, resolve_ig_precision
+from kdsearch.attribution import BASELINES, ig_cache_fields, ig_in_calls, resolve_ig_precision
 from kdsearch.config import IGConfig, TrainConfig, replace
 from kdsearch.data import Splits
 from kdsearch.errors import ConfigError
 from kdsearch.models import CifarClassifier
-from kdsearch.store import ArtifactStore
-from kdsearch.studyfile import AblationSpec, StudySpec, check_files
-
-if TYPE_CHECKING:
-    from kdsearch.storage import HeartbeatConfig
-    from kdsearch.study import StudyHandle
-    from kdsearch.trial import TrialRunner
+from kdsearch.study import Objective, StudyHandle, StudyKind
+from kdsearch.studyfile import AblationSpec, Arm, StudySpec, check_files
+from kdsearch.tables import number
+from kdsearch.tensor_cache import TensorCache
+from kdsearch.trial import TrialRunner
 
 TOP_FRACTION = 0.1  # the IoU compares each map's top 10% of pixels
 
@@ -74,19 +73,16 @@ def _ig_shuffled(config: TrainConfig, spec: AblationSpec) -> TrainConfig:
     return _terms(config, spec, kd=True, ig=True, mode="shuffled")
 
 
-ARMS: dict[str, Callable[[TrainConfig, AblationSpec], TrainConfig]] = {
-    "baseline": _baseline,
-    "kd": _kd,
-    "ig": _ig,
-    "kd_ig": _kd_ig,
-    "ig_shuffled": _ig_shuffled,
+ARMS: dict[Arm, Callable[[TrainConfig, AblationSpec], TrainConfig]] = {
+    Arm.BASELINE: _baseline,
+    Arm.KD: _kd,
+    Arm.IG: _ig,
+    Arm.KD_IG: _kd_ig,
+    Arm.IG_SHUFFLED: _ig_shuffled,
 }
 # Paired comparisons beyond "each arm vs baseline", made when both arms ran.
-COMPARISONS = (("kd_ig", "kd"), ("kd_ig", "ig_shuffled"))
+COMPARISONS = ((Arm.KD_IG, Arm.KD), (Arm.KD_IG, Arm.IG_SHUFFLED))
 
-
-# The ablation space's lists that a resume may extend, and the study-file keys that set them.
-GROWING_MEMBERS = {"arms": ("arms", "extra_arms"), "seeds": ("seeds",)}
 SEED_RANGE = (0, 2**31 - 1)  # a fixed distribution: Optuna rejects categorical choices that change
 
 
@@ -95,81 +91,76 @@ def seeds(spec: StudySpec) -> list[int]:
 
 
 def arm_config(spec: StudySpec, arm: str, seed: int) -> TrainConfig:
-    return ARMS[arm](replace(spec.train, seed=seed), spec.ablation)
+    return ARMS[Arm(arm)](replace(spec.train, seed=seed), spec.ablation)
 
 
-def ablation_space(spec: StudySpec) -> dict[str, Any]:
-    space = {**vars(spec.ablation), "arms": list(spec.ablation.all_arms), "seeds": seeds(spec)}
-    del space["extra_arms"]  # folded into arms
-    return json.loads(json.dumps(space))
+class AblationKind(StudyKind):
+    """Queued (arm, seed) runs. Resuming with more seeds or arms grows the ablation: runs already
+    finished are kept."""
+
+    name = "ablation"
+    unit = "arm × seed runs"
+    queue = True
+    growing = {"arms": ("arms", "extra_arms"), "seeds": ("seeds",)}
+
+    def validate(self, spec: StudySpec) -> None:
+        if spec.ablation is None:
+            raise ConfigError("no ablation settings: add an 'ablation' section or give --seeds/--arms")
+        if spec.train.data.val_size <= 0:
+            raise ConfigError(
+                "ablations record validation accuracy as the trials' value: train.data.val_size must be > 0"
+            )
+        check_files(spec)
+        for arm in spec.ablation.all_arms:
+            arm_config(spec, arm, spec.train.seed)
+
+    def space(self, spec: StudySpec) -> dict[str, Any]:
+        space = {**vars(spec.ablation), "arms": list(spec.ablation.all_arms), "seeds": seeds(spec)}
+        del space["extra_arms"]  # folded into arms
+        return json.loads(json.dumps(space))
+
+    def total(self, space: dict[str, Any]) -> int:
+        return len(space["arms"]) * len(space["seeds"])
+
+    def points(self, space: dict[str, Any]) -> list[dict[str, Any]]:
+        # Seed-major, so a partly done ablation has every arm of its first seeds (complete pairs).
+        return [{"arm": arm, "seed": seed} for seed in space["seeds"] for arm in space["arms"]]
+
+    def trial_configs(self, spec: StudySpec, space: dict[str, Any]) -> list[TrainConfig]:
+        return [arm_config(spec, arm, 0) for arm in space["arms"]]
+
+    def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
+        spec = handle.spec
+        prepared = runner.prepared
+        handle.study.set_user_attr("teacher_test_acc", prepared.teacher_metrics["teacher_test_acc"])
+        probe = None
+        if spec.ablation.agreement_images > 0:
+            probe = AgreementProbe.build(
+                prepared.inputs.teacher,
+                prepared.splits,
+                spec.train.ig,
+                spec.ablation.agreement_images,
+                spec.train.cache_dir,
+            )
+
+        def objective(trial: optuna.Trial) -> float:
+            # Every arm kdsearch knows and a fixed seed range, so trials queued after the ablation grew
+            # share one distribution with the earlier ones.
+            arm = trial.suggest_categorical("arm", [str(arm) for arm in ARMS])
+            seed = trial.suggest_int("seed", *SEED_RANGE)
+            result = runner.train(
+                trial,
+                arm_config(spec, arm, seed),
+                run_name=f"{arm}-seed{seed}",
+                extra_params={"arm": arm},
+                evaluate=probe.measure if probe is not None else None,
+            )
+            return result.val_acc
+
+        return objective
 
 
-def ablation_points(space: dict[str, Any]) -> list[dict[str, Any]]:
-    # Seed-major, so a partly done ablation has every arm of its first seeds (complete pairs).
-    return [{"arm": arm, "seed": seed} for seed in space["seeds"] for arm in space["arms"]]
-
-
-def validate_ablation(spec: StudySpec) -> None:
-    if spec.ablation is None:
-        raise ConfigError("no ablation settings: add an 'ablation' section or give --seeds/--arms")
-    if spec.train.data.val_size <= 0:
-        raise ConfigError("ablations record validation accuracy as the trials' value: train.data.val_size must be > 0")
-    check_files(spec)
-    for arm in spec.ablation.all_arms:
-        arm_config(spec, arm, spec.train.seed)
-
-
-def open_ablation(
-    spec: StudySpec, storage_url: str, heartbeat: HeartbeatConfig, study_name: str | None = None
-) -> StudyHandle:
-    """Create or resume the ablation study and queue every arm × seed run that has no live trial.
-
-    Resuming with more seeds or arms grows the ablation: runs already finished are kept.
-    """
-    # kdsearch.study runs this module's objective for the ablation kind: import it back lazily.
-    from kdsearch.study import enqueue_missing, open_study
-
-    validate_ablation(spec)
-    space = ablation_space(spec)
-    handle = open_study(
-        spec,
-        "ablation",
-        space,
-        len(ablation_points(space)),
-        storage_url,
-        heartbeat,
-        study_name,
-        members=GROWING_MEMBERS,
-    )
-    enqueue_missing(handle, ablation_points(handle.space))
-    return handle
-
-
-def ablation_objective(handle: StudyHandle, runner: TrialRunner) -> Callable[[optuna.Trial], float]:
-    spec = handle.spec
-    prepared = runner.prepared
-    handle.study.set_user_attr("teacher_test_acc", prepared.teacher_metrics["teacher_test_acc"])
-    probe = None
-    if spec.ablation.agreement_images > 0:
-        probe = AgreementProbe.build(
-            prepared.teacher, prepared.splits, spec.train.ig, spec.ablation.agreement_images, spec.train.cache_dir
-        )
-
-    def objective(trial: optuna.Trial) -> float:
-        # Every arm kdsearch knows and a fixed seed range, so trials queued after the ablation grew
-        # share one distribution with the earlier ones.
-        arm = trial.suggest_categorical("arm", list(ARMS))
-        seed = trial.suggest_int("seed", *SEED_RANGE)
-        result = runner.train(
-            trial,
-            arm_config(spec, arm, seed),
-            run_name=f"{arm}-seed{seed}",
-            extra_params={"arm": arm},
-            evaluate=probe.measure if probe is not None else None,
-        )
-        return result.val_acc
-
-    return objective
+ABLATION = AblationKind()
 
 
 # --- explanation agreement ---------------------------------------------------------------------
@@ -185,34 +176,20 @@ def ig_on(
     model: CifarClassifier, images: torch.Tensor, labels: torch.Tensor, splits: Splits, config: IGConfig
 ) -> torch.Tensor:
     """IG maps (N, H, W) float32 of ``model`` for uint8 images and their true labels, as the cache makes them."""
-    device = next(model.parameters()).device
     model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     for parameter in model.parameters():
         parameter.requires_grad_(False)  # input gradients only
-    baseline = BASELINES[config.baseline](model, splits)
-    maps = []
-    for start in range(0, len(labels), config.images_per_call):
-        batch = images[start : start + config.images_per_call].to(device).float().div_(255)
-        batch_maps, _ = integrated_gradients(
-            model,
-            batch.contiguous(memory_format=torch.channels_last),
-            labels[start : start + config.images_per_call].to(device),
-            baseline,
-            config,
-        )
-        maps.append(batch_maps.cpu())
-    return torch.cat(maps)
+    maps, _ = ig_in_calls(model, images, labels, BASELINES[config.baseline](model, splits), config)
+    return maps
 
 
 def explanation_agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
     """Mean over images of the Spearman correlation and the top-10% IoU of two stacks of maps (N, H, W)."""
-    from scipy.stats import rankdata
-
     a = student.reshape(len(student), -1).double().numpy()
     b = teacher.reshape(len(teacher), -1).double().numpy()
     # Average ranks: pixels with equal attribution (e.g. exactly zero) tie instead of ranking arbitrarily.
-    rank_a = rankdata(a, axis=1)
-    rank_b = rankdata(b, axis=1)
+    rank_a = stats.rankdata(a, axis=1)
+    rank_b = stats.rankdata(b, axis=1)
     rank_a -= rank_a.mean(axis=1, keepdims=True)
     rank_b -= rank_b.mean(axis=1, keepdims=True)
     denominator = np.linalg.norm(rank_a, axis=1) * np.linalg.norm(rank_b, axis=1)
@@ -248,7 +225,7 @@ class AgreementProbe:
             return {"maps": ig_on(teacher, images, labels, splits, config)}, {"images": len(index)}
 
         fields = {**ig_cache_fields(teacher, splits, config), "split": "test", "count": len(index)}
-        maps = ArtifactStore(cache_dir).get_or_build("ig_agreement", fields, build).tensors["maps"]
+        maps = TensorCache(cache_dir).get_or_build("ig_agreement", fields, build).tensors["maps"]
         return cls(images, labels, maps.float(), splits, config)
 
     def measure(self, result) -> dict[str, float]:
@@ -302,21 +279,17 @@ class AblationTable:
         for row in self.rows:
             base = row.arm == "baseline"
             lines.append(
-                f"{row.arm:<13} {row.n:>2}  {row.mean:6.2f} ± {_num(row.std, '.2f'):<6} "
+                f"{row.arm:<13} {row.n:>2}  {row.mean:6.2f} ± {number(row.std, '.2f'):<6} "
                 f"{_interval(row.ci):<16} {'—' if base else f'{row.delta:+.2f}':>9} "
-                f"{'—' if base else _num(row.p_value, '.3g'):>7}  {_num(row.spearman, '.3f'):>8} {_num(row.iou, '.3f'):>8}"
+                f"{'—' if base else number(row.p_value, '.3g'):>7}  {number(row.spearman, '.3f'):>8} {number(row.iou, '.3f'):>8}"
             )
         lines += ["", "Paired comparisons over seeds (t-test on the per-seed differences):"]
         for c in self.comparisons:
             lines.append(
                 f"  {c.arm + ' vs ' + c.reference:<24} n={c.n}  Δ {c.delta:+.2f}  95% CI {_interval(c.ci, signed=True)}"
-                f"  p {_num(c.p_value, '.3g')}"
+                f"  p {number(c.p_value, '.3g')}"
             )
         return "\n".join(lines)
-
-
-def _num(value: float, spec: str) -> str:
-    return "n/a" if value is None or math.isnan(value) else format(value, spec)
 
 
 def _interval(ci: tuple[float, float], signed: bool = False) -> str:
@@ -327,20 +300,16 @@ def _interval(ci: tuple[float, float], signed: bool = False) -> str:
 
 
 def _t_interval(values: np.ndarray) -> tuple[float, float]:
-    from scipy import stats
-
+    """95% t-interval of the mean; nan with fewer than 2 values."""
     if len(values) < 2:
         return (math.nan, math.nan)
-    mean, sem = float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
-    if sem == 0:
-        return (mean, mean)
-    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=sem)
-    return (float(low), float(high))
+    if values.std() == 0:  # scipy's interval is nan for a zero spread; the mean is then exact
+        return (float(values.mean()), float(values.mean()))
+    interval = stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
+    return (float(interval.low), float(interval.high))
 
 
 def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[int, float, tuple[float, float], float]:
-    from scipy import stats
-
     common = sorted(set(a) & set(b))
     if not common:
         return 0, math.nan, (math.nan, math.nan), math.nan

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdsearch.config import IGConfig, replace, to_dict
+from kdsearch.config import IGBaseline, IGConfig, replace, to_dict
 from kdsearch.data import Splits
-from kdsearch.device import native_bf16
+from kdsearch.device import resolve_precision
 from kdsearch.models import CifarClassifier, fold_batchnorm, weights_hash
-from kdsearch.store import Artifact, ArtifactStore
+from kdsearch.tensor_cache import Artifact, TensorCache
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +49,18 @@ def _zeros_normalized(model: CifarClassifier, splits: Splits) -> torch.Tensor:
     return model.input_mean.detach().cpu().clone()
 
 
-BASELINES: dict[str, Callable[[CifarClassifier, Splits], torch.Tensor]] = {
-    "black": _black,
-    "mean": _mean,
-    "zeros_normalized": _zeros_normalized,
+BASELINES: dict[IGBaseline, Callable[[CifarClassifier, Splits], torch.Tensor]] = {
+    IGBaseline.BLACK: _black,
+    IGBaseline.MEAN: _mean,
+    IGBaseline.ZEROS_NORMALIZED: _zeros_normalized,
 }
 
 
 def resolve_ig_precision(config: IGConfig, device: torch.device) -> IGConfig:
     """``precision: auto`` made concrete for ``device``, so cache keys and metadata say what was computed."""
-    if config.precision != "auto":
-        return config
-    return replace(config, precision="bf16" if native_bf16(device) else "fp32")
+    # IG never uses fp16: its path integral of small gradients underflows without a loss scaler.
+    dtype = resolve_precision(config.precision, device, fp16_fallback=False)
+    return replace(config, precision="bf16" if dtype == torch.bfloat16 else "fp32")
 
 
 def integrated_gradients(
@@ -96,6 +96,34 @@ def integrated_gradients(
     relative_error = delta.abs() / output_difference.abs()
     relative_error[output_difference.abs() < MIN_OUTPUT_DIFFERENCE] = float("nan")
     return attributions.abs().sum(dim=1), relative_error
+
+
+def ig_in_calls(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    baseline: torch.Tensor,
+    config: IGConfig,
+    on_call: Callable[[int], object] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``integrated_gradients`` over uint8 ``images`` in calls of ``config.images_per_call``, on the
+    model's device; (maps (N, H, W) float32, relative completeness errors (N,)) on the CPU."""
+    device = next(model.parameters()).device
+    maps, errors = [], []
+    for start in range(0, len(labels), config.images_per_call):
+        batch = images[start : start + config.images_per_call].to(device).float().div_(255)
+        batch_maps, batch_errors = integrated_gradients(
+            model,
+            batch.contiguous(memory_format=torch.channels_last),
+            labels[start : start + config.images_per_call].to(device),
+            baseline,
+            config,
+        )
+        maps.append(batch_maps.cpu())
+        errors.append(batch_errors.cpu())
+        if on_call is not None:
+            on_call(len(batch))
+    return torch.cat(maps), torch.cat(errors)
 
 
 def ig_cache_fields(teacher: CifarClassifier, splits: Splits, config: IGConfig) -> dict:
@@ -135,23 +163,16 @@ def ig_maps(
                 if chunk_path.exists():
                     continue
                 stop = min(start + CHUNK_IMAGES, count)
-                maps, errors = [], []
-                for call_start in range(start, stop, config.images_per_call):
-                    call_stop = min(call_start + config.images_per_call, stop)
-                    images = splits.train_images[call_start:call_stop].to(device).float().div_(255)
-                    labels = splits.train_labels[call_start:call_stop].to(device)
-                    call_maps, call_errors = integrated_gradients(
-                        fast_teacher,
-                        images.contiguous(memory_format=torch.channels_last),
-                        labels,
-                        baseline,
-                        config,
-                    )
-                    maps.append(call_maps.half().cpu())
-                    errors.append(call_errors.cpu())
-                    bar.update(call_stop - call_start)
+                maps, errors = ig_in_calls(
+                    fast_teacher,
+                    splits.train_images[start:stop],
+                    splits.train_labels[start:stop],
+                    baseline,
+                    config,
+                    on_call=bar.update,
+                )
                 tmp = chunk_path.with_name(chunk_path.name + ".tmp")
-                torch.save({"maps": torch.cat(maps), "errors": torch.cat(errors)}, tmp)
+                torch.save({"maps": maps.half(), "errors": errors}, tmp)
                 tmp.replace(chunk_path)
         chunks = [torch.load(scratch / f"chunk_{s:08d}.pt", weights_only=True) for s in chunk_starts]
         maps = torch.cat([chunk["maps"] for chunk in chunks])
@@ -168,7 +189,7 @@ def ig_maps(
         }
         return {"maps": maps, "relative_error": errors}, meta
 
-    return ArtifactStore(cache_dir).get_or_build("ig", fields, build)
+    return TensorCache(cache_dir).get_or_build("ig", fields, build)
 
 
 def _min_max(map_: torch.Tensor) -> torch.Tensor:

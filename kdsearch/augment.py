@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kdsearch.config import OverlayMode
 
 
 def random_crop_flip(
@@ -40,6 +43,18 @@ def random_crop_flip(
     return padded[samples, channels, rows, columns]
 
 
+def min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Each (H, W) map of (..., H, W) scaled to [0, 1]; a constant map becomes zeros (no division by zero)."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    high = maps.amax(dim=(-2, -1), keepdim=True)
+    return (maps - low) / (high - low).clamp_min(torch.finfo(maps.dtype).tiny)
+
+
+def blend(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: x' = 0.5 x + 0.5 m on every channel, for images (..., 3, H, W) and [0, 1] maps (..., H, W)."""
+    return 0.5 * images + 0.5 * maps.unsqueeze(-3).to(images.dtype)
+
+
 def ig_overlay(
     images: torch.Tensor, maps: torch.Tensor, p: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +69,7 @@ def ig_overlay(
     blended_mask = (torch.rand(size, generator=generator, device=draw_device) < p).to(images.device)
     exponents = torch.exp(torch.rand(size, generator=generator, device=draw_device) * math.log(2.0)).to(images.device)
     scaled = maps.float().clamp_min(0) ** exponents.view(-1, 1, 1)
-    low = scaled.amin(dim=(1, 2), keepdim=True)
-    high = scaled.amax(dim=(1, 2), keepdim=True)
-    # A constant map (all-zero attribution) normalises to zeros instead of dividing by zero.
-    normalised = (scaled - low) / (high - low).clamp_min(torch.finfo(scaled.dtype).tiny)
-    blended = 0.5 * images + 0.5 * normalised.unsqueeze(1).to(images.dtype)
+    blended = blend(images, min_max(scaled))
     return torch.where(blended_mask.view(-1, 1, 1, 1), blended, images), blended_mask
 
 
@@ -73,7 +84,46 @@ def _shuffled_map_index(index: torch.Tensor, count: int, generator: torch.Genera
 
 
 # Which training image's map overlays image `index`.
-OVERLAY_MODES: dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = {
-    "aligned": _aligned_map_index,
-    "shuffled": _shuffled_map_index,
+OVERLAY_MODES: dict[OverlayMode, Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = {
+    OverlayMode.ALIGNED: _aligned_map_index,
+    OverlayMode.SHUFFLED: _shuffled_map_index,
 }
+
+
+@dataclass(frozen=True)
+class BatchRecipe:
+    """How a training batch is made from the uint8 training images: crop + flip, then the IG overlay."""
+
+    crop_padding: int
+    pad_mode: str
+    overlay_p: float  # 0: no overlay, the maps are not touched
+    overlay_mode: str  # an OverlayMode
+    channels_last: bool
+
+
+def training_batch(
+    images: torch.Tensor,
+    index: torch.Tensor,
+    maps: torch.Tensor | None,
+    recipe: BatchRecipe,
+    generator: torch.Generator,
+    overlay_generator: torch.Generator,
+) -> torch.Tensor:
+    """The augmented float batch of the training images ``images[index]`` (uint8, (N, 3, H, W)).
+
+    Crop and flip draw from ``generator``, the overlay from ``overlay_generator``: every arm of one
+    seed then gets the same crops and flips, whatever its overlay draws.
+    """
+    batch = images[index].float().div_(255)
+    if maps is not None and recipe.overlay_p > 0:
+        map_index = OVERLAY_MODES[recipe.overlay_mode](index, len(images), overlay_generator)
+        stacked = random_crop_flip(
+            torch.cat([batch, maps[map_index].float().unsqueeze(1)], 1),
+            recipe.crop_padding,
+            generator,
+            recipe.pad_mode,
+        )
+        batch, _ = ig_overlay(stacked[:, :3], stacked[:, 3], recipe.overlay_p, overlay_generator)
+    else:
+        batch = random_crop_flip(batch, recipe.crop_padding, generator, recipe.pad_mode)
+    return batch.contiguous(memory_format=torch.channels_last) if recipe.channels_last else batch

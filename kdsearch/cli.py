@@ -19,6 +19,7 @@ from kdsearch.cli_options import (
     DEFAULT_CACHE_DIR,
     DEFAULT_DATA_DIR,
     DEFAULT_IG,
+    RECIPE,
     CacheDir,
     DataDir,
     DataLabel,
@@ -139,10 +140,10 @@ def train_command(
 def teacher_train_command(
     out: Annotated[Path, typer.Option(help="Where to write the teacher checkpoint.")],
     arch: Annotated[str, typer.Option(help="mobilenetv2_cifar | tiny_cnn.")] = "mobilenetv2_cifar",
-    epochs: Annotated[int, typer.Option(help="Epochs (the shared teacher: 18).")] = 18,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
-    lr: Annotated[float, typer.Option(help="Peak SGD learning rate.")] = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    epochs: Annotated[int, typer.Option(help="Epochs (the shared teacher's recipe).")] = RECIPE.epochs,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = RECIPE.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak SGD learning rate.")] = RECIPE.lr,
+    seed: Annotated[int, typer.Option(help="Seed.")] = RECIPE.seed,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
     run_dir: Annotated[Path | None, typer.Option(help="Per-epoch checkpoints (for --resume).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
@@ -156,15 +157,16 @@ def teacher_train_command(
 ) -> None:
     """Train a teacher with a sound CIFAR recipe (SGD Nesterov, warm-up + linear decay, label smoothing,
     crop + flip, bf16 autocast on CPU where native) and write its checkpoint."""
-    from kdsearch.config import ModelConfig, replace
+    from kdsearch.config import ModelConfig, TeacherRecipe, replace
     from kdsearch.models import save_checkpoint
-    from kdsearch.train import teacher_recipe, train
+    from kdsearch.teacher import recipe_config
+    from kdsearch.train import train
 
     if resume and run_dir is None:
         raise KdsearchError("--resume needs --run-dir")
     data = data_config(dataset, data_dir, data_label, val_size, train_subset, split_seed)
     config = replace(
-        teacher_recipe(data, ModelConfig(arch=arch), epochs, batch_size, lr, seed),
+        recipe_config(data, ModelConfig(arch=arch), TeacherRecipe(epochs, batch_size, lr, seed)),
         device=device,
         cache_dir=cache_dir,
     )
@@ -191,8 +193,8 @@ def teacher_eval_command(
     from kdsearch.config import ModelConfig
     from kdsearch.data import load_splits
     from kdsearch.device import resolve_device
+    from kdsearch.inference import accuracy
     from kdsearch.models import count_flops, count_parameters, load_model, read_checkpoint, size_on_disk_bytes
-    from kdsearch.train import accuracy
 
     splits = load_splits(data_config(dataset, data_dir, data_label, 0, None, 0), cache_dir)
     _, stored = read_checkpoint(checkpoint)

@@ -11,14 +11,18 @@ from typing import Annotated, Any
 
 import typer
 
-from kdsearch.config import DataConfig, IGConfig, default_cache_dir, default_data_dir
+from kdsearch.config import DataConfig, IGConfig, TeacherRecipe, default_cache_dir, default_data_dir
+from kdsearch.config import Dataset as DatasetName
+from kdsearch.config import IGBaseline as IGBaselineName
+from kdsearch.config import IGMethod as IGMethodName
+from kdsearch.config import IGPrecision as IGPrecisionName
 
 Dataset = Annotated[
-    str,
+    DatasetName,
     typer.Option(
         "--dataset",
-        help="cifar10 | cifar100 (torchvision, downloaded when missing) | folder (DIR/train/<class>/*.jpg and "
-        "DIR/test/<class>/*.jpg) | synthetic (tiny, generated).",
+        help="cifar10/cifar100: torchvision, downloaded when missing; folder: DIR/train/<class>/*.jpg and "
+        "DIR/test/<class>/*.jpg; synthetic: tiny, generated.",
     ),
 ]
 DataDir = Annotated[
@@ -51,15 +55,17 @@ TeacherCheckpoint = Annotated[
     typer.Option("--teacher-checkpoint", help="Teacher weights (.pt): a kdsearch checkpoint or a bare state dict."),
 ]
 IGSteps = Annotated[int, typer.Option("--ig-steps", help="Integrated Gradients integration steps.")]
-IGMethod = Annotated[str, typer.Option("--ig-method", help="Captum approximation method (gausslegendre, riemann_*).")]
-IGBaseline = Annotated[str, typer.Option("--ig-baseline", help="IG baseline: black | mean | zeros_normalized.")]
+IGMethod = Annotated[IGMethodName, typer.Option("--ig-method", help="Captum's approximation of the path integral.")]
+IGBaseline = Annotated[IGBaselineName, typer.Option("--ig-baseline", help="What IG integrates from.")]
 IGPrecision = Annotated[
-    str, typer.Option("--ig-precision", help="auto (bf16 where native, else fp32) | fp32 | bf16 for the IG passes.")
+    IGPrecisionName,
+    typer.Option("--ig-precision", help="Of the IG passes; auto: bf16 where the hardware runs it natively, else fp32."),
 ]
 
 DEFAULT_CACHE_DIR = str(default_cache_dir())
 DEFAULT_DATA_DIR = default_data_dir()
-DEFAULT_IG = IGConfig()
+DEFAULT_IG = IGConfig()  # torch-free: config holds only names and numbers
+RECIPE = TeacherRecipe()
 
 
 def data_config(

@@ -53,7 +53,7 @@ def report_command(
     """Tables (CSV, Markdown, HTML), figures (HTML, PNG, SVG) and an index.html of a study or an ablation,
     from its storage alone; a study still running is reported as far as it got, marked partial."""
     from kdsearch.report import ReportConfig, describe, write_report
-    from kdsearch.storage import default_storage
+    from kdsearch.study_db import default_storage
     from kdsearch.tracking import default_tracking_uri
 
     if (study is None) == (ablation is None):

@@ -16,6 +16,7 @@ import typer
 
 from kdsearch.cli_options import with_options
 from kdsearch.errors import ConfigError
+from kdsearch.urls import hide_password
 
 study_app = typer.Typer(
     help="Optuna studies over a study file: grid, TPE, workers that join them, status and best trial.",
@@ -51,17 +52,19 @@ Sets = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a study-file value, KEY=VALUE with dotted keys: train.epochs=2 (repeatable)."),
 ]
-TeacherCheckpoint = Annotated[
+TeacherCheckpointOverride = Annotated[
     str | None, typer.Option("--teacher-checkpoint", help="Teacher weights; replaces the study file's teacher.")
 ]
 Epochs = Annotated[int | None, typer.Option("--epochs", help="Epochs of every trial (train.epochs).")]
-TrainSubset = Annotated[
+TrainSubsetOverride = Annotated[
     int | None, typer.Option("--train-subset", help="Stratified training subset (train.data.train_subset).")
 ]
-DataDir = Annotated[str | None, typer.Option("--data-dir", help="Data folder or download root (train.data.data_dir).")]
+DataDirOverride = Annotated[
+    str | None, typer.Option("--data-dir", help="Data folder or download root (train.data.data_dir).")
+]
 Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda[:N] (train.device).")]
 Precision = Annotated[str | None, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (train.precision).")]
-CacheDir = Annotated[
+CacheDirOverride = Annotated[
     str | None,
     typer.Option(
         "--cache-dir", envvar="KDSEARCH_CACHE_DIR", help="Cache of data, IG maps, teachers (train.cache_dir)."
@@ -85,13 +88,13 @@ class RunOptions:
     tracking_uri: TrackingUri = None
     experiment: Experiment = None
     sets: Sets = None
-    teacher_checkpoint: TeacherCheckpoint = None
+    teacher_checkpoint: TeacherCheckpointOverride = None
     epochs: Epochs = None
-    train_subset: TrainSubset = None
-    data_dir: DataDir = None
+    train_subset: TrainSubsetOverride = None
+    data_dir: DataDirOverride = None
     device: Device = None
     precision: Precision = None
-    cache_dir: CacheDir = None
+    cache_dir: CacheDirOverride = None
     heartbeat_interval: HeartbeatInterval = 30
     grace_period: GracePeriod = 120
     progress: Progress = True
@@ -126,7 +129,7 @@ class RunOptions:
         """(storage URL, tracker, heartbeat) with the tracking store checked; nothing is written."""
         import optuna
 
-        from kdsearch.storage import HeartbeatConfig, default_storage
+        from kdsearch.study_db import HeartbeatConfig, default_storage
         from kdsearch.tracking import MlflowTracker, default_tracking_uri
 
         if not self.workdir.is_dir():
@@ -171,7 +174,8 @@ def grid_command(
     run: RunOptions,
 ) -> None:
     """Evaluate every point of the grid T × alpha × p once (resumes: completed points are not re-run)."""
-    from kdsearch.study import describe_progress, open_grid, run_study
+    from kdsearch.search import GRID
+    from kdsearch.study import describe_progress, open_study, run_study
     from kdsearch.studyfile import parse_number_list
 
     overrides = run.overrides()
@@ -180,8 +184,8 @@ def grid_command(
             overrides[f"grid.{name}"] = parse_number_list(flag, text)
     spec = _spec(study_file, overrides, "grid")
     storage_url, tracker, heartbeat = run.setup()
-    handle = open_grid(spec, storage_url, heartbeat, run.study_name)
-    typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
+    handle = open_study(GRID, spec, storage_url, heartbeat, run.study_name)
+    typer.echo(f"study {handle.name} in {hide_password(storage_url)}: {describe_progress(handle)}")
     _report(run_study(handle, tracker, run.experiment, run.progress, max_trials, run.checkpoints))
 
 
@@ -197,7 +201,8 @@ def tpe_command(
 ) -> None:
     """TPE over the study file's ranges of T, alpha, p (and optionally lr, student depth), pruning on
     per-epoch validation accuracy. Resumes up to --trials in total."""
-    from kdsearch.study import describe_progress, open_tpe, run_study
+    from kdsearch.search import TPE
+    from kdsearch.study import describe_progress, open_study, run_study
 
     overrides = run.overrides()
     if trials is not None:
@@ -206,8 +211,8 @@ def tpe_command(
         overrides["tpe.pruner"] = pruner
     spec = _spec(study_file, overrides, "tpe")
     storage_url, tracker, heartbeat = run.setup()
-    handle = open_tpe(spec, storage_url, heartbeat, run.study_name)
-    typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
+    handle = open_study(TPE, spec, storage_url, heartbeat, run.study_name)
+    typer.echo(f"study {handle.name} in {hide_password(storage_url)}: {describe_progress(handle)}")
     _report(run_study(handle, tracker, run.experiment, run.progress, max_trials, run.checkpoints))
 
 
@@ -218,10 +223,10 @@ def worker_command(
     workdir: Workdir = Path("."),
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
-    teacher_checkpoint: TeacherCheckpoint = None,
-    data_dir: DataDir = None,
+    teacher_checkpoint: TeacherCheckpointOverride = None,
+    data_dir: DataDirOverride = None,
     device: Device = None,
-    cache_dir: CacheDir = None,
+    cache_dir: CacheDirOverride = None,
     wait: Annotated[
         float, typer.Option("--wait", help="Seconds to wait for the study to be created by another process.")
     ] = 0.0,
@@ -235,6 +240,7 @@ def worker_command(
     Paths stored with the study are the creating machine's; --data-dir, --teacher-checkpoint and
     --cache-dir adapt them to this one.
     """
+    from kdsearch.kinds import STUDY_KINDS
     from kdsearch.study import describe_progress, join_study, run_study
 
     run = RunOptions(
@@ -249,8 +255,8 @@ def worker_command(
         grace_period=grace_period,
     )
     storage_url, tracker, heartbeat = run.setup()
-    handle = join_study(study_name, storage_url, heartbeat, run.overrides(), wait_s=wait)
-    typer.echo(f"joined {handle.kind} study {handle.name}: {describe_progress(handle)}")
+    handle = join_study(study_name, storage_url, heartbeat, STUDY_KINDS, run.overrides(), wait_s=wait)
+    typer.echo(f"joined {handle.kind.name} study {handle.name}: {describe_progress(handle)}")
     _report(run_study(handle, tracker, experiment, progress, max_trials, run.checkpoints))
 
 
@@ -262,10 +268,12 @@ def status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Trials by state, progress and the best trial so far."""
-    from kdsearch.storage import default_storage
-    from kdsearch.study import find_study, status
+    from kdsearch.kinds import STUDY_KINDS
+    from kdsearch.study import find_study, status, stored_kind
+    from kdsearch.study_db import default_storage
 
-    report = status(find_study(storage or default_storage(workdir), study_name))
+    study = find_study(storage or default_storage(workdir), study_name)
+    report = status(study, STUDY_KINDS[stored_kind(study)])
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
         return
@@ -286,8 +294,8 @@ def best_command(
 ) -> None:
     """The best trial (highest validation accuracy) as JSON: its params, val_acc, test_acc, run id."""
     from kdsearch.errors import StudyError
-    from kdsearch.storage import default_storage
     from kdsearch.study import best_trial, describe_trial, find_study
+    from kdsearch.study_db import default_storage
 
     study = find_study(storage or default_storage(workdir), study_name)
     best = best_trial(study)
@@ -319,9 +327,9 @@ def ablate_command(
     """Train every arm × seed with the same teacher, cache, data and budget; print the paper's Table 3
     with paired tests and the students' explanation agreement with the teacher. Resumes, and a later
     run with more --seeds or arms adds them to the same ablation."""
-    from kdsearch.ablation import ablation_table, log_table, open_ablation
-    from kdsearch.storage import default_storage
-    from kdsearch.study import best_trial, describe_progress, find_study, run_study
+    from kdsearch.ablation import ABLATION, ablation_table, log_table
+    from kdsearch.study import best_trial, describe_progress, find_study, open_study, run_study
+    from kdsearch.study_db import default_storage
 
     overrides = run.overrides()
     if from_study is not None and (t, alpha, p) != (None, None, None):
@@ -345,19 +353,13 @@ def ablate_command(
             overrides[f"ablation.{name}"] = [item.strip() for item in text.split(",") if item.strip()]
     spec = _spec(study_file, overrides, "ablation")
     storage_url, tracker, heartbeat = run.setup()
-    handle = open_ablation(spec, storage_url, heartbeat, run.study_name)
-    typer.echo(f"study {handle.name} in {_shown(storage_url)}: {describe_progress(handle)}")
+    handle = open_study(ABLATION, spec, storage_url, heartbeat, run.study_name)
+    typer.echo(f"study {handle.name} in {hide_password(storage_url)}: {describe_progress(handle)}")
     summary = run_study(handle, tracker, run.experiment, run.progress, checkpoint_root=run.checkpoints)
     table = ablation_table(handle.study)
     if summary.parent_run is not None:
         log_table(tracker, summary.parent_run, table)
     typer.echo(table.format())
-
-
-def _shown(url: str) -> str:
-    import sqlalchemy
-
-    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
 def register(app: typer.Typer) -> None:

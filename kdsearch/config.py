@@ -9,11 +9,97 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from kdsearch.errors import ConfigError
+
+# --- the named choices ------------------------------------------------------------------------
+# Declared here, where configs are validated, so config imports no engine module; each registry
+# (data.DATASETS, models.ARCHITECTURES, ...) is keyed by its enum, and tests check that they match.
+# Configs store the plain string value, so checkpoints, caches and MLflow params hold plain strings.
+
+
+class Dataset(StrEnum):
+    CIFAR10 = "cifar10"
+    CIFAR100 = "cifar100"
+    FOLDER = "folder"
+    SYNTHETIC = "synthetic"
+
+
+class Architecture(StrEnum):
+    MOBILENETV2_CIFAR = "mobilenetv2_cifar"
+    TINY_CNN = "tiny_cnn"
+
+
+class Normalization(StrEnum):
+    CIFAR10 = "cifar10"
+    CIFAR100 = "cifar100"
+    NONE = "none"
+
+
+class TeacherLogits(StrEnum):
+    ONLINE = "online"  # the teacher on each augmented batch
+    CACHED = "cached"  # once, on the clean training images
+
+
+class IGBaseline(StrEnum):
+    BLACK = "black"
+    MEAN = "mean"
+    ZEROS_NORMALIZED = "zeros_normalized"
+
+
+class IGMethod(StrEnum):  # Captum's approximation methods
+    GAUSSLEGENDRE = "gausslegendre"
+    RIEMANN_TRAPEZOID = "riemann_trapezoid"
+    RIEMANN_LEFT = "riemann_left"
+    RIEMANN_RIGHT = "riemann_right"
+    RIEMANN_MIDDLE = "riemann_middle"
+
+
+class IGPrecision(StrEnum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class OverlayMode(StrEnum):
+    ALIGNED = "aligned"  # each image's own map
+    SHUFFLED = "shuffled"  # another image's map: the control for the maps' alignment
+
+
+class Optimizer(StrEnum):
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+class Schedule(StrEnum):
+    CONSTANT = "constant"
+    WARMUP_LINEAR = "warmup_linear"
+
+
+class StudentInit(StrEnum):
+    RANDOM = "random"
+    TEACHER = "teacher"
+
+
+class PadMode(StrEnum):
+    CONSTANT = "constant"
+    REFLECT = "reflect"
+
+
+class Precision(StrEnum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+# --- validation helpers -----------------------------------------------------------------------
 
 
 def _check(condition: bool, message: str) -> None:
@@ -22,8 +108,67 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def choice(name: str, value: Any, choices: type[StrEnum]) -> str:
+    """``value`` as the plain string of one of ``choices``, or a ConfigError listing them."""
+    known = [member.value for member in choices]
+    _check(isinstance(value, str) and value in known, f"{name} must be one of {known} but got {value!r}")
+    return str(choices(value).value)
+
+
+def check_field_types(config: Any) -> None:
+    """Every field of a config dataclass has its annotated type; bools are not numbers here.
+
+    A study file or ``--set`` gives values as YAML/TOML scalars: without this, ``epochs = "three"``
+    fails deep inside training and ``epochs = true`` silently trains one epoch.
+    """
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        hint = hints[item.name]
+        if not _matches(value, hint):
+            raise ConfigError(f"{item.name} must be {_describe(hint)} but got {value!r} ({type(config).__name__})")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple | list):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(item, args[0]) for item in value)
+        return len(value) == len(args) and all(_matches(item, arg) for item, arg in zip(value, args, strict=True))
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
 def _check_unit_interval(name: str, value: float) -> None:
-    _check(isinstance(value, int | float) and 0.0 <= value <= 1.0, f"{name} must be in [0, 1] but got {value!r}")
+    _check(0.0 <= value <= 1.0, f"{name} must be in [0, 1] but got {value!r}")
 
 
 def default_data_dir() -> str | None:
@@ -36,7 +181,7 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | cifar100 | folder | synthetic
+    dataset: str = "cifar10"  # a Dataset
     data_dir: str | None = field(default_factory=default_data_dir)  # download root, or the folder with train/ test/
     label: str | None = None  # human name shown in reports, e.g. "CIFAR-10 (JPEG q75 copy)"
     val_size: int = 5000  # images held out of the training set, stratified, for model selection
@@ -45,10 +190,9 @@ class DataConfig:
     synthetic_size: int = 1200  # synthetic only: training images (test set is a quarter of it)
 
     def __post_init__(self) -> None:
-        from kdsearch.data import DATASETS
-
-        _check(self.dataset in DATASETS, f"dataset must be one of {sorted(DATASETS)} but got {self.dataset!r}")
-        if self.dataset == "folder":
+        check_field_types(self)
+        object.__setattr__(self, "dataset", choice("dataset", self.dataset, Dataset))
+        if self.dataset == Dataset.FOLDER:
             _check(
                 self.data_dir is not None,
                 "dataset 'folder' needs --data-dir (a folder with train/ and test/)",
@@ -63,21 +207,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "mobilenetv2_cifar"  # a name in kdsearch.models.ARCHITECTURES
+    arch: str = "mobilenetv2_cifar"  # an Architecture
     num_classes: int = 10
     drop_blocks: int = 0  # trailing feature blocks removed (the paper's student: 5)
     width_mult: float = 1.0  # channel multiplier, as in torchvision's MobileNetV2
-    normalization: str = "cifar10"  # per-channel input normalisation applied inside the model, or "none"
+    normalization: str = "cifar10"  # a Normalization, applied inside the model ("none": raw [0, 1] pixels)
     dropout: float = 0.2  # before the linear head (classifier.0)
 
     def __post_init__(self) -> None:
-        from kdsearch.models import ARCHITECTURES, NORMALIZATIONS
-
-        _check(self.arch in ARCHITECTURES, f"arch must be one of {sorted(ARCHITECTURES)} but got {self.arch!r}")
-        _check(
-            self.normalization in NORMALIZATIONS,
-            f"normalization must be one of {sorted(NORMALIZATIONS)} but got {self.normalization!r}",
-        )
+        check_field_types(self)
+        object.__setattr__(self, "arch", choice("arch", self.arch, Architecture))
+        object.__setattr__(self, "normalization", choice("normalization", self.normalization, Normalization))
         _check(self.num_classes >= 2, f"num_classes must be >= 2 but got {self.num_classes}")
         _check(self.drop_blocks >= 0, f"drop_blocks must be >= 0 but got {self.drop_blocks}")
         _check(self.width_mult > 0, f"width_mult must be > 0 but got {self.width_mult}")
@@ -88,87 +228,71 @@ class ModelConfig:
 class KDConfig:
     alpha: float = 0.01  # weight of the KL term; 0 is plain cross-entropy
     temperature: float = 2.5
-    teacher_logits: str = "online"  # online: teacher on the augmented batch | cached: once, on clean images
+    teacher_logits: str = "online"  # a TeacherLogits
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check_unit_interval("alpha", self.alpha)
         _check(
-            isinstance(self.temperature, int | float) and self.temperature > 0 and math.isfinite(self.temperature),
+            self.temperature > 0 and math.isfinite(self.temperature),
             f"temperature must be > 0 but got {self.temperature!r}",
         )
-        _check(
-            self.teacher_logits in ("online", "cached"),
-            f"teacher_logits must be 'online' or 'cached' but got {self.teacher_logits!r}",
-        )
+        object.__setattr__(self, "teacher_logits", choice("teacher_logits", self.teacher_logits, TeacherLogits))
 
 
 @dataclass(frozen=True)
 class IGConfig:
-    baseline: str = "black"  # a name in kdsearch.attribution.BASELINES
+    baseline: str = "black"  # an IGBaseline
     # 24 trapezoid steps with bf16 autocast: mean map agreement 0.991 with a 256-step map and 8.8x the
     # images/s of Captum's 50 fp32 steps, with a lower completeness error than the equally fast
     # 20 steps in fp32 (bench/ig_throughput.py, BENCHMARKS.md).
     n_steps: int = 24
-    method: str = "riemann_trapezoid"  # Captum's approximation method
+    method: str = "riemann_trapezoid"  # an IGMethod
     internal_batch_size: int = 256  # interpolated images per forward/backward pass
     images_per_call: int = 64  # images given to one Captum attribute() call
     # auto: bf16 autocast where the hardware runs bf16 natively, else fp32; the cache records which.
-    precision: str = "auto"
+    precision: str = "auto"  # an IGPrecision
 
     def __post_init__(self) -> None:
-        from kdsearch.attribution import BASELINES
-
-        _check(
-            self.baseline in BASELINES,
-            f"IG baseline must be one of {sorted(BASELINES)} but got {self.baseline!r}",
-        )
+        check_field_types(self)
+        object.__setattr__(self, "baseline", choice("IG baseline", self.baseline, IGBaseline))
         _check(self.n_steps >= 2, f"IG n_steps must be >= 2 but got {self.n_steps}")
-        methods = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
-        _check(self.method in methods, f"IG method must be one of {list(methods)} but got {self.method!r}")
+        object.__setattr__(self, "method", choice("IG method", self.method, IGMethod))
         _check(
             self.internal_batch_size >= 1,
             f"internal_batch_size must be >= 1 but got {self.internal_batch_size}",
         )
         _check(self.images_per_call >= 1, f"images_per_call must be >= 1 but got {self.images_per_call}")
-        _check(
-            self.precision in ("auto", "fp32", "bf16"),
-            f"IG precision must be auto, fp32 or bf16 but got {self.precision!r}",
-        )
+        object.__setattr__(self, "precision", choice("IG precision", self.precision, IGPrecision))
 
 
 @dataclass(frozen=True)
 class OverlayConfig:
     p: float = 0.1  # probability that an image gets the IG overlay (Eq. 7)
-    mode: str = "aligned"  # a name in kdsearch.augment.OVERLAY_MODES
+    mode: str = "aligned"  # an OverlayMode
 
     def __post_init__(self) -> None:
-        from kdsearch.augment import OVERLAY_MODES
-
+        check_field_types(self)
         _check_unit_interval("p", self.p)
-        _check(
-            self.mode in OVERLAY_MODES,
-            f"overlay mode must be one of {sorted(OVERLAY_MODES)} but got {self.mode!r}",
-        )
+        object.__setattr__(self, "mode", choice("overlay mode", self.mode, OverlayMode))
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "adam"  # adam (the paper) | sgd (the teacher recipe)
+    optimizer: str = "adam"  # an Optimizer: adam (the paper) | sgd (the teacher recipe)
     lr: float = 1e-3
     weight_decay: float = 0.0  # not applied to BatchNorm weights and biases
     momentum: float = 0.9  # sgd only (Nesterov)
-    schedule: str = "constant"  # constant | warmup_linear (linear warm-up, then linear decay to 0)
+    schedule: str = "constant"  # a Schedule: warmup_linear is a linear warm-up, then linear decay to 0
     warmup_fraction: float = 0.15
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.optimizer in ("adam", "sgd"), f"optimizer must be adam or sgd but got {self.optimizer!r}")
+        check_field_types(self)
+        object.__setattr__(self, "optimizer", choice("optimizer", self.optimizer, Optimizer))
         _check(self.lr > 0, f"lr must be > 0 but got {self.lr}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0 but got {self.weight_decay}")
-        _check(
-            self.schedule in ("constant", "warmup_linear"),
-            f"schedule must be constant or warmup_linear but got {self.schedule!r}",
-        )
+        object.__setattr__(self, "schedule", choice("schedule", self.schedule, Schedule))
         _check_unit_interval("warmup_fraction", self.warmup_fraction)
         _check(
             0.0 <= self.label_smoothing < 1.0,
@@ -182,7 +306,7 @@ class TrainConfig:
     student: ModelConfig = field(default_factory=lambda: ModelConfig(drop_blocks=5))  # the paper's student
     teacher: ModelConfig = field(default_factory=ModelConfig)
     teacher_checkpoint: str | None = None  # needed when alpha > 0 or p > 0
-    student_init: str = "random"  # random (the paper) | teacher (copy the kept blocks)
+    student_init: str = "random"  # a StudentInit: random (the paper) | teacher (copy the kept blocks)
     kd: KDConfig = field(default_factory=KDConfig)
     ig: IGConfig = field(default_factory=IGConfig)
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
@@ -192,29 +316,21 @@ class TrainConfig:
     eval_batch_size: int = 500
     seed: int = 0
     crop_padding: int = 4  # random-crop padding in pixels
-    pad_mode: str = "constant"  # constant (zeros, torchvision's default) | reflect
+    pad_mode: str = "constant"  # a PadMode: constant (zeros, torchvision's default) | reflect
     device: str = "auto"  # auto: CUDA when present, else CPU
-    precision: str = "auto"  # auto: bf16 autocast where supported | fp32 | bf16 | fp16 (CUDA)
+    precision: str = "auto"  # a Precision: auto is bf16 autocast where supported
     channels_last: bool = True
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check(self.epochs >= 1, f"epochs must be >= 1 but got {self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1 but got {self.batch_size}")
         _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1 but got {self.eval_batch_size}")
-        _check(
-            self.student_init in ("random", "teacher"),
-            f"student_init must be random or teacher but got {self.student_init!r}",
-        )
-        _check(
-            self.pad_mode in ("constant", "reflect"),
-            f"pad_mode must be constant or reflect but got {self.pad_mode!r}",
-        )
+        object.__setattr__(self, "student_init", choice("student_init", self.student_init, StudentInit))
+        object.__setattr__(self, "pad_mode", choice("pad_mode", self.pad_mode, PadMode))
         _check(self.crop_padding >= 0, f"crop_padding must be >= 0 but got {self.crop_padding}")
-        _check(
-            self.precision in ("auto", "fp32", "bf16", "fp16"),
-            f"precision must be auto, fp32, bf16 or fp16 but got {self.precision!r}",
-        )
+        object.__setattr__(self, "precision", choice("precision", self.precision, Precision))
         _check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
             f"device must be auto, cpu or cuda[:N] but got {self.device!r}",
@@ -227,7 +343,7 @@ class TrainConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.kd.alpha > 0 or self.overlay.p > 0 or self.student_init == "teacher"
+        return self.kd.alpha > 0 or self.overlay.p > 0 or self.student_init == StudentInit.TEACHER
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -276,3 +392,23 @@ _NESTED = {
     "OverlayConfig": OverlayConfig,
     "OptimConfig": OptimConfig,
 }
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """How kdsearch trains a teacher; the defaults are the shared pretrained teacher's
+    (../shared/models/README.md: 18 epochs, batch 256, peak SGD learning rate 0.1)."""
+
+    epochs: int = 18
+    batch_size: int = 256
+    lr: float = 0.1  # peak SGD learning rate
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.epochs < 1:
+            raise ConfigError(f"teacher.train.epochs must be >= 1 but got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"teacher.train.batch_size must be >= 1 but got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"teacher.train.lr must be > 0 but got {self.lr}")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from kdsearch.config import DataConfig, default_cache_dir
+from kdsearch.config import DataConfig, Dataset, default_cache_dir
 from kdsearch.errors import DataError
-from kdsearch.store import ArtifactStore, content_key
+from kdsearch.tensor_cache import TensorCache, content_key
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +182,11 @@ def _synthetic_decode(config: DataConfig, cache_dir: Path) -> Decoded:
     return Decoded(*make(config.synthetic_size), *make(config.synthetic_size // 4), classes)
 
 
-DATASETS: dict[str, Callable[[], Source]] = {
-    "cifar10": lambda: _torchvision_source("cifar10"),
-    "cifar100": lambda: _torchvision_source("cifar100"),
-    "folder": lambda: Source(_folder_fingerprint, _folder_decode, lambda config: Path(config.data_dir).name),
-    "synthetic": lambda: Source(_synthetic_fingerprint, _synthetic_decode, lambda config: "synthetic"),
+DATASETS: dict[Dataset, Callable[[], Source]] = {
+    Dataset.CIFAR10: lambda: _torchvision_source("cifar10"),
+    Dataset.CIFAR100: lambda: _torchvision_source("cifar100"),
+    Dataset.FOLDER: lambda: Source(_folder_fingerprint, _folder_decode, lambda config: Path(config.data_dir).name),
+    Dataset.SYNTHETIC: lambda: Source(_synthetic_fingerprint, _synthetic_decode, lambda config: "synthetic"),
 }
 
 
@@ -211,7 +211,7 @@ def load_decoded(config: DataConfig, cache_dir: str | Path | None = None) -> tup
     # The raw files' cheap identity (paths, sizes, mtimes) decides when to decode again; the digest of what
     # they decode to keys everything built from the data. "layout" 2: the entry records that digest.
     fields = {"source": source.fingerprint(config, cache_dir), "layout": 2}
-    artifact = ArtifactStore(cache_dir).get_or_build("decoded", fields, build)
+    artifact = TensorCache(cache_dir).get_or_build("decoded", fields, build)
     tensors = artifact.tensors
     decoded = Decoded(
         tensors["train_images"],

@@ -25,14 +25,15 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. auto: bf16 where the hardware runs it natively."""
+def resolve_precision(name: str, device: torch.device, fp16_fallback: bool = True) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. auto: bf16 where the hardware runs it natively, else fp16
+    on a GPU (with ``fp16_fallback``), else fp32."""
     if name == "fp32":
         return None
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if native_bf16(device) else torch.float16
-        return torch.bfloat16 if native_bf16(device) else None
+        if native_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if fp16_fallback and device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdsearch.config import ModelConfig, from_dict, to_dict
+from kdsearch.config import Architecture, ModelConfig, Normalization, from_dict, to_dict
 from kdsearch.errors import CheckpointError, ConfigError
 
-NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "none": None,  # the model takes raw [0, 1] pixels
+NORMALIZATIONS: dict[Normalization, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    Normalization.CIFAR10: ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    Normalization.CIFAR100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    Normalization.NONE: None,  # the model takes raw [0, 1] pixels
 }
 
 # (expansion t, channels c, repeats n, first stride s). The CIFAR variant keeps stride 1 in the
@@ -89,9 +89,9 @@ def _tiny_cnn_features(width_mult: float) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
-ARCHITECTURES: dict[str, Callable[[float], nn.Sequential]] = {
-    "mobilenetv2_cifar": _mobilenetv2_cifar_features,
-    "tiny_cnn": _tiny_cnn_features,
+ARCHITECTURES: dict[Architecture, Callable[[float], nn.Sequential]] = {
+    Architecture.MOBILENETV2_CIFAR: _mobilenetv2_cifar_features,
+    Architecture.TINY_CNN: _tiny_cnn_features,
 }
 
 

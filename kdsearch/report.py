@@ -28,16 +28,26 @@ import torch
 from optuna.trial import TrialState
 
 from kdsearch import figures, tables
+from kdsearch.ablation import ablation_table, ig_on
+from kdsearch.attribution import ig_cache_fields
 from kdsearch.config import replace
-from kdsearch.errors import ConfigError, KdsearchError
+from kdsearch.data import load_splits
+from kdsearch.errors import ConfigError, KdsearchError, StudyError
 from kdsearch.figures import Figure, Line
+from kdsearch.kinds import STUDY_KINDS
+from kdsearch.study import ATTR, best_trial, find_study
+from kdsearch.study_db import database_url
+from kdsearch.studyfile import apply_overrides, build_spec
 from kdsearch.tables import Deployment, Table
+from kdsearch.teacher import load_teacher
+from kdsearch.tensor_cache import TensorCache
+from kdsearch.tracking import PARENT_KEY_TAG, ROLE_TAG, MlflowTracker, TrackingError
+from kdsearch.urls import hide_password, sqlite_file
 
 log = logging.getLogger(__name__)
 
 KINDS = {"study": ("grid", "tpe"), "ablation": ("ablation",)}  # what --study and --ablation accept
 STATES = {"COMPLETE": "complete", "RUNNING": "running", "WAITING": "queued", "PRUNED": "pruned"}
-UNITS = {"grid": "grid points", "tpe": "TPE trials", "ablation": "arm × seed runs"}
 # kdsearch is a namespace package (no __init__.py), which importlib.resources cannot read in Python 3.11.
 RESOURCES = Path(__file__).resolve().parent / "resources"
 IG_STUDENT_ARM = "kd_ig"  # the ablation arm whose student the deployment table and Fig. 1 show
@@ -100,8 +110,6 @@ class Source:
 
 def open_source(config: ReportConfig) -> Source:
     """Find the study and its MLflow runs; raises a one-line KdsearchError and writes nothing otherwise."""
-    from kdsearch.errors import StudyError
-    from kdsearch.study import ATTR, find_study
 
     study = find_study(config.storage, config.study)
     stored = study.user_attrs.get(ATTR)
@@ -119,17 +127,16 @@ def open_source(config: ReportConfig) -> Source:
 
 def mlflow_client(uri: str):
     """An MlflowClient on an existing store; a SQLite file that does not exist is an error, not created."""
-    from kdsearch.tracking import MlflowTracker, TrackingError
 
     tracker = MlflowTracker(uri)
     tracker.check()
-    if tracker.uri.startswith("sqlite:///") and not Path(tracker.uri.removeprefix("sqlite:///")).is_file():
+    store = sqlite_file(tracker.uri)
+    if store is not None and not store.is_file():
         raise TrackingError(f"tracking store {uri}: no such file (nothing was logged there); give --tracking-uri")
     return tracker.client
 
 
 def _parent_run(client, key: str):
-    from kdsearch.tracking import PARENT_KEY_TAG, ROLE_TAG
 
     experiments = [experiment.experiment_id for experiment in client.search_experiments()]
     query = f"tags.`{PARENT_KEY_TAG}` = '{key}' and tags.`{ROLE_TAG}` = 'parent'"
@@ -150,14 +157,13 @@ def _children(client, parent) -> list:
 
 def progress(source: Source) -> tuple[bool, str]:
     """(partial?, "3 of 4 grid points complete; 1 running, 0 queued")."""
-    from kdsearch.study import completed
 
-    done = completed(source.study, source.kind)
+    done = STUDY_KINDS[source.kind].done(source.study)
     states = [trial.state for trial in source.study.get_trials(deepcopy=False)]
     running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
     failed = states.count(TrialState.FAIL)
     verb = "finished (complete or pruned)" if source.kind == "tpe" else "complete"
-    text = f"{done} of {source.total} {UNITS[source.kind]} {verb}"
+    text = f"{done} of {source.total} {STUDY_KINDS[source.kind].unit} {verb}"
     partial = done < source.total or running > 0 or queued > 0
     if partial:
         text = f"partial: {text}; {running} running, {queued} queued"
@@ -227,7 +233,6 @@ def trial_rows(source: Source) -> list[dict[str, Any]]:
 def deployment(source: Source, ablation) -> Deployment | None:
     """Teacher and student costs from one trial's run: the best trial's, or an ablation's kd_ig arm (its run
     whose latencies were timed on the quietest machine: the arm's seeds share the architecture)."""
-    from kdsearch.study import best_trial
 
     complete = [t for t in source.trials if t.state == TrialState.COMPLETE and source.run_of(t) is not None]
     if source.kind == "ablation":
@@ -264,12 +269,6 @@ def ig_examples(
     From the study's IG cache when this machine has it, else computed now (a few images, the cache's
     settings). Raises KdsearchError when the teacher or the data are not on this machine.
     """
-    from kdsearch.ablation import ig_on
-    from kdsearch.attribution import ig_cache_fields
-    from kdsearch.data import load_splits
-    from kdsearch.store import ArtifactStore
-    from kdsearch.studyfile import apply_overrides, build_spec
-    from kdsearch.train import load_teacher
 
     train = build_spec(apply_overrides(spec_source, overrides)).train
     if not Path(train.teacher_checkpoint).is_file():
@@ -283,7 +282,7 @@ def ig_examples(
     images, labels = splits.train_images[index], splits.train_labels[index]
     # precision "auto" resolves per machine: the workers' cache may be either precision.
     precisions = ("bf16", "fp32") if train.ig.precision == "auto" else (train.ig.precision,)
-    store = ArtifactStore(train.cache_dir)
+    store = TensorCache(train.cache_dir)
     caches = (store.load("ig", ig_cache_fields(teacher, splits, replace(train.ig, precision=p))) for p in precisions)
     cache = next((found for found in caches if found is not None), None)
     if cache is not None:
@@ -299,7 +298,6 @@ def ig_examples(
 
 def write_report(config: ReportConfig) -> Report:
     """Write every table and figure, then index.html, and log them to the parent run."""
-    from kdsearch.ablation import ablation_table
 
     source = open_source(config)  # before anything is written: a wrong name or store writes nothing
     partial, status = progress(source)
@@ -444,16 +442,15 @@ def _write(
 
 
 def _index(source: Source, config: ReportConfig, report_tables, report_figures, summary: dict, static: bool) -> str:
-    from kdsearch.storage import database_url
 
-    shown = _hide_password(database_url(config.storage))
+    shown = hide_password(database_url(config.storage))
     experiment = source.client.get_experiment(source.parent.info.experiment_id).name if source.parent else None
     status_class = "partial" if summary["partial"] else ""
     parts = [
         f"<h1>Report: {html.escape(summary['study'])} ({summary['kind']})</h1>",
         f"<p class='{status_class}'>{html.escape(summary['progress'])}</p>",
         "<p class='note'>"
-        f"storage {html.escape(shown)} · MLflow {html.escape(_hide_password(config.tracking_uri))}"
+        f"storage {html.escape(shown)} · MLflow {html.escape(hide_password(config.tracking_uri))}"
         + (f" · experiment {html.escape(experiment)}, parent run {summary['parent_run']}" if experiment else "")
         + f" · generated {summary['generated']} (UTC). Browse the runs with <code>kdsearch ui</code>.</p>",
         "<h2>Tables</h2>",
@@ -474,15 +471,6 @@ def _index(source: Source, config: ReportConfig, report_tables, report_figures, 
     if summary["notes"]:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in summary["notes"]) + "</ul>")
     return tables.html_page(f"kdsearch report: {summary['study']}", "\n".join(parts))
-
-
-def _hide_password(url: str) -> str:
-    import sqlalchemy
-
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url  # not a database URL (an http:// tracking server)
 
 
 def describe(report: Report) -> str:

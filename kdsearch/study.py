@@ -21,13 +21,14 @@ beside it and never used for selection.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from kdsearch.config import TrainConfig, replace, to_dict
-from kdsearch.errors import ConfigError, StudyError
-from kdsearch.models import build_model
-from kdsearch.storage import HeartbeatConfig, check_database, database_url, open_storage
-from kdsearch.store import content_key
-from kdsearch.studyfile import StudySpec, apply_overrides, build_spec, check_files, with_params
+from kdsearch.config import TrainConfig
+from kdsearch.errors import StudyError
+from kdsearch.study_db import HeartbeatConfig, check_database, database_url, open_storage
+from kdsearch.studyfile import StudySpec, apply_overrides, build_spec
+from kdsearch.tensor_cache import content_key
 from kdsearch.tracking import Tracker, run_tags
 from kdsearch.trial import Prepared, TrialRunner, prepare
 
@@ -48,6 +48,58 @@ log = logging.getLogger(__name__)
 
 ATTR = "kdsearch"  # the study user attribute holding kind, spec and search space
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+Objective = Callable[[optuna.Trial], float]
+
+
+class StudyKind(abc.ABC):
+    """One kind of study (grid, TPE, ablation, ...): its search space, how its trials are chosen, and
+    what one trial computes.
+
+    The engine in this module is given a kind and never names one; ``kdsearch.kinds`` collects them
+    by name, and only the top (the CLI, a worker joining a stored study) looks one up there.
+    """
+
+    name: str  # stored with the study
+    unit: str  # what ``total`` counts, for progress lines: "grid points"
+    queue: bool = False  # True: each point is queued once and evaluated exactly once; False: trials are sampled
+    # Space lists that a resume may extend, and the study-file keys (in the kind's section) that set them.
+    growing: Mapping[str, tuple[str, ...]] = {}
+
+    @abc.abstractmethod
+    def validate(self, spec: StudySpec) -> None:
+        """Raise a one-line error for anything wrong with ``spec``, before a study is written."""
+
+    @abc.abstractmethod
+    def space(self, spec: StudySpec) -> dict[str, Any]:
+        """The search space stored with the study (plain JSON values)."""
+
+    @abc.abstractmethod
+    def total(self, space: dict[str, Any]) -> int:
+        """How many points (or trials) the study runs in all."""
+
+    def points(self, space: dict[str, Any]) -> list[dict[str, Any]]:
+        """A queue kind's points, each the fixed params of one trial."""
+        return []
+
+    def algorithms(
+        self, spec: StudySpec, joining: bool
+    ) -> tuple[optuna.samplers.BaseSampler | None, optuna.pruners.BasePruner | None]:
+        """(sampler, pruner); a queued kind never samples, so it keeps Optuna's defaults."""
+        return None, None
+
+    @abc.abstractmethod
+    def trial_configs(self, spec: StudySpec, space: dict[str, Any]) -> list[TrainConfig]:
+        """Configs that bound what the trials need prepared (IG maps when some p > 0, cached logits)."""
+
+    @abc.abstractmethod
+    def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
+        """The function that evaluates one trial of this study."""
+
+    def done(self, study: optuna.Study) -> int:
+        """Points with a complete trial (queue kinds); sampled kinds count completed + pruned trials."""
+        if not self.queue:
+            return len(study.get_trials(deepcopy=False, states=FINISHED))
+        return len({point_key(trial) for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))})
 
 
 # --- a study handle: what is stored, how far it got -----------------------------------------
@@ -58,7 +110,7 @@ class StudyHandle:
     study: optuna.Study
     storage: optuna.storages.RDBStorage
     spec: StudySpec
-    kind: str  # grid | tpe | ablation
+    kind: StudyKind
     space: dict[str, Any]  # grid: {t: [...], alpha: [...], p: [...]}; tpe: the TPE spec; ablation: arms × seeds
     total: int  # grid points, TPE trials, or arms × seeds
     heartbeat: HeartbeatConfig
@@ -66,10 +118,6 @@ class StudyHandle:
     @property
     def name(self) -> str:
         return self.study.study_name
-
-    @property
-    def is_queue(self) -> bool:
-        return self.kind in ("grid", "ablation")
 
     def trials(self, states: Iterable[TrialState] | None = None) -> list[optuna.trial.FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=tuple(states) if states is not None else None)
@@ -79,17 +127,10 @@ class StudyHandle:
         return {state.name: counts.get(state.name, 0) for state in TrialState}
 
     def done(self) -> int:
-        return completed(self.study, self.kind)
+        return self.kind.done(self.study)
 
     def running(self) -> int:
         return len(self.trials((TrialState.RUNNING,)))
-
-
-def completed(study: optuna.Study, kind: str | None) -> int:
-    """Grid points (or arm × seed runs) with a complete trial; for TPE, completed + pruned trials."""
-    if kind == "tpe":
-        return len(study.get_trials(deepcopy=False, states=FINISHED))
-    return len({point_key(trial) for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))})
 
 
 def point_key(trial: optuna.trial.FrozenTrial) -> str:
@@ -97,47 +138,44 @@ def point_key(trial: optuna.trial.FrozenTrial) -> str:
     return json.dumps(trial.system_attrs.get("fixed_params") or trial.params, sort_keys=True)
 
 
-def study_identity(
-    spec: StudySpec, kind: str, space: dict[str, Any], members: dict[str, tuple[str, ...]] | None = None
-) -> str:
+def study_identity(spec: StudySpec, kind: StudyKind, space: dict[str, Any]) -> str:
     """Hash of what the trials compute: the spec without machine-local settings, and the space.
 
-    ``members`` maps space keys whose lists may grow on resume to the spec keys (in the ``kind``
-    section) that set them; both are left out, so adding members keeps the study.
+    The kind's ``growing`` space keys, and the spec keys (in the kind's section) that set them, are
+    left out, so adding members keeps the study.
     """
     source = json.loads(json.dumps(spec.source, default=str))
     for key in ("cache_dir", "device"):
         source.get("train", {}).pop(key, None)
     space = dict(space)
-    for space_key, spec_keys in (members or {}).items():
+    for space_key, spec_keys in kind.growing.items():
         space.pop(space_key, None)
         for spec_key in spec_keys:
-            source.get(kind, {}).pop(spec_key, None)
-    return content_key({"kind": kind, "spec": source, "space": space})
+            source.get(kind.name, {}).pop(spec_key, None)
+    return content_key({"kind": kind.name, "spec": source, "space": space})
 
 
 def open_study(
+    kind: StudyKind,
     spec: StudySpec,
-    kind: str,
-    space: dict[str, Any],
-    total: int,
     storage_url: str,
     heartbeat: HeartbeatConfig,
     study_name: str | None = None,
-    sampler: optuna.samplers.BaseSampler | None = None,
-    pruner: optuna.pruners.BasePruner | None = None,
-    members: dict[str, tuple[str, ...]] | None = None,
 ) -> StudyHandle:
-    """Create the study, or load it when the same spec and space made it before (a resume).
+    """Validate ``spec``, then create the study, or load it when the same spec and space made it
+    before (a resume); a queue kind then queues every point without a complete, running or queued trial.
 
     Checks the storage first, so a bad URL creates nothing. A name that exists with another spec or
-    space is an error rather than a silent mix of two experiments. The lists of the space named in
-    ``members`` (an ablation's arms and seeds) may differ: the study keeps the union of old and new
-    members, so finished runs are kept and only new ones are added.
+    space is an error rather than a silent mix of two experiments. The kind's ``growing`` lists (an
+    ablation's arms and seeds) may differ: the study keeps the union of old and new members, so
+    finished runs are kept and only new ones are added.
     """
+    kind.validate(spec)
+    space = kind.space(spec)
     check_database(storage_url)
-    identity = study_identity(spec, kind, space, members)
-    name = study_name or f"{spec.name}-{kind}-{identity[:8]}"
+    identity = study_identity(spec, kind, space)
+    name = study_name or f"{spec.name}-{kind.name}-{identity[:8]}"
+    sampler, pruner = kind.algorithms(spec, joining=False)
     storage = open_storage(storage_url, heartbeat)
     study = optuna.create_study(
         study_name=name,
@@ -150,30 +188,42 @@ def open_study(
     stored = study.user_attrs.get(ATTR)
     if stored is not None and stored["identity"] != identity:
         raise StudyError(
-            f"study {name} already exists with a different {'spec or space' if stored['kind'] == kind else 'kind'}"
+            f"study {name} already exists with a different {'spec or space' if stored['kind'] == kind.name else 'kind'}"
             f" ({stored['kind']}); pick another --study-name"
         )
-    if stored is not None and members:
+    if stored is not None and kind.growing:
         space = {**space}
-        total = 1
-        for key in members:
+        for key in kind.growing:
             space[key] = stored["space"][key] + [item for item in space[key] if item not in stored["space"][key]]
-            total *= len(space[key])
+    total = kind.total(space)
     if stored is None or stored["space"] != space:
         study.set_user_attr(
-            ATTR, {"kind": kind, "identity": identity, "spec": spec.source, "space": space, "total": total}
+            ATTR, {"kind": kind.name, "identity": identity, "spec": spec.source, "space": space, "total": total}
         )
-    return StudyHandle(study, storage, spec, kind, space, total, heartbeat)
+    handle = StudyHandle(study, storage, spec, kind, space, total, heartbeat)
+    if kind.queue:
+        enqueue_missing(handle, kind.points(space))
+    return handle
+
+
+def stored_kind(study: optuna.Study) -> str:
+    """The name of the kind that created ``study``."""
+    stored = study.user_attrs.get(ATTR)
+    if stored is None:
+        raise StudyError(f"study {study.study_name!r} was not created by kdsearch (no {ATTR!r} attribute)")
+    return stored["kind"]
 
 
 def join_study(
     study_name: str,
     storage_url: str,
     heartbeat: HeartbeatConfig,
+    kinds: Mapping[str, StudyKind],
     overrides: dict[str, Any] | None = None,
     wait_s: float = 0.0,
 ) -> StudyHandle:
-    """Load an existing study as a worker; ``overrides`` (e.g. train.cache_dir) adapt it to this machine.
+    """Load an existing study as a worker; ``kinds`` maps stored kind names to kinds (``kdsearch.kinds``),
+    ``overrides`` (e.g. train.cache_dir) adapt the stored spec to this machine.
 
     ``wait_s``: how long to wait for the study to be created by another process (compose starts the
     workers and the creating command together).
@@ -191,13 +241,13 @@ def join_study(
             if time.monotonic() >= deadline:
                 raise
             time.sleep(2)
-    stored = optuna.load_study(study_name=study_name, storage=storage).user_attrs.get(ATTR)
-    if stored is None:
-        raise StudyError(f"study {study_name!r} was not created by kdsearch (no {ATTR!r} attribute)")
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    kind = kinds[stored_kind(study)]
+    stored = study.user_attrs[ATTR]
     spec = build_spec(apply_overrides(stored["spec"], overrides or {}))
-    sampler, pruner = _search_algorithms(spec, stored["kind"], seed=None)
+    sampler, pruner = kind.algorithms(spec, joining=True)
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
-    return StudyHandle(study, storage, spec, stored["kind"], stored["space"], stored["total"], heartbeat)
+    return StudyHandle(study, storage, spec, kind, stored["space"], stored["total"], heartbeat)
 
 
 def find_study(storage_url: str, study_name: str | None) -> optuna.Study:
@@ -214,34 +264,6 @@ def find_study(storage_url: str, study_name: str | None) -> optuna.Study:
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
-# --- grid and TPE -----------------------------------------------------------------------------
-
-
-def grid_space(spec: StudySpec) -> dict[str, list[float]]:
-    if spec.grid is None:
-        raise ConfigError("no grid: give --t, --alpha and --p, or a 'grid' section in the study file")
-    return {"t": list(spec.grid.t), "alpha": list(spec.grid.alpha), "p": list(spec.grid.p)}
-
-
-def validate_grid(spec: StudySpec) -> list[TrainConfig]:
-    """Every trial's config, built (and so validated) before anything is created."""
-    _check_selectable(spec)
-    check_files(spec)
-    return [with_params(spec.train, point) for point in spec.grid.points()]
-
-
-def open_grid(
-    spec: StudySpec, storage_url: str, heartbeat: HeartbeatConfig, study_name: str | None = None
-) -> StudyHandle:
-    """Create or resume a grid study and queue every point that has no complete, running or queued trial."""
-    space = grid_space(spec)
-    validate_grid(spec)
-    points = spec.grid.points()
-    handle = open_study(spec, "grid", space, len(points), storage_url, heartbeat, study_name)
-    enqueue_missing(handle, points)
-    return handle
-
-
 def enqueue_missing(handle: StudyHandle, points: list[dict[str, Any]]) -> int:
     """Queue the points without a live trial (failed ones are queued again); returns how many."""
     live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
@@ -250,97 +272,6 @@ def enqueue_missing(handle: StudyHandle, points: list[dict[str, Any]]) -> int:
     for point in missing:
         handle.study.enqueue_trial(point)
     return len(missing)
-
-
-def validate_tpe(spec: StudySpec) -> None:
-    if spec.tpe is None:
-        raise ConfigError("no TPE search space: add a 'tpe' section to the study file")
-    _check_selectable(spec)
-    check_files(spec)
-    if spec.tpe.student_drop is not None:
-        build_model(replace(spec.train.student, drop_blocks=spec.tpe.student_drop[1]))  # deepest drop must fit
-
-
-def open_tpe(
-    spec: StudySpec, storage_url: str, heartbeat: HeartbeatConfig, study_name: str | None = None
-) -> StudyHandle:
-    validate_tpe(spec)
-    sampler, pruner = _search_algorithms(spec, "tpe", seed=spec.tpe.seed)
-    space = json.loads(json.dumps(to_dict(spec.tpe)))
-    return open_study(spec, "tpe", space, spec.tpe.trials, storage_url, heartbeat, study_name, sampler, pruner)
-
-
-def _check_selectable(spec: StudySpec) -> None:
-    if spec.train.data.val_size <= 0:
-        raise ConfigError("studies select on validation accuracy: train.data.val_size must be > 0")
-
-
-def _search_algorithms(spec: StudySpec, kind: str, seed: int | None):
-    """(sampler, pruner) of a study kind; queued kinds never sample, so they keep Optuna's defaults."""
-    if kind != "tpe":
-        return None, None
-    # constant_liar: concurrent workers treat each other's running trials as bad, so they spread out.
-    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=spec.tpe.startup_trials)
-    return sampler, PRUNERS[spec.tpe.pruner](spec)
-
-
-# Trials report 1-based epochs, and Optuna prunes once a step is >= n_warmup_steps: 2 keeps the
-# first epoch, whose accuracy is still close to chance, from deciding anything.
-PRUNERS: dict[str, Callable[[StudySpec], optuna.pruners.BasePruner]] = {
-    "median": lambda spec: optuna.pruners.MedianPruner(n_startup_trials=spec.tpe.startup_trials, n_warmup_steps=2),
-    "hyperband": lambda spec: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.train.epochs),
-    "none": lambda spec: optuna.pruners.NopPruner(),
-}
-
-
-def grid_objective(handle: StudyHandle, runner: TrialRunner) -> Callable[[optuna.Trial], float]:
-    space = handle.space
-
-    def objective(trial: optuna.Trial) -> float:
-        params = {name: trial.suggest_float(name, min(values), max(values)) for name, values in space.items()}
-        return runner.train(trial, with_params(handle.spec.train, params)).val_acc
-
-    return objective
-
-
-def tpe_objective(handle: StudyHandle, runner: TrialRunner) -> Callable[[optuna.Trial], float]:
-    tpe = handle.spec.tpe
-
-    def objective(trial: optuna.Trial) -> float:
-        params = {
-            name: trial.suggest_float(name, bounds.low, bounds.high, log=bounds.log)
-            for name, bounds in (("t", tpe.t), ("alpha", tpe.alpha), ("p", tpe.p), ("lr", tpe.lr))
-            if bounds is not None
-        }
-        if tpe.student_drop is not None:
-            params["student_drop"] = trial.suggest_int("student_drop", *tpe.student_drop)
-        return runner.train(trial, with_params(handle.spec.train, params), prune=True).val_acc
-
-    return objective
-
-
-def _ablation_objective(handle: StudyHandle, runner: TrialRunner) -> Callable[[optuna.Trial], float]:
-    from kdsearch.ablation import ablation_objective
-
-    return ablation_objective(handle, runner)
-
-
-OBJECTIVES: dict[str, Callable[[StudyHandle, TrialRunner], Callable[[optuna.Trial], float]]] = {
-    "grid": grid_objective,
-    "tpe": tpe_objective,
-    "ablation": _ablation_objective,
-}
-
-
-def trial_configs(handle: StudyHandle) -> list[TrainConfig]:
-    """Configs that bound what the trials need prepared (IG maps when some p > 0, cached teacher logits)."""
-    if handle.kind == "tpe":
-        return [with_params(handle.spec.train, {"alpha": handle.spec.tpe.alpha.high, "p": handle.spec.tpe.p.high})]
-    if handle.kind == "ablation":
-        from kdsearch.ablation import arm_config
-
-        return [arm_config(handle.spec, arm, 0) for arm in handle.spec.ablation.all_arms]
-    return [with_params(handle.spec.train, point) for point in handle.spec.grid.points()]
 
 
 # --- the worker loop --------------------------------------------------------------------------
@@ -365,7 +296,7 @@ def claim_waiting(handle: StudyHandle) -> optuna.Trial | None:
 def next_trial(handle: StudyHandle) -> optuna.Trial | None:
     """The next trial this worker should run, or None when there is nothing left to start."""
     claimed = claim_waiting(handle)  # queued points, and retries of trials whose worker died
-    if claimed is not None or handle.is_queue:
+    if claimed is not None or handle.kind.queue:
         return claimed
     started = len(handle.trials((*FINISHED, TrialState.RUNNING)))
     # Two workers may both pass this check for the last trial; TPE then runs one trial too many.
@@ -479,21 +410,23 @@ def run_study(
     worker died continues from the last one.
     """
     if handle.done() < handle.total:
-        prepared = prepare(handle.spec, trial_configs(handle), progress)
+        prepared = prepare(handle.spec, handle.kind.trial_configs(handle.spec, handle.space), progress)
         experiment = experiment or handle.spec.name
         parent = parent_run(handle, tracker, experiment, prepared)
         runner = TrialRunner(prepared, tracker, experiment, parent, progress, checkpoint_root)
-        ran = run_trials(handle, OBJECTIVES[handle.kind](handle, runner), progress, max_trials)
+        ran = run_trials(handle, handle.kind.objective(handle, runner), progress, max_trials)
         finish_parent(handle, tracker, parent)
         return summarize(handle, ran, parent)
     return summarize(handle, 0, None)
 
 
 def parent_run(handle: StudyHandle, tracker: Tracker, experiment: str, prepared: Prepared) -> str:
-    tags = {**run_tags(prepared.device), "kdsearch.kind": handle.kind, "optuna.study": handle.name}
+    tags = {**run_tags(prepared.device), "kdsearch.kind": handle.kind.name, "optuna.study": handle.name}
     run_id = tracker.parent_run(experiment, handle.name, handle.name, tags)
     tracker.log_metrics(run_id, prepared.teacher_metrics)
-    tracker.log_dict(run_id, {"kind": handle.kind, "space": handle.space, "spec": handle.spec.source}, "study.json")
+    tracker.log_dict(
+        run_id, {"kind": handle.kind.name, "space": handle.space, "spec": handle.spec.source}, "study.json"
+    )
     return run_id
 
 
@@ -518,23 +451,23 @@ def summarize(handle: StudyHandle, ran: int, parent: str | None) -> RunSummary:
 
 def describe_progress(handle: StudyHandle) -> str:
     """ "8 of 12 grid points already complete; 4 to run" — said before a run starts."""
-    unit = {"grid": "grid points", "tpe": "TPE trials", "ablation": "arm × seed runs"}[handle.kind]
+    unit = handle.kind.unit
     done = handle.done()
     if done >= handle.total:
         return f"{done} of {handle.total} {unit} already complete; nothing to run"
     return f"{done} of {handle.total} {unit} already complete; {handle.total - done} to run"
 
 
-def status(study: optuna.Study) -> dict[str, Any]:
+def status(study: optuna.Study, kind: StudyKind) -> dict[str, Any]:
     """Counts by state, progress and the best trial so far, as plain values (the CLI prints them)."""
     stored = study.user_attrs.get(ATTR, {})
     counts = Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
     best = best_trial(study)
     return {
         "study": study.study_name,
-        "kind": stored.get("kind"),
+        "kind": kind.name,
         "total": stored.get("total"),
-        "done": completed(study, stored.get("kind")),
+        "done": kind.done(study),
         "states": {state.name: counts.get(state.name, 0) for state in TrialState},
         "best": describe_trial(best) if best is not None else None,
     }

@@ -22,15 +22,35 @@ import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kdsearch.config import TrainConfig, from_dict, replace, to_dict
-from kdsearch.errors import ConfigError
+from kdsearch.config import TeacherRecipe, TrainConfig, check_field_types, choice, from_dict, replace
+from kdsearch.errors import ConfigError, DataError
 from kdsearch.latency import LatencyConfig
-from kdsearch.store import ArtifactStore
+from kdsearch.teacher import recipe_config, trained_teacher_path
+
+
+class Pruner(StrEnum):
+    """What prunes a TPE trial on its per-epoch validation accuracy (search.PRUNERS builds each)."""
+
+    MEDIAN = "median"
+    HYPERBAND = "hyperband"
+    NONE = "none"
+
+
+class Arm(StrEnum):
+    """The ablation's arms (ablation.ARMS gives each arm's config)."""
+
+    BASELINE = "baseline"  # no KD, no IG
+    KD = "kd"
+    IG = "ig"
+    KD_IG = "kd_ig"
+    IG_SHUFFLED = "ig_shuffled"  # KD + IG with another image's map: the control for the maps' alignment
+
 
 SEARCH_PARAMS = ("t", "alpha", "p")  # KD temperature, KD weight, IG overlay probability: named like the flags
 
@@ -52,27 +72,9 @@ def _search_value(where: str, name: str, value: Any) -> float:
 
 
 @dataclass(frozen=True)
-class TeacherTraining:
-    """The teacher recipe of ``kdsearch.train.teacher_recipe``; the result is cached by content."""
-
-    epochs: int = 18
-    batch_size: int = 256
-    lr: float = 0.1  # peak SGD learning rate
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"teacher.train.epochs must be >= 1 but got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"teacher.train.batch_size must be >= 1 but got {self.batch_size}")
-        if _number("teacher.train.lr", self.lr) <= 0:
-            raise ConfigError(f"teacher.train.lr must be > 0 but got {self.lr}")
-
-
-@dataclass(frozen=True)
 class TeacherSpec:
     checkpoint: str | None = None  # a .pt file (kdsearch checkpoint or bare state dict)
-    train: TeacherTraining | None = None  # or: train one with this recipe (once per cache dir)
+    train: TeacherRecipe | None = None  # or: train one with this recipe (once per cache dir)
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.train is None):
@@ -132,12 +134,10 @@ class TPESpec:
     seed: int = 0  # TPE's seed in the process that creates the study
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.trials < 1:
             raise ConfigError(f"tpe trials must be >= 1 but got {self.trials}")
-        from kdsearch.study import PRUNERS
-
-        if self.pruner not in PRUNERS:
-            raise ConfigError(f"tpe pruner must be one of {sorted(PRUNERS)} but got {self.pruner!r}")
+        object.__setattr__(self, "pruner", choice("tpe pruner", self.pruner, Pruner))
         for name in ("alpha", "p"):
             bounds = getattr(self, name)
             if bounds.low < 0 or bounds.high > 1:
@@ -163,15 +163,13 @@ class AblationSpec:
     agreement_images: int = 500  # fixed test images on which student and teacher IG maps are compared
 
     def __post_init__(self) -> None:
-        from kdsearch.ablation import ARMS
-
+        check_field_types(self)
         if self.seeds < 1:
             raise ConfigError(f"ablation seeds must be >= 1 but got {self.seeds}")
         object.__setattr__(self, "arms", tuple(self.arms))
         object.__setattr__(self, "extra_arms", tuple(self.extra_arms))
         for arm in self.all_arms:
-            if arm not in ARMS:
-                raise ConfigError(f"ablation arm must be one of {sorted(ARMS)} but got {arm!r}")
+            choice("ablation arm", arm, Arm)
         if len(set(self.all_arms)) != len(self.all_arms):
             raise ConfigError(f"ablation arms are repeated: {list(self.all_arms)}")
         if "baseline" not in self.all_arms:
@@ -301,28 +299,15 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
 
 def teacher_recipe_config(teacher: TeacherSpec, base: TrainConfig) -> TrainConfig:
     """The TrainConfig that trains the study's teacher (on the study's own training split)."""
-    from kdsearch.train import teacher_recipe
-
-    recipe = teacher.train
-    config = teacher_recipe(base.data, base.teacher, recipe.epochs, recipe.batch_size, recipe.lr, recipe.seed)
+    config = recipe_config(base.data, base.teacher, teacher.train)
     return replace(config, device=base.device, precision=base.precision, cache_dir=base.cache_dir)
 
 
-def teacher_store_fields(recipe: TrainConfig) -> dict[str, Any]:
-    # Where it was trained does not change what it is; the data split is part of the recipe's config.
-    return {"recipe": {k: v for k, v in to_dict(recipe).items() if k not in ("cache_dir", "device")}}
-
-
 def teacher_checkpoint_path(teacher: TeacherSpec, base: TrainConfig) -> str:
-    """The teacher's file: the given checkpoint, or where the trained teacher is (or will be) cached.
-
-    A trained teacher is a state dict in the artefact store, keyed by its recipe, so every trial,
-    resume and worker sharing a cache directory trains it once.
-    """
+    """The teacher's file: the given checkpoint, or where the trained teacher is (or will be) cached."""
     if teacher.checkpoint is not None:
         return teacher.checkpoint
-    recipe = teacher_recipe_config(teacher, base)
-    return str(ArtifactStore(base.cache_dir).directory("teacher", teacher_store_fields(recipe)) / "tensors.pt")
+    return str(trained_teacher_path(teacher_recipe_config(teacher, base), base.cache_dir))
 
 
 def with_params(config: TrainConfig, params: dict[str, Any]) -> TrainConfig:
@@ -368,10 +353,10 @@ def _teacher_spec(values: dict[str, Any]) -> TeacherSpec:
     values = _known(TeacherSpec, values, "teacher")
     recipe = values.get("train")
     if recipe is not None and not isinstance(recipe, dict):
-        raise ConfigError(f"teacher.train must be a mapping of {[f.name for f in dataclasses.fields(TeacherTraining)]}")
+        raise ConfigError(f"teacher.train must be a mapping of {[f.name for f in dataclasses.fields(TeacherRecipe)]}")
     return TeacherSpec(
         checkpoint=values.get("checkpoint"),
-        train=TeacherTraining(**_known(TeacherTraining, recipe, "teacher.train")) if recipe is not None else None,
+        train=TeacherRecipe(**_known(TeacherRecipe, recipe, "teacher.train")) if recipe is not None else None,
     )
 
 
@@ -414,8 +399,6 @@ def _absolute_paths(source: dict[str, Any], cwd: Path) -> dict[str, Any]:
 
 def check_files(spec: StudySpec) -> None:
     """Fail early, before a study is created, on a teacher checkpoint or data folder that is missing."""
-    from kdsearch.errors import DataError
-
     if spec.teacher.checkpoint is not None and not Path(spec.teacher.checkpoint).is_file():
         raise ConfigError(f"teacher checkpoint {spec.teacher.checkpoint} does not exist")
     data = spec.train.data

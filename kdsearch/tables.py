@@ -146,7 +146,7 @@ def ablation_tables(table, reported: dict[str, float]) -> tuple[Table, Table]:
             "n": None,
             "test acc mean (%)": table.teacher_test_acc,
             "std": None,
-            "mean ± std": _num(table.teacher_test_acc),
+            "mean ± std": number(table.teacher_test_acc),
             "95% CI low": None,
             "95% CI high": None,
             "Δ vs baseline": None,
@@ -166,7 +166,7 @@ def ablation_tables(table, reported: dict[str, float]) -> tuple[Table, Table]:
                 "n": row.n,
                 "test acc mean (%)": row.mean,
                 "std": row.std,
-                "mean ± std": f"{_num(row.mean)} ± {_num(row.std)}",
+                "mean ± std": f"{number(row.mean)} ± {number(row.std)}",
                 "95% CI low": row.ci[0],
                 "95% CI high": row.ci[1],
                 "Δ vs baseline": None if is_base else row.delta,
@@ -214,8 +214,9 @@ def ablation_tables(table, reported: dict[str, float]) -> tuple[Table, Table]:
     return arms, Table("ablation_comparisons", "Paired comparisons over seeds", comparisons, pair_formats, pair_notes)
 
 
-def _num(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else format(value, ACCURACY)
+def number(value: float | None, spec: str = ACCURACY) -> str:
+    """``value`` formatted, or "n/a" when it is missing or nan."""
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)
 
 
 # --- deployment -------------------------------------------------------------------------------

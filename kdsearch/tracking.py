@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kdsearch.errors import KdsearchError
+from kdsearch.urls import sqlite_file, sqlite_url
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class TrackingError(KdsearchError):
 
 
 def default_tracking_uri(workdir: str | Path = ".") -> str:
-    return "sqlite:///" + str((Path(workdir) / "mlruns" / "mlflow.db").resolve())
+    return sqlite_url(Path(workdir) / "mlruns" / "mlflow.db")
 
 
 class Tracker(abc.ABC):
@@ -87,7 +88,7 @@ class Tracker(abc.ABC):
 
 class MlflowTracker(Tracker):
     def __init__(self, uri: str):
-        from kdsearch.storage import database_url
+        from kdsearch.study_db import database_url
 
         self.uri = database_url(uri)
         self._experiments: dict[str, str] = {}
@@ -99,9 +100,9 @@ class MlflowTracker(Tracker):
 
         for name in ("alembic", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.WARNING)  # schema-migration chatter on first use
-        if not self.uri.startswith("sqlite:///"):
+        path = sqlite_file(self.uri)
+        if path is None:
             return MlflowClient(tracking_uri=self.uri)
-        path = Path(self.uri.removeprefix("sqlite:///"))
         path.parent.mkdir(parents=True, exist_ok=True)
         # Two workers opening a new SQLite store at once both run MLflow's schema migration, and one
         # fails ("expected to match one row ... in 'alembic_version'"): create it under a file lock.
@@ -115,8 +116,7 @@ class MlflowTracker(Tracker):
     def check(self) -> None:
         scheme = self.uri.split(":", 1)[0].lower() if ":" in self.uri else "file"
         if scheme == "sqlite":
-            path = Path(self.uri.removeprefix("sqlite:///").removeprefix("sqlite://"))
-            parent = path.parent
+            parent = sqlite_file(self.uri).parent
             # ./mlruns itself is created on first use; beyond it, a missing directory is a typo.
             if not (parent.is_dir() or (parent.name == "mlruns" and parent.parent.is_dir())):
                 raise TrackingError(f"tracking store {self.uri}: directory {parent} does not exist")
@@ -127,7 +127,7 @@ class MlflowTracker(Tracker):
             except (urllib.error.URLError, OSError) as error:
                 raise TrackingError(f"cannot reach the MLflow server at {self.uri} ({error})") from None
         elif scheme in ("postgresql", "mysql", "mssql") or scheme.startswith(("postgresql+", "mysql+")):
-            from kdsearch.storage import check_database
+            from kdsearch.study_db import check_database
 
             check_database(self.uri, what="tracking store", error=TrackingError)
         elif scheme == "file":
@@ -137,9 +137,8 @@ class MlflowTracker(Tracker):
 
     def _artifact_location(self, experiment: str) -> str | None:
         # A server or database store chooses its own artifact root; a local SQLite store keeps them beside it.
-        if self.uri.startswith("sqlite:///"):
-            return str(Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts" / experiment)
-        return None
+        path = sqlite_file(self.uri)
+        return str(path.parent / "artifacts" / experiment) if path is not None else None
 
     def _experiment_id(self, name: str) -> str:
         if name not in self._experiments:

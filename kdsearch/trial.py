@@ -18,23 +18,16 @@ from typing import Any
 import optuna
 import torch
 
-from kdsearch.attribution import ig_maps
-from kdsearch.config import TrainConfig, flatten, replace, to_dict
+from kdsearch.config import TeacherLogits, TrainConfig, flatten, replace, to_dict
 from kdsearch.data import Splits, load_splits
 from kdsearch.device import resolve_device
 from kdsearch.latency import LatencyConfig, measure_latency
-from kdsearch.models import (
-    CifarClassifier,
-    count_flops,
-    count_parameters,
-    save_checkpoint,
-    size_on_disk_bytes,
-    weights_hash,
-)
-from kdsearch.store import ArtifactStore, content_key
-from kdsearch.studyfile import StudySpec, teacher_recipe_config, teacher_store_fields
+from kdsearch.models import CifarClassifier, count_flops, count_parameters, save_checkpoint, size_on_disk_bytes
+from kdsearch.studyfile import StudySpec, teacher_recipe_config
+from kdsearch.teacher import teacher_metrics, trained_teacher_fields
+from kdsearch.tensor_cache import TensorCache, content_key
 from kdsearch.tracking import Tracker, run_tags
-from kdsearch.train import TrainResult, accuracy, cached_teacher_logits, load_teacher, train
+from kdsearch.train import TrainInputs, TrainResult, prepare_inputs, train
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +36,15 @@ log = logging.getLogger(__name__)
 class Prepared:
     """Everything computed once per process before the first trial and reused by all of them."""
 
-    splits: Splits
+    inputs: TrainInputs  # data, teacher, IG maps and cached logits, as every trial's train() reads them
     device: torch.device
-    teacher: CifarClassifier
-    teacher_hash: str
-    ig_cache_key: str | None  # None when no trial overlays IG maps
     teacher_metrics: dict[str, float]
     latency: LatencyConfig
     _student_costs: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def splits(self) -> Splits:
+        return self.inputs.splits
 
     def student_metrics(self, model: CifarClassifier, config: TrainConfig) -> dict[str, float]:
         """Parameters, FLOPs and latency of a student architecture, measured once per architecture."""
@@ -76,11 +70,11 @@ def ensure_teacher(spec: StudySpec, splits: Splits, progress: bool) -> None:
 
     def build(scratch: Path):
         log.info("training the study's teacher (%d epochs); cached for every later trial", recipe.epochs)
-        result = train(recipe, splits=splits, progress=progress)
+        result = train(recipe, inputs=TrainInputs(splits), progress=progress)
         state = {name: tensor.detach().cpu() for name, tensor in result.model.state_dict().items()}
         return state, {"test_acc": result.test_acc, "val_acc": result.val_acc}
 
-    ArtifactStore(spec.train.cache_dir).get_or_build("teacher", teacher_store_fields(recipe), build)
+    TensorCache(spec.train.cache_dir).get_or_build("teacher", trained_teacher_fields(recipe), build)
 
 
 def prepare(spec: StudySpec, configs: list[TrainConfig], progress: bool = True) -> Prepared:
@@ -89,21 +83,16 @@ def prepare(spec: StudySpec, configs: list[TrainConfig], progress: bool = True) 
     device = resolve_device(base.device)
     splits = load_splits(base.data, base.cache_dir)
     ensure_teacher(spec, splits, progress)
-    teacher = load_teacher(base, splits.num_classes, device)
-    ig_key = None
-    if any(config.overlay.p > 0 for config in configs):
-        ig_key = ig_maps(teacher, splits, base.ig, base.cache_dir, device, progress).path.name
-    if any(config.kd.alpha > 0 and config.kd.teacher_logits == "cached" for config in configs):
-        cached_teacher_logits(teacher, splits, base.cache_dir, device)
-    teacher_metrics = {
-        # fp32, like `kdsearch teacher eval`: the teacher's accuracy should not depend on the autocast.
-        "teacher_test_acc": accuracy(teacher, splits.test_images, splits.test_labels, 500, device, None),
-        "teacher_params": float(count_parameters(teacher)),
-        "teacher_size_bytes": float(size_on_disk_bytes(teacher)),
-        "teacher_flops": float(count_flops(teacher)),
-        **measure_latency(teacher, device, spec.latency, "latency_ms_teacher"),
-    }
-    return Prepared(splits, device, teacher, weights_hash(teacher), ig_key, teacher_metrics, spec.latency)
+    inputs = prepare_inputs(
+        base,
+        progress,
+        splits,
+        ig=any(config.overlay.p > 0 for config in configs),
+        logits=any(config.kd.alpha > 0 and config.kd.teacher_logits == TeacherLogits.CACHED for config in configs),
+        teacher=True,
+    )
+    metrics = teacher_metrics(inputs.teacher, splits, device, spec.latency)
+    return Prepared(inputs, device, metrics, spec.latency)
 
 
 # --- one tracked trial ------------------------------------------------------------------------
@@ -137,8 +126,8 @@ class TrialRunner:
             "data.train_images": sizes["train"],
             "data.val_images": sizes["val"],
             "data.test_images": sizes["test"],
-            "teacher_hash": self.prepared.teacher_hash,
-            "ig_cache_key": self.prepared.ig_cache_key if config.overlay.p > 0 else "none",
+            "teacher_hash": self.prepared.inputs.teacher_hash,
+            "ig_cache_key": self.prepared.inputs.ig_cache_key if config.overlay.p > 0 else "none",
         }
 
     def train(
@@ -155,27 +144,57 @@ class TrialRunner:
 
         ``evaluate(result)`` adds metrics after training (the ablation's explanation agreement).
         """
-        tracker = self.tracker
+        run_id = self._start_run(trial, config, run_name, extra_params)
+        run_dir = self.checkpoint_dir(trial)
+        try:
+            result, metrics, extra = self._train_tracked(trial, config, run_id, run_dir, prune, evaluate)
+        except optuna.TrialPruned:
+            self.tracker.set_tags(run_id, {"kdsearch.state": "PRUNED"})
+            self.tracker.end_run(run_id, "KILLED")
+            _remove(run_dir)
+            raise
+        except BaseException:
+            self.tracker.end_run(run_id, "FAILED")
+            raise
+        # On the trial too, so `study status`, `study best` and the ablation table need no tracking store.
+        for key in ("test_acc", "train_time_s", *extra):
+            trial.set_user_attr(key, metrics[key])
+        self.tracker.end_run(run_id)
+        _remove(run_dir)  # the student is an MLflow artefact now
+        return result
+
+    def _start_run(
+        self, trial: optuna.Trial, config: TrainConfig, run_name: str | None, extra_params: dict[str, Any] | None
+    ) -> str:
         if "run_id" in trial.user_attrs:  # a retry inherits the run of the trial whose worker died
             self._close_dead_run(trial.user_attrs["run_id"])
-        run_id = tracker.start_run(
-            self.experiment,
-            run_name or f"trial-{trial.number}",
-            self.parent_run,
-            {
-                **run_tags(self.prepared.device),
-                "optuna.study": trial.study.study_name,
-                "optuna.trial": str(trial.number),
-            },
-        )
+        tags = {
+            **run_tags(self.prepared.device),
+            "optuna.study": trial.study.study_name,
+            "optuna.trial": str(trial.number),
+        }
+        run_id = self.tracker.start_run(self.experiment, run_name or f"trial-{trial.number}", self.parent_run, tags)
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        tracker.log_params(run_id, {**self.params(config), "optuna.trial": trial.number, **(extra_params or {})})
+        self.tracker.log_params(run_id, {**self.params(config), "optuna.trial": trial.number, **(extra_params or {})})
+        return run_id
 
+    def _train_tracked(
+        self,
+        trial: optuna.Trial,
+        config: TrainConfig,
+        run_id: str,
+        run_dir: Path | None,
+        prune: bool,
+        evaluate: Callable[[TrainResult], dict[str, float]] | None,
+    ) -> tuple[TrainResult, dict[str, float], dict[str, float]]:
+        """Train with per-epoch metrics (and pruning), then log the final metrics and the student."""
         logged: set[int] = set()
 
         def log_epoch(row: dict) -> None:
-            tracker.log_metrics(run_id, {"train_loss": row["train_loss"], "val_acc": row["val_acc"]}, step=row["epoch"])
+            self.tracker.log_metrics(
+                run_id, {"train_loss": row["train_loss"], "val_acc": row["val_acc"]}, step=row["epoch"]
+            )
             logged.add(row["epoch"])
 
         def on_epoch(epoch: int, row: dict) -> None:
@@ -186,46 +205,31 @@ class TrialRunner:
                 if epoch + 1 < config.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"val_acc {row['val_acc']:.2f} at epoch {epoch + 1}")
 
-        run_dir = self.checkpoint_dir(trial)
-        try:
-            result = train(
-                config,
-                run_dir=run_dir,
-                resume=run_dir is not None,
-                discard_foreign_checkpoint=True,
-                splits=self.prepared.splits,
-                on_epoch=on_epoch,
-                progress=self.progress,
-            )
-            for row in result.history:  # epochs restored from a dead worker's checkpoint
-                if row["epoch"] not in logged:
-                    log_epoch(row)
-            extra = evaluate(result) if evaluate is not None else {}
-            metrics = {
-                "test_acc": result.test_acc,
-                "train_time_s": result.train_time_s,
-                "setup_time_s": result.setup_time_s,
-                "images_per_s": result.images_per_s,
-                **self.prepared.teacher_metrics,
-                **self.prepared.student_metrics(result.model, config),
-                **extra,
-            }
-            tracker.log_metrics(run_id, metrics, step=result.epochs_completed)
-            self._log_artifacts(run_id, config, result.model)
-        except optuna.TrialPruned:
-            tracker.set_tags(run_id, {"kdsearch.state": "PRUNED"})
-            tracker.end_run(run_id, "KILLED")
-            _remove(run_dir)
-            raise
-        except BaseException:
-            tracker.end_run(run_id, "FAILED")
-            raise
-        # On the trial too, so `study status`, `study best` and the ablation table need no tracking store.
-        for key in ("test_acc", "train_time_s", *extra):
-            trial.set_user_attr(key, metrics[key])
-        tracker.end_run(run_id)
-        _remove(run_dir)  # the student is an MLflow artefact now
-        return result
+        result = train(
+            config,
+            inputs=self.prepared.inputs,
+            run_dir=run_dir,
+            resume=run_dir is not None,
+            discard_foreign_checkpoint=True,
+            on_epoch=on_epoch,
+            progress=self.progress,
+        )
+        for row in result.history:  # epochs restored from a dead worker's checkpoint
+            if row["epoch"] not in logged:
+                log_epoch(row)
+        extra = evaluate(result) if evaluate is not None else {}
+        metrics = {
+            "test_acc": result.test_acc,
+            "train_time_s": result.train_time_s,
+            "setup_time_s": result.setup_time_s,
+            "images_per_s": result.images_per_s,
+            **self.prepared.teacher_metrics,
+            **self.prepared.student_metrics(result.model, config),
+            **extra,
+        }
+        self.tracker.log_metrics(run_id, metrics, step=result.epochs_completed)
+        self._log_artifacts(run_id, config, result.model)
+        return result, metrics, extra
 
     def _close_dead_run(self, run_id: str) -> None:
         try:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdsearch.tracking import TrackingError
+from kdsearch.urls import sqlite_file
 
 HOST = "127.0.0.1"
 # MLflow 3 also starts a job runner (for GenAI scorers) beside the server by default: browsing runs
@@ -88,9 +89,10 @@ def _healthy(url: str) -> bool:
 def _command(backend_uri: str, port: int) -> list[str]:
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", backend_uri]
     command += ["--host", HOST, "--port", str(port), "--workers", "1"]
-    if backend_uri.startswith("sqlite:///"):
+    store = sqlite_file(backend_uri)
+    if store is not None:
         # Where kdsearch's MlflowTracker keeps a local store's artefacts: new experiments land there too.
-        command += ["--default-artifact-root", str(Path(backend_uri.removeprefix("sqlite:///")).parent / "artifacts")]
+        command += ["--default-artifact-root", str(store.parent / "artifacts")]
     return command
 
 
@@ -106,7 +108,8 @@ def start_ui(tracking_uri: str, port: int | None = None, timeout: float = 90.0, 
     tracker.check()
     if tracker.uri.startswith(("http://", "https://")):
         return UIServer(tracker.uri.rstrip("/"), tracker.uri, None)
-    if tracker.uri.startswith("sqlite:///") and not Path(tracker.uri.removeprefix("sqlite:///")).is_file():
+    store = sqlite_file(tracker.uri)
+    if store is not None and not store.is_file():
         raise TrackingError(f"tracking store {tracking_uri}: no such file (nothing was logged there yet)")
     log_path = Path(tempfile.mkdtemp(prefix="kdsearch-ui-")) / "mlflow-ui.log"
     reason = ""

@@ -7,11 +7,24 @@ import torch
 
 from kdsearch.config import DataConfig, KDConfig, ModelConfig, OverlayConfig, TrainConfig, replace
 from kdsearch.models import save_checkpoint
-from kdsearch.train import teacher_recipe, train
+from kdsearch.teacher import TeacherRecipe, recipe_config
+from kdsearch.train import train
 
 TINY = ModelConfig(arch="tiny_cnn")
 TINY_STUDENT = ModelConfig(arch="tiny_cnn", drop_blocks=1)
 SYNTHETIC = DataConfig(dataset="synthetic", synthetic_size=400, val_size=100)
+
+
+# Fixtures that run whole studies (a grid and an ablation through the CLI): every test using them is slow.
+END_TO_END_FIXTURES = {"stores", "grid_report", "ablation_report"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("postgres") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +39,7 @@ def tiny_teacher_checkpoint(tmp_path_factory) -> str:
     """A tiny_cnn teacher trained for one epoch on the synthetic data (well above chance)."""
     directory = tmp_path_factory.mktemp("teacher")
     config = replace(
-        teacher_recipe(SYNTHETIC, TINY, epochs=1, batch_size=32, lr=0.05),
+        recipe_config(SYNTHETIC, TINY, TeacherRecipe(epochs=1, batch_size=32, lr=0.05)),
         cache_dir=str(directory / "cache"),
         precision="fp32",
     )

@@ -136,6 +136,7 @@ def test_table_with_one_seed_has_no_spread_and_no_p_values():
     assert "n/a" in table.format()
 
 
+@pytest.mark.slow
 def test_smoke_ablation_runs_arms_times_seeds_and_resumes(tmp_path, mlflow_uri, shared_cache, capsys):
     from mlflow import MlflowClient
 
@@ -172,6 +173,7 @@ def test_smoke_ablation_runs_arms_times_seeds_and_resumes(tmp_path, mlflow_uri, 
     assert len(client.search_runs([experiment.experiment_id])) == 11
 
 
+@pytest.mark.slow
 def test_ablate_from_a_study_takes_its_best_point(tmp_path, mlflow_uri, shared_cache, capsys):
     storage = f"sqlite:///{tmp_path}/studies.db"
     common = ["--storage", storage, "--tracking-uri", mlflow_uri, "--set", "latency.repeats=1", "--no-progress"]
@@ -184,6 +186,7 @@ def test_ablate_from_a_study_takes_its_best_point(tmp_path, mlflow_uri, shared_c
     assert "not both" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ablation_grows_with_more_seeds_and_arms_and_keeps_finished_runs(tmp_path, mlflow_uri, shared_cache, capsys):
     from mlflow import MlflowClient
 

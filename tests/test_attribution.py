@@ -23,6 +23,7 @@ def _teacher(checkpoint):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_ig_is_complete_on_a_tiny_model():
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="tiny_cnn")).eval()
@@ -40,6 +41,7 @@ def test_completeness_error_is_undefined_where_the_image_is_the_baseline():
     assert errors[0].isnan() and errors[1].isfinite()
 
 
+@pytest.mark.slow
 def test_more_steps_reduce_the_completeness_error():
     torch.manual_seed(1)
     model = build_model(ModelConfig(arch="tiny_cnn")).eval()
@@ -62,6 +64,7 @@ def test_baselines_differ_as_documented(tiny_teacher_checkpoint, tmp_path):
     torch.testing.assert_close(BASELINES["mean"](teacher, splits).flatten(), mean)
 
 
+@pytest.mark.slow
 def test_cached_map_i_is_the_ig_of_training_image_i(tiny_teacher_checkpoint, tmp_path):
     splits = load_splits(SYNTHETIC, tmp_path)
     teacher = _teacher(tiny_teacher_checkpoint)
@@ -82,12 +85,13 @@ def test_cached_map_i_is_the_ig_of_training_image_i(tiny_teacher_checkpoint, tmp
     assert stats["undefined_images"] == int(artifact.tensors["relative_error"].isnan().sum())
 
 
+@pytest.mark.slow
 def test_auto_precision_is_resolved_before_the_cache_is_keyed(tiny_teacher_checkpoint, tmp_path, monkeypatch):
     splits = load_splits(SYNTHETIC, tmp_path)
     teacher = _teacher(tiny_teacher_checkpoint)
     cpu = torch.device("cpu")
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr("kdsearch.attribution.native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr("kdsearch.device.native_bf16", lambda device, native=native: native)
         assert resolve_ig_precision(IGConfig(), cpu).precision == expected
         artifact = ig_maps(teacher, splits, IGConfig(n_steps=2), tmp_path / expected, cpu, progress=False)
         assert json.loads((artifact.path / "meta.json").read_text())["settings"]["precision"] == expected
@@ -105,6 +109,7 @@ def test_second_request_loads_instead_of_computing(tiny_teacher_checkpoint, tmp_
     assert second.path == first.path and torch.equal(second.tensors["maps"], first.tensors["maps"])
 
 
+@pytest.mark.slow
 def test_other_settings_get_another_cache(tiny_teacher_checkpoint, tmp_path):
     splits = load_splits(SYNTHETIC, tmp_path)
     teacher = _teacher(tiny_teacher_checkpoint)
@@ -113,6 +118,7 @@ def test_other_settings_get_another_cache(tiny_teacher_checkpoint, tmp_path):
     assert a.path != b.path and not torch.equal(a.tensors["maps"], b.tensors["maps"])
 
 
+@pytest.mark.slow
 def test_truncated_cache_is_detected_and_rebuilt(tiny_teacher_checkpoint, tmp_path):
     splits = load_splits(SYNTHETIC, tmp_path)
     teacher = _teacher(tiny_teacher_checkpoint)
@@ -125,6 +131,7 @@ def test_truncated_cache_is_detected_and_rebuilt(tiny_teacher_checkpoint, tmp_pa
     torch.testing.assert_close(rebuilt.tensors["maps"], expected)
 
 
+@pytest.mark.slow
 def test_corrupt_bytes_of_the_same_size_are_detected(tiny_teacher_checkpoint, tmp_path):
     splits = load_splits(SYNTHETIC, tmp_path)
     teacher = _teacher(tiny_teacher_checkpoint)
@@ -138,6 +145,7 @@ def test_corrupt_bytes_of_the_same_size_are_detected(tiny_teacher_checkpoint, tm
     torch.testing.assert_close(rebuilt.tensors["maps"], expected)
 
 
+@pytest.mark.slow
 def test_interrupted_computation_resumes_from_finished_chunks(tiny_teacher_checkpoint, tmp_path, monkeypatch):
     config = SYNTHETIC.__class__(dataset="synthetic", synthetic_size=2400, val_size=100)
     splits = load_splits(config, tmp_path)

@@ -55,6 +55,7 @@ def test_wrong_teacher_checkpoint_is_one_line_exit_2(capsys, tmp_path):
     assert code == 2 and "classifier.1.weight has shape (3, 32)" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_train_end_to_end_prints_metrics(capsys, tiny_teacher_checkpoint, tmp_path):
     args = [
         "train",
@@ -77,6 +78,7 @@ def test_train_end_to_end_prints_metrics(capsys, tiny_teacher_checkpoint, tmp_pa
     assert (tmp_path / "run" / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_teacher_train_then_eval(capsys, tmp_path):
     out_path = tmp_path / "teacher.pt"
     code, out, _ = _run(
@@ -90,6 +92,7 @@ def test_teacher_train_then_eval(capsys, tmp_path):
     assert evaluated["test_acc"] == pytest.approx(trained["test_acc"], abs=1.0)  # fp32 eval vs training-precision eval
 
 
+@pytest.mark.slow
 def test_ig_show_writes_a_png(capsys, tiny_teacher_checkpoint, tmp_path):
     from torchvision.io import decode_png, read_file
 
@@ -113,6 +116,7 @@ def test_ig_show_writes_a_png(capsys, tiny_teacher_checkpoint, tmp_path):
     assert image.shape[0] == 3 and image.shape[2] > 2.9 * image.shape[1]
 
 
+@pytest.mark.slow
 def test_ig_show_rejects_an_out_of_range_index(capsys, tiny_teacher_checkpoint, tmp_path):
     args = [
         "ig",
@@ -129,12 +133,31 @@ def test_ig_show_rejects_an_out_of_range_index(capsys, tiny_teacher_checkpoint, 
     assert code == 2 and "--index must be in [0, 1099]" in err and not (tmp_path / "x.png").exists()
 
 
+def _leaf_commands(group, prefix=()):
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _leaf_commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
 def test_every_command_explains_itself(capsys):
-    for command in (["--help"], ["train", "--help"], ["teacher", "train", "--help"], ["ig", "compute", "--help"]):
-        code, out, _ = _run(capsys, command)
-        assert code == 0 and "Usage" in out
+    import typer.main
+
+    from kdsearch.cli import app
+
+    commands = list(_leaf_commands(typer.main.get_command(app)))
+    assert len(commands) >= 13
+    for path, command in commands:
+        code, out, _ = _run(capsys, [*path, "--help"])
+        summary = (command.help or "").split("\n")[0].strip()
+        assert code == 0 and f"Usage: kdsearch {' '.join(path)}" in " ".join(out.split()), path
+        assert len(summary) > 20 and summary[:20] in " ".join(out.split()), path
+        options = [param for param in command.params if param.name != "help"]
+        assert all(param.help for param in options), (path, [p.name for p in options if not p.help])
 
 
+@pytest.mark.slow
 def test_ig_compute_prints_the_cache_and_its_resolved_settings(capsys, tiny_teacher_checkpoint, tmp_path):
     args = ["ig", "compute", *TINY_ARGS, "--teacher-checkpoint", tiny_teacher_checkpoint, "--ig-steps", "3"]
     args += ["--cache-dir", str(tmp_path)]
@@ -144,4 +167,4 @@ def test_ig_compute_prints_the_cache_and_its_resolved_settings(capsys, tiny_teac
     assert report["images"] == 1100 and Path(report["cache"]).is_dir()
     assert report["settings"] | {"n_steps": 3, "precision": "fp32", "method": "riemann_right"} == report["settings"]
     code, _, err = _run(capsys, [*args, "--ig-precision", "fp16"])
-    assert code == 2 and "IG precision must be auto, fp32 or bf16" in err
+    assert code == 2 and "'fp16' is not one of 'auto', 'fp32', 'bf16'" in err and len(err.strip().splitlines()) == 1

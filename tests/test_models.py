@@ -100,6 +100,7 @@ def test_width_multiplier_shrinks_the_student():
     assert count_parameters(build_model(ModelConfig(drop_blocks=5, width_mult=0.5))) < 543_498 / 2
 
 
+@pytest.mark.slow
 def test_cost_measures_rank_teacher_above_student():
     teacher, student = build_model(ModelConfig()), build_model(ModelConfig(drop_blocks=5))
     assert count_flops(teacher) > count_flops(student) > 0
@@ -111,6 +112,7 @@ def test_dropping_every_block_is_refused():
         build_model(ModelConfig(arch="tiny_cnn", drop_blocks=4))
 
 
+@pytest.mark.slow
 def test_folded_batchnorm_gives_the_same_logits_and_leaves_the_model_alone():
     torch.manual_seed(0)
     model = build_model(ModelConfig(drop_blocks=12))

@@ -16,8 +16,9 @@ from fixtures_study import CLI, SMOKE
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from kdsearch.storage import HeartbeatConfig, database_url
-from kdsearch.study import open_grid, trial_configs
+from kdsearch.search import GRID
+from kdsearch.study import open_study
+from kdsearch.study_db import HeartbeatConfig, database_url
 from kdsearch.studyfile import load_study
 from kdsearch.trial import prepare
 
@@ -57,8 +58,10 @@ def _completed_points(study: optuna.Study) -> list[str]:
 def test_two_workers_evaluate_every_grid_point_exactly_once(tmp_path, mlflow_uri, shared_cache):
     spec = load_study(SMOKE, {"grid.t": [1.0, 2.0, 4.0], "train.epochs": 2, "latency.repeats": 1})
     name = f"pg-two-workers-{uuid.uuid4().hex[:8]}"
-    handle = open_grid(spec, URL, HEARTBEAT, study_name=name)
-    prepare(spec, trial_configs(handle), progress=False)  # teacher and IG cache, so both workers start at once
+    handle = open_study(GRID, spec, URL, HEARTBEAT, study_name=name)
+    prepare(
+        spec, GRID.trial_configs(spec, handle.space), progress=False
+    )  # teacher and IG cache, so both workers start at once
     workers = [_worker(name, mlflow_uri, tmp_path) for _ in range(2)]
     for worker in workers:
         _finish(worker)
@@ -86,7 +89,7 @@ def test_two_workers_evaluate_every_grid_point_exactly_once(tmp_path, mlflow_uri
 def test_a_worker_killed_mid_trial_leaves_every_point_completed(tmp_path, mlflow_uri, shared_cache):
     spec = load_study(SMOKE, {"train.epochs": 4, "latency.repeats": 1})
     name = f"pg-sigkill-{uuid.uuid4().hex[:8]}"
-    open_grid(spec, URL, HEARTBEAT, study_name=name)
+    open_study(GRID, spec, URL, HEARTBEAT, study_name=name)
     victim = _worker(name, mlflow_uri, tmp_path)
     deadline = time.monotonic() + 180
     killed = None

@@ -10,17 +10,11 @@ from optuna.trial import TrialState
 
 from kdsearch.cli import main
 from kdsearch.errors import ConfigError, StudyError
-from kdsearch.storage import HeartbeatConfig, check_database, database_url
-from kdsearch.study import (
-    PRUNERS,
-    claim_waiting,
-    join_study,
-    open_grid,
-    open_tpe,
-    run_study,
-    study_identity,
-)
-from kdsearch.studyfile import load_study
+from kdsearch.kinds import STUDY_KINDS
+from kdsearch.search import GRID, PRUNERS, TPE
+from kdsearch.study import claim_waiting, join_study, open_study, run_study, study_identity
+from kdsearch.study_db import HeartbeatConfig, check_database, database_url
+from kdsearch.studyfile import Pruner, load_study
 from kdsearch.tracking import MemoryTracker
 
 pytest_plugins = ["fixtures_study"]
@@ -54,6 +48,7 @@ def _points(study: optuna.Study) -> list[tuple]:
     return sorted(tuple(sorted(t.params.items())) for t in study.get_trials(states=(TrialState.COMPLETE,)))
 
 
+@pytest.mark.slow
 def test_smoke_grid_end_to_end_and_rerun_adds_nothing(tmp_path, mlflow_uri, shared_cache, capsys):
     from mlflow import MlflowClient
 
@@ -94,6 +89,7 @@ def test_smoke_grid_end_to_end_and_rerun_adds_nothing(tmp_path, mlflow_uri, shar
     assert len(client.search_runs([experiment.experiment_id])) == 5
 
 
+@pytest.mark.slow
 def test_interrupted_grid_resumes_with_the_remaining_points(tmp_path, mlflow_uri, shared_cache, capsys):
     storage = f"sqlite:///{tmp_path}/studies.db"
     args = ["study", "grid", "--study", str(SMOKE), "--storage", storage, "--tracking-uri", mlflow_uri]
@@ -105,6 +101,7 @@ def test_interrupted_grid_resumes_with_the_remaining_points(tmp_path, mlflow_uri
     assert summary.n_trials == 2
 
 
+@pytest.mark.slow
 def test_status_and_best(tmp_path, mlflow_uri, shared_cache, capsys):
     storage = f"sqlite:///{tmp_path}/studies.db"
     args = ["study", "grid", "--study", str(SMOKE), "--storage", storage, "--tracking-uri", mlflow_uri]
@@ -155,25 +152,25 @@ def test_study_name_is_derived_from_spec_and_grid():
     spec = load_study(SMOKE)
     other = load_study(SMOKE, {"grid.t": [1.0, 2.0]})
     space = {"t": [1.0], "alpha": [0.1], "p": [0.5]}
-    assert study_identity(spec, "grid", space) == study_identity(load_study(SMOKE), "grid", space)
-    assert study_identity(spec, "grid", space) != study_identity(spec, "grid", {**space, "t": [2.0]})
-    assert study_identity(spec, "grid", space) != study_identity(other, "grid", space)
+    assert study_identity(spec, GRID, space) == study_identity(load_study(SMOKE), GRID, space)
+    assert study_identity(spec, GRID, space) != study_identity(spec, GRID, {**space, "t": [2.0]})
+    assert study_identity(spec, GRID, space) != study_identity(other, GRID, space)
     # Where the cache lives or which device runs it does not change what a trial computes.
     moved = load_study(SMOKE, {"train.cache_dir": "/elsewhere", "train.device": "cpu"})
-    assert study_identity(moved, "grid", space) == study_identity(spec, "grid", space)
+    assert study_identity(moved, GRID, space) == study_identity(spec, GRID, space)
 
 
 def test_a_name_taken_by_another_grid_is_refused(tmp_path):
     storage = f"sqlite:///{tmp_path}/studies.db"
-    open_grid(load_study(SMOKE), storage, FAST, study_name="mine")
+    open_study(GRID, load_study(SMOKE), storage, FAST, study_name="mine")
     with pytest.raises(StudyError, match="already exists with a different spec"):
-        open_grid(load_study(SMOKE, {"grid.t": [2.0, 3.0]}), storage, FAST, study_name="mine")
+        open_study(GRID, load_study(SMOKE, {"grid.t": [2.0, 3.0]}), storage, FAST, study_name="mine")
 
 
 def test_claims_are_exclusive(tmp_path):
     storage = f"sqlite:///{tmp_path}/studies.db"
-    handle = open_grid(load_study(SMOKE), storage, FAST)
-    other_worker = join_study(handle.name, storage, FAST)
+    handle = open_study(GRID, load_study(SMOKE), storage, FAST)
+    other_worker = join_study(handle.name, storage, FAST, STUDY_KINDS)
     claimed = [claim_waiting(handle), claim_waiting(other_worker), claim_waiting(handle), claim_waiting(other_worker)]
     assert len({trial.number for trial in claimed}) == 4
     assert claim_waiting(handle) is None and claim_waiting(other_worker) is None
@@ -182,14 +179,15 @@ def test_claims_are_exclusive(tmp_path):
 
 def test_reopening_queues_only_points_without_a_live_trial(tmp_path):
     storage = f"sqlite:///{tmp_path}/studies.db"
-    handle = open_grid(load_study(SMOKE), storage, FAST)
+    handle = open_study(GRID, load_study(SMOKE), storage, FAST)
     first = claim_waiting(handle)
     handle.study.tell(first, state=TrialState.FAIL)
-    reopened = open_grid(load_study(SMOKE), storage, FAST)
+    reopened = open_study(GRID, load_study(SMOKE), storage, FAST)
     states = [trial.state for trial in reopened.trials()]
     assert states.count(TrialState.WAITING) == 4 and states.count(TrialState.FAIL) == 1
 
 
+@pytest.mark.slow
 def test_a_dead_workers_trial_is_retried_and_every_point_completes_once(
     tmp_path, shared_cache, smoke_overrides, tiny_teacher_checkpoint
 ):
@@ -197,12 +195,12 @@ def test_a_dead_workers_trial_is_retried_and_every_point_completes_once(
     storage = f"sqlite:///{tmp_path}/studies.db"
     overrides = {**smoke_overrides, "teacher": {"checkpoint": tiny_teacher_checkpoint}}
     spec = load_study(SMOKE, {**overrides, "grid.t": [1.0, 2.0], "grid.alpha": [0.5]})
-    handle = open_grid(spec, storage, FAST)
+    handle = open_study(GRID, spec, storage, FAST)
     dead = claim_waiting(handle)
     study_id = handle.storage.get_study_id_from_name(handle.name)
     handle.storage.record_heartbeat(handle.storage.get_trial_id_from_study_id_trial_number(study_id, dead.number))
     start = time.monotonic()
-    summary = run_study(join_study(handle.name, storage, FAST), MemoryTracker(), progress=False)
+    summary = run_study(join_study(handle.name, storage, FAST, STUDY_KINDS), MemoryTracker(), progress=False)
     assert time.monotonic() - start >= FAST.grace - 1  # it waited for the dead trial to go stale
     assert summary.done == 2 and summary.counts["COMPLETE"] == 2 and summary.counts["FAIL"] == 1
     assert len(_points(handle.study)) == 2
@@ -210,9 +208,10 @@ def test_a_dead_workers_trial_is_retried_and_every_point_completes_once(
     assert retry.system_attrs["failed_trial"] == dead.number
 
 
+@pytest.mark.slow
 def test_worker_joins_and_finishes_an_existing_study(tmp_path, mlflow_uri, shared_cache, capsys):
     storage = f"sqlite:///{tmp_path}/studies.db"
-    handle = open_grid(load_study(SMOKE, {"grid.t": [1.0], "latency.repeats": 1}), storage, FAST)
+    handle = open_study(GRID, load_study(SMOKE, {"grid.t": [1.0], "latency.repeats": 1}), storage, FAST)
     args = ["study", "worker", "--study-name", handle.name, "--storage", storage, "--tracking-uri", mlflow_uri]
     assert main([*args, "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -221,18 +220,19 @@ def test_worker_joins_and_finishes_an_existing_study(tmp_path, mlflow_uri, share
     assert "no study 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tpe_with_pruning_runs_its_budget_and_resumes(tmp_path, shared_cache, smoke_overrides, tiny_teacher_checkpoint):
     storage = f"sqlite:///{tmp_path}/studies.db"
     overrides = {**smoke_overrides, "teacher": {"checkpoint": tiny_teacher_checkpoint}, "train.epochs": 2}
     overrides |= {"tpe.trials": 3, "tpe.startup_trials": 1, "tpe.lr": [1e-4, 1e-2], "tpe.student_drop": [1, 2]}
     spec = load_study(SMOKE, overrides)
     tracker = MemoryTracker()
-    summary = run_study(open_tpe(spec, storage, FAST), tracker, progress=False)
+    summary = run_study(open_study(TPE, spec, storage, FAST), tracker, progress=False)
     assert summary.done == 3 and summary.counts["COMPLETE"] + summary.counts["PRUNED"] == 3
     trials = optuna.load_study(study_name=_tpe_name(storage), storage=storage).trials
     assert all({"t", "alpha", "p", "lr", "student_drop"} <= set(t.params) for t in trials)
     assert all(t.intermediate_values for t in trials)  # the pruner was fed every epoch
-    again = run_study(open_tpe(spec, storage, FAST), tracker, progress=False)
+    again = run_study(open_study(TPE, spec, storage, FAST), tracker, progress=False)
     assert again.ran == 0 and again.done == 3
     parent = next(run_id for run_id, run in tracker.runs.items() if run.parent_id is None)
     assert len(tracker.children(parent)) == 3
@@ -254,10 +254,11 @@ def test_check_database_writes_nothing(tmp_path):
 
 def test_studies_select_on_validation_so_they_need_a_validation_split(tmp_path):
     with pytest.raises(ConfigError, match="val_size must be > 0"):
-        open_grid(load_study(SMOKE, {"train.data.val_size": 0}), f"sqlite:///{tmp_path}/s.db", FAST)
+        open_study(GRID, load_study(SMOKE, {"train.data.val_size": 0}), f"sqlite:///{tmp_path}/s.db", FAST)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_failed_trial_run_again_resumes_from_its_last_epoch(
     tmp_path, shared_cache, smoke_overrides, tiny_teacher_checkpoint, monkeypatch
 ):
@@ -282,12 +283,12 @@ def test_a_failed_trial_run_again_resumes_from_its_last_epoch(
     checkpoints = tmp_path / "checkpoints"
     die_after = 0
     with pytest.raises(RuntimeError, match="the worker died"):
-        run_study(open_grid(spec, storage, FAST), MemoryTracker(), progress=False, checkpoint_root=checkpoints)
+        run_study(open_study(GRID, spec, storage, FAST), MemoryTracker(), progress=False, checkpoint_root=checkpoints)
     assert [path.name for path in checkpoints.rglob("last.pt")] == ["last.pt"]
 
     die_after, epochs_trained[:] = None, []
     tracker = MemoryTracker()
-    summary = run_study(open_grid(spec, storage, FAST), tracker, progress=False, checkpoint_root=checkpoints)
+    summary = run_study(open_study(GRID, spec, storage, FAST), tracker, progress=False, checkpoint_root=checkpoints)
     assert summary.counts["COMPLETE"] == 1 and summary.counts["FAIL"] == 1
     assert epochs_trained == [1, 2]  # epoch 0 came from the checkpoint
     [run] = [run for run in tracker.runs.values() if run.parent_id is not None]
@@ -295,6 +296,7 @@ def test_a_failed_trial_run_again_resumes_from_its_last_epoch(
     assert not list(checkpoints.rglob("*.pt"))  # removed once the trial completed
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_configuration_is_discarded_not_resumed(
     tmp_path, shared_cache, smoke_overrides, tiny_teacher_checkpoint, monkeypatch
 ):
@@ -317,21 +319,21 @@ def test_a_checkpoint_of_another_configuration_is_discarded_not_resumed(
 
     monkeypatch.setattr(kdsearch.trial, "train", train)
     checkpoints = tmp_path / "checkpoints"
-    handle = open_grid(spec, storage, FAST)
+    handle = open_study(GRID, spec, storage, FAST)
     dying = True
     with pytest.raises(RuntimeError, match="the worker died"):
         run_study(handle, MemoryTracker(), progress=False, checkpoint_root=checkpoints)
     # A worker on the same machine with another cache directory: same point, another TrainConfig.
     dying, epochs_trained[:] = False, []
-    handle = open_grid(spec, storage, FAST)  # queues the failed point again
-    other = join_study(handle.name, storage, FAST, {"train.cache_dir": str(tmp_path / "other-cache")})
+    handle = open_study(GRID, spec, storage, FAST)  # queues the failed point again
+    other = join_study(handle.name, storage, FAST, STUDY_KINDS, {"train.cache_dir": str(tmp_path / "other-cache")})
     summary = run_study(other, MemoryTracker(), progress=False, checkpoint_root=checkpoints)
     assert summary.counts["COMPLETE"] == 1 and epochs_trained == [0, 1]  # from scratch, not a refused resume
 
 
 def test_the_median_pruner_lets_every_trial_finish_its_first_epoch():
     spec = load_study(SMOKE, {"tpe.startup_trials": 1})
-    study = optuna.create_study(direction="maximize", pruner=PRUNERS["median"](spec))
+    study = optuna.create_study(direction="maximize", pruner=PRUNERS[Pruner.MEDIAN](spec))
     for _ in range(2):
         trial = study.ask()
         trial.report(60.0, 1)
@@ -349,12 +351,47 @@ class _AlwaysPrune(optuna.pruners.BasePruner):
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("epochs", "state"), [(1, "COMPLETE"), (2, "PRUNED")])
 def test_a_trial_is_never_pruned_after_its_last_epoch(
     epochs, state, tmp_path, shared_cache, smoke_overrides, tiny_teacher_checkpoint, monkeypatch
 ):
-    monkeypatch.setitem(PRUNERS, "median", lambda spec: _AlwaysPrune())
+    monkeypatch.setitem(PRUNERS, Pruner.MEDIAN, lambda spec: _AlwaysPrune())
     overrides = {**smoke_overrides, "teacher": {"checkpoint": tiny_teacher_checkpoint}, "train.epochs": epochs}
     spec = load_study(SMOKE, {**overrides, "tpe.trials": 1, "tpe.pruner": "median"})
-    summary = run_study(open_tpe(spec, f"sqlite:///{tmp_path}/studies.db", FAST), MemoryTracker(), progress=False)
+    summary = run_study(
+        open_study(TPE, spec, f"sqlite:///{tmp_path}/studies.db", FAST), MemoryTracker(), progress=False
+    )
     assert summary.counts[state] == 1 and summary.done == 1
+
+
+def _report_trial(study: optuna.Study, values: list[float]) -> bool:
+    """Report one value per epoch; True when the pruner stopped the trial before its last epoch."""
+    trial = study.ask()
+    for epoch, value in enumerate(values, start=1):
+        trial.report(value, epoch)
+        if epoch < len(values) and trial.should_prune():
+            study.tell(trial, state=TrialState.PRUNED)
+            return True
+    study.tell(trial, values[-1])
+    return False
+
+
+def test_the_none_pruner_never_prunes():
+    spec = load_study(SMOKE, {"tpe.pruner": "none", "train.epochs": 9})
+    study = optuna.create_study(direction="maximize", pruner=PRUNERS[Pruner.NONE](spec))
+    for _ in range(4):
+        assert not _report_trial(study, [90.0] * 9)
+    assert not _report_trial(study, [1.0] * 9)
+
+
+def test_the_hyperband_pruner_stops_weak_trials_within_the_epoch_budget():
+    spec = load_study(SMOKE, {"tpe.pruner": "hyperband", "train.epochs": 9})
+    # Hyperband assigns trials to brackets by a hash of the study name: a fixed name, a fixed assignment.
+    pruner = PRUNERS[Pruner.HYPERBAND](spec)
+    study = optuna.create_study(study_name="hyperband", direction="maximize", pruner=pruner)
+    strong = [_report_trial(study, [50.0 + trial + epoch for epoch in range(9)]) for trial in range(12)]
+    weak = [_report_trial(study, [1.0] * 9) for _ in range(6)]
+    # One of Hyperband's brackets always trains to the full budget; the others stop weak trials early.
+    assert not any(strong[:3]) and sum(weak) >= len(weak) // 2
+    assert all(max(t.intermediate_values) < 9 for t in study.trials if t.state == TrialState.PRUNED)

@@ -171,7 +171,7 @@ def test_tpe_ranges_are_validated():
 def test_ablation_arms_are_looked_up_by_name():
     spec = build_spec({**MINIMAL, "ablation": {"extra_arms": ["ig_shuffled"]}})
     assert spec.ablation.all_arms == ("baseline", "kd", "ig", "kd_ig", "ig_shuffled")
-    with pytest.raises(ConfigError, match=r"ablation arm must be one of \['baseline', 'ig'"):
+    with pytest.raises(ConfigError, match=r"ablation arm must be one of \['baseline', 'kd', 'ig', 'kd_ig'"):
         build_spec({**MINIMAL, "ablation": {"arms": ["baseline", "distill"]}})
     with pytest.raises(ConfigError, match="must include 'baseline'"):
         build_spec({**MINIMAL, "ablation": {"arms": ["kd"]}})

@@ -4,8 +4,10 @@ import torch
 from kdsearch.config import KDConfig, OverlayConfig, TrainConfig, replace
 from kdsearch.data import load_splits
 from kdsearch.errors import CheckpointError, ConfigError
+from kdsearch.inference import accuracy, predict_logits
 from kdsearch.models import weights_hash
-from kdsearch.train import cached_teacher_logits, load_teacher, predict_logits, train
+from kdsearch.teacher import cached_teacher_logits, load_teacher
+from kdsearch.train import train
 from tests.conftest import SYNTHETIC, TINY, TINY_STUDENT
 
 
@@ -13,18 +15,25 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_kd_ig_training_returns_measured_metrics(student_config, tmp_path):
     epochs = []
     result = train(
         student_config, run_dir=tmp_path / "run", on_epoch=lambda epoch, row: epochs.append(row), progress=False
     )
-    assert 0 <= result.val_acc <= 100 and 0 <= result.test_acc <= 100
+    splits = load_splits(student_config.data, student_config.cache_dir)
+    cpu = torch.device("cpu")
+    assert result.val_acc == pytest.approx(accuracy(result.model, splits.val_images, splits.val_labels, 64, cpu, None))
+    assert result.test_acc == pytest.approx(
+        accuracy(result.model, splits.test_images, splits.test_labels, 64, cpu, None)
+    )
     assert result.images_per_s > 0 and result.train_time_s > 0
     assert [row["epoch"] for row in epochs] == [1] and epochs[0]["val_acc"] == result.val_acc
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "last.pt").exists()
     assert result.ig_cache_key is not None and result.teacher_hash is not None
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights(student_config, tmp_path):
     config = replace(student_config, epochs=2)
     straight = train(config, progress=False)
@@ -45,6 +54,7 @@ def test_resumed_run_ends_with_the_same_weights(student_config, tmp_path):
     assert resumed.val_acc == straight.val_acc
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_config(student_config, tmp_path):
     train(student_config, run_dir=tmp_path / "run", progress=False)
     other = replace(student_config, kd=KDConfig(alpha=0.9, temperature=2.0))
@@ -52,6 +62,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(student_config, tmp_path)
         train(other, run_dir=tmp_path / "run", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_a_retried_trial_discards_a_checkpoint_of_another_config_and_trains_afresh(student_config, tmp_path):
     train(student_config, run_dir=tmp_path / "run", progress=False)
     other = replace(student_config, kd=KDConfig(alpha=0.9, temperature=2.0))
@@ -62,6 +73,7 @@ def test_a_retried_trial_discards_a_checkpoint_of_another_config_and_trains_afre
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["config"]["kd"]["alpha"] == 0.9
 
 
+@pytest.mark.slow
 def test_an_ig_arm_sees_the_same_batches_crops_and_flips_as_its_baseline(student_config):
     # With p so small that no image is blended, an IG arm must train exactly like the arm without
     # IG: the overlay's random draws may not shift the data augmentation of the paired run.
@@ -71,17 +83,18 @@ def test_an_ig_arm_sees_the_same_batches_crops_and_flips_as_its_baseline(student
     assert weights_hash(ig_never_blended.model) == weights_hash(without_ig.model)
 
 
+@pytest.mark.slow
 def test_each_image_is_overlaid_with_its_own_map_under_shuffling(student_config, monkeypatch):
-    import kdsearch.train as train_module
+    import kdsearch.augment as augment_module
 
     recorded = []
-    real_crop = train_module.random_crop_flip
+    real_crop = augment_module.random_crop_flip
 
     def record(batch, *args, **kwargs):
         recorded.append(batch.clone())
         return real_crop(batch, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "random_crop_flip", record)
+    monkeypatch.setattr(augment_module, "random_crop_flip", record)
     result = train(replace(student_config, epochs=1), progress=False)
     splits = load_splits(student_config.data, student_config.cache_dir)
     from kdsearch.attribution import ig_maps
@@ -98,13 +111,14 @@ def test_each_image_is_overlaid_with_its_own_map_under_shuffling(student_config,
     assert result.epochs_completed == 1
 
 
+@pytest.mark.slow
 def test_shuffled_mode_overlays_another_images_map(student_config, monkeypatch):
-    import kdsearch.train as train_module
+    import kdsearch.augment as augment_module
 
     recorded = []
-    real_crop = train_module.random_crop_flip
+    real_crop = augment_module.random_crop_flip
     monkeypatch.setattr(
-        train_module, "random_crop_flip", lambda b, *a, **k: recorded.append(b.clone()) or real_crop(b, *a, **k)
+        augment_module, "random_crop_flip", lambda b, *a, **k: recorded.append(b.clone()) or real_crop(b, *a, **k)
     )
     config = replace(student_config, overlay=OverlayConfig(p=0.5, mode="shuffled"))
     train(config, progress=False)
@@ -122,17 +136,29 @@ def test_shuffled_mode_overlays_another_images_map(student_config, monkeypatch):
     assert own == 0
 
 
-def test_cached_teacher_logits_are_the_teachers_clean_image_logits(student_config):
+@pytest.mark.slow
+def test_cached_teacher_logits_are_the_teachers_clean_image_logits(student_config, monkeypatch):
     splits = load_splits(student_config.data, student_config.cache_dir)
     teacher = load_teacher(student_config, splits.num_classes, torch.device("cpu"))
     cached = cached_teacher_logits(teacher, splits, student_config.cache_dir, torch.device("cpu"))
     torch.testing.assert_close(cached, predict_logits(teacher, splits.train_images, 64, torch.device("cpu"), None))
-    result = train(
-        replace(student_config, kd=KDConfig(alpha=0.5, temperature=2.0, teacher_logits="cached")), progress=False
+    import kdsearch.train as train_module
+
+    indices, soft_targets = [], []
+    real_batch, real_loss = train_module.training_batch, train_module.kd_loss
+    monkeypatch.setattr(
+        train_module, "training_batch", lambda i, index, *a: indices.append(index) or real_batch(i, index, *a)
     )
-    assert result.epochs_completed == 1
+    monkeypatch.setattr(
+        train_module, "kd_loss", lambda s, soft, *a: soft_targets.append(soft) or real_loss(s, soft, *a)
+    )
+    train(replace(student_config, kd=KDConfig(alpha=0.5, temperature=2.0, teacher_logits="cached")), progress=False)
+    assert len(soft_targets) == len(indices) > 1
+    for index, soft in zip(indices, soft_targets, strict=True):  # the clean images' logits, not a new forward
+        torch.testing.assert_close(soft, cached[index])
 
 
+@pytest.mark.slow
 def test_baseline_needs_no_teacher(tmp_path):
     config = TrainConfig(
         data=SYNTHETIC,
@@ -153,6 +179,7 @@ def test_kd_without_a_teacher_checkpoint_is_refused():
         TrainConfig(data=SYNTHETIC, kd=KDConfig(alpha=0.1), overlay=OverlayConfig(p=0.0))
 
 
+@pytest.mark.slow
 def test_training_learns_the_synthetic_task(student_config):
     result = train(replace(student_config, epochs=3), progress=False)
     assert result.val_acc > 30  # 10 classes: chance is 10 %

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 
 from kdsearch.errors import ConfigError, KdsearchError, StudyError
+from kdsearch.urls import sqlite_url
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class HeartbeatConfig:
 
 
 def default_storage(workdir: str | Path = ".") -> str:
-    return "sqlite:///" + str((Path(workdir) / "studies.db").resolve())
+    return sqlite_url(Path(workdir) / "studies.db")
 
 
 def database_url(url: str) -> str:

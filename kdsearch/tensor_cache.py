@@ -44,7 +44,7 @@ class Artifact:
     path: Path
 
 
-class ArtifactStore:
+class TensorCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
