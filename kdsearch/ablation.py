@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,46 +41,45 @@ from kdsearch.trial import TrialRunner
 TOP_FRACTION = 0.1  # the IoU compares each map's top 10% of pixels
 
 
-def _terms(config: TrainConfig, spec: AblationSpec, kd: bool, ig: bool, mode: str = "aligned") -> TrainConfig:
-    # T is set on every arm, although it only acts with alpha > 0, so all arms record the same config.
-    return replace(
-        config,
-        kd=replace(config.kd, alpha=spec.alpha if kd else 0.0, temperature=spec.t),
-        overlay=replace(config.overlay, p=spec.p if ig else 0.0, mode=mode),
-    )
+@dataclass(frozen=True)
+class ArmTerms:
+    """Which loss terms an arm switches on, at the ablation's T, alpha, p and gamma."""
+
+    kd: bool
+    ig: bool
+    at: bool = False
+    # shuffled: each image is overlaid with another image's map, so kd_ig vs ig_shuffled tests whether
+    # the map's content about *this* image is what helps.
+    overlay_mode: str = "aligned"
+
+    def config(self, config: TrainConfig, spec: AblationSpec) -> TrainConfig:
+        # T is set on every arm, although it only acts with alpha > 0, so all arms record the same config.
+        return replace(
+            config,
+            kd=replace(config.kd, alpha=spec.alpha if self.kd else 0.0, temperature=spec.t),
+            overlay=replace(config.overlay, p=spec.p if self.ig else 0.0, mode=self.overlay_mode),
+            attention=replace(config.attention, gamma=spec.gamma if self.at else 0.0),
+        )
 
 
-def _baseline(config: TrainConfig, spec: AblationSpec) -> TrainConfig:
-    return _terms(config, spec, kd=False, ig=False)
-
-
-def _kd(config: TrainConfig, spec: AblationSpec) -> TrainConfig:
-    return _terms(config, spec, kd=True, ig=False)
-
-
-def _ig(config: TrainConfig, spec: AblationSpec) -> TrainConfig:
-    return _terms(config, spec, kd=False, ig=True)
-
-
-def _kd_ig(config: TrainConfig, spec: AblationSpec) -> TrainConfig:
-    return _terms(config, spec, kd=True, ig=True)
-
-
-def _ig_shuffled(config: TrainConfig, spec: AblationSpec) -> TrainConfig:
-    # KD + IG with each image overlaid by another image's map: kd_ig minus the maps' alignment, so
-    # kd_ig vs ig_shuffled tests whether the map's content about *this* image is what helps.
-    return _terms(config, spec, kd=True, ig=True, mode="shuffled")
-
-
-ARMS: dict[Arm, Callable[[TrainConfig, AblationSpec], TrainConfig]] = {
-    Arm.BASELINE: _baseline,
-    Arm.KD: _kd,
-    Arm.IG: _ig,
-    Arm.KD_IG: _kd_ig,
-    Arm.IG_SHUFFLED: _ig_shuffled,
+ARMS: dict[Arm, ArmTerms] = {
+    Arm.BASELINE: ArmTerms(kd=False, ig=False),
+    Arm.KD: ArmTerms(kd=True, ig=False),
+    Arm.IG: ArmTerms(kd=False, ig=True),
+    Arm.KD_IG: ArmTerms(kd=True, ig=True),
+    Arm.IG_SHUFFLED: ArmTerms(kd=True, ig=True, overlay_mode="shuffled"),
+    Arm.AT: ArmTerms(kd=False, ig=False, at=True),
+    Arm.IG_AT: ArmTerms(kd=False, ig=True, at=True),
+    Arm.KD_AT: ArmTerms(kd=True, ig=False, at=True),
+    Arm.KD_IG_AT: ArmTerms(kd=True, ig=True, at=True),
 }
 # Paired comparisons beyond "each arm vs baseline", made when both arms ran.
-COMPARISONS = ((Arm.KD_IG, Arm.KD), (Arm.KD_IG, Arm.IG_SHUFFLED))
+COMPARISONS = (
+    (Arm.KD_IG, Arm.KD),
+    (Arm.KD_IG, Arm.IG_SHUFFLED),
+    (Arm.KD_AT, Arm.KD),
+    (Arm.KD_IG_AT, Arm.KD_IG),
+)
 
 SEED_RANGE = (0, 2**31 - 1)  # a fixed distribution: Optuna rejects categorical choices that change
 
@@ -91,7 +89,7 @@ def seeds(spec: StudySpec) -> list[int]:
 
 
 def arm_config(spec: StudySpec, arm: str, seed: int) -> TrainConfig:
-    return ARMS[Arm(arm)](replace(spec.train, seed=seed), spec.ablation)
+    return ARMS[Arm(arm)].config(replace(spec.train, seed=seed), spec.ablation)
 
 
 class AblationKind(StudyKind):
@@ -102,6 +100,7 @@ class AblationKind(StudyKind):
     unit = "arm × seed runs"
     queue = True
     growing = {"arms": ("arms", "extra_arms"), "seeds": ("seeds",)}
+    set_once = ("gamma",)
 
     def validate(self, spec: StudySpec) -> None:
         if spec.ablation is None:
@@ -117,6 +116,8 @@ class AblationKind(StudyKind):
     def space(self, spec: StudySpec) -> dict[str, Any]:
         space = {**vars(spec.ablation), "arms": list(spec.ablation.all_arms), "seeds": seeds(spec)}
         del space["extra_arms"]  # folded into arms
+        if space["gamma"] is None:
+            del space["gamma"]  # as ablations stored before the AT arms existed hold it
         return json.loads(json.dumps(space))
 
     def total(self, space: dict[str, Any]) -> int:

@@ -169,17 +169,26 @@ def grid_command(
     t: Annotated[str | None, typer.Option("--t", help="Temperatures, comma-separated: 1,2.5,5.")] = None,
     alpha: Annotated[str | None, typer.Option("--alpha", help="KD weights in [0, 1], comma-separated.")] = None,
     p: Annotated[str | None, typer.Option("--p", help="IG overlay probabilities in [0, 1], comma-separated.")] = None,
+    gamma: Annotated[
+        str | None,
+        typer.Option("--gamma", help="Attention-transfer weights >= 0, comma-separated (adds a gamma axis)."),
+    ] = None,
     max_trials: MaxTrials = None,
     *,
     run: RunOptions,
 ) -> None:
-    """Evaluate every point of the grid T × alpha × p once (resumes: completed points are not re-run)."""
+    """Evaluate every point of the grid T × alpha × p (× gamma) once (resumes: completed points are not re-run)."""
     from kdsearch.search import GRID
     from kdsearch.study import describe_progress, open_study, run_study
     from kdsearch.studyfile import parse_number_list
 
     overrides = run.overrides()
-    for flag, name, text in (("--t", "t", t), ("--alpha", "alpha", alpha), ("--p", "p", p)):
+    for flag, name, text in (
+        ("--t", "t", t),
+        ("--alpha", "alpha", alpha),
+        ("--p", "p", p),
+        ("--gamma", "gamma", gamma),
+    ):
         if text is not None:
             overrides[f"grid.{name}"] = parse_number_list(flag, text)
     spec = _spec(study_file, overrides, "grid")
@@ -308,13 +317,24 @@ def best_command(
 def ablate_command(
     study_file: StudyFile = None,
     seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds per arm (ablation.seeds).")] = None,
-    arms: Annotated[str | None, typer.Option("--arms", help="Comma-separated: baseline,kd,ig,kd_ig.")] = None,
+    arms: Annotated[
+        str | None,
+        typer.Option(
+            "--arms", help="Comma-separated, of baseline, kd, ig, kd_ig, ig_shuffled, at, ig_at, kd_at, kd_ig_at."
+        ),
+    ] = None,
     extra_arms: Annotated[
-        str | None, typer.Option("--extra-arms", help="Comma-separated controls, e.g. ig_shuffled.")
+        str | None,
+        typer.Option(
+            "--extra-arms", help="Comma-separated arms added to the study file's, e.g. ig_shuffled or at,kd_ig_at."
+        ),
     ] = None,
     t: Annotated[float | None, typer.Option("--t", help="KD temperature of the kd arms.")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", help="KD weight of the kd arms.")] = None,
     p: Annotated[float | None, typer.Option("--p", help="IG overlay probability of the ig arms.")] = None,
+    gamma: Annotated[
+        float | None, typer.Option("--gamma", help="Attention-transfer weight of the *_at arms (ablation.gamma).")
+    ] = None,
     from_study: Annotated[
         str | None, typer.Option("--from-study", help="Take T, alpha and p from this study's best trial.")
     ] = None,
@@ -338,12 +358,20 @@ def ablate_command(
         best = best_trial(find_study(run.storage or default_storage(run.workdir), from_study))
         if best is None:
             raise ConfigError(f"study {from_study} has no completed trial to take T, alpha and p from")
-        t, alpha, p = (best.params.get(name) for name in ("t", "alpha", "p"))
+        missing = [name for name in ("t", "alpha", "p") if name not in best.params]
+        if missing:
+            raise ConfigError(
+                f"study {from_study} did not search {', '.join(missing)} (its trials have {sorted(best.params)}); "
+                "take them from a grid or TPE study"
+            )
+        t, alpha, p = (best.params[name] for name in ("t", "alpha", "p"))
+        gamma = best.params.get("gamma", gamma)
     for name, value in (
         ("seeds", seeds),
         ("t", t),
         ("alpha", alpha),
         ("p", p),
+        ("gamma", gamma),
         ("agreement_images", agreement_images),
     ):
         if value is not None:

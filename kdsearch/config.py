@@ -301,6 +301,32 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class AttentionConfig:
+    """Attention transfer (``kdsearch.attention``): gamma times the mean over block pairs of the
+    per-sample L2 distance between student and teacher attention maps."""
+
+    gamma: float = 0.0  # weight of the AT term; 0 is off (no feature taps, no extra teacher forward)
+    p: float = 2.0  # attention map Q = mean over channels of |A|^p
+    # (student block, teacher block) indices into ``features``; None: the end of every resolution stage
+    # the student keeps, paired with the teacher's block of the same spatial size.
+    pairs: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        _check(self.gamma >= 0 and math.isfinite(self.gamma), f"attention gamma must be >= 0 but got {self.gamma!r}")
+        _check(self.p > 0 and math.isfinite(self.p), f"attention p must be > 0 but got {self.p!r}")
+        if self.pairs is not None:
+            _check(len(self.pairs) > 0, "attention pairs: give [[student block, teacher block], ...] or null")
+            object.__setattr__(self, "pairs", tuple(tuple(pair) for pair in self.pairs))
+
+
+# Field metadata of options added after configs were first hashed into cache keys, study identities
+# and checkpoints: ``to_dict`` leaves such a field out while it holds its default, so every key made
+# before the option existed still matches a config that does not use it.
+ADDED_LATER = {"omit_when_default": True}
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     student: ModelConfig = field(default_factory=lambda: ModelConfig(drop_blocks=5))  # the paper's student
@@ -311,6 +337,7 @@ class TrainConfig:
     ig: IGConfig = field(default_factory=IGConfig)
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig, metadata=ADDED_LATER)
     epochs: int = 100
     batch_size: int = 64
     eval_batch_size: int = 500
@@ -338,22 +365,49 @@ class TrainConfig:
         if self.needs_teacher:
             _check(
                 self.teacher_checkpoint is not None,
-                "a teacher checkpoint is needed when alpha > 0 or p > 0 (--teacher-checkpoint)",
+                "a teacher checkpoint is needed when alpha > 0, p > 0, gamma > 0 or student_init is teacher "
+                "(--teacher-checkpoint)",
             )
+        _check(
+            not (self.attention.gamma > 0 and self.kd.teacher_logits == TeacherLogits.CACHED),
+            "attention transfer (gamma > 0) needs the online teacher's feature maps, which cached logits do not "
+            "have: set kd.teacher_logits to online",
+        )
 
     @property
     def needs_teacher(self) -> bool:
-        return self.kd.alpha > 0 or self.overlay.p > 0 or self.student_init == StudentInit.TEACHER
+        return (
+            self.kd.alpha > 0
+            or self.overlay.p > 0
+            or self.attention.gamma > 0
+            or self.student_init == StudentInit.TEACHER
+        )
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as plain values: what cache keys, study identities and checkpoints hold (see ADDED_LATER)."""
+    values = dataclasses.asdict(config)
+    _omit_later_defaults(config, values)
+    return values
+
+
+def _omit_later_defaults(config: Any, values: dict[str, Any]) -> None:
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if item.metadata.get("omit_when_default"):
+            default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+            if value == default:
+                del values[item.name]
+                continue
+        if dataclasses.is_dataclass(value):
+            _omit_later_defaults(value, values[item.name])
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dataclass → flat {"kd.alpha": 0.01, ...}, the form MLflow params and tables use."""
+    """Nested dataclass → flat {"kd.alpha": 0.01, ...}, the form MLflow params and tables use; every
+    field, also those ``to_dict`` omits at their default."""
     flat: dict[str, Any] = {}
-    for key, value in to_dict(config).items():
+    for key, value in dataclasses.asdict(config).items():
         _flatten_into(flat, f"{prefix}{key}", value)
     return flat
 
@@ -391,6 +445,7 @@ _NESTED = {
     "IGConfig": IGConfig,
     "OverlayConfig": OverlayConfig,
     "OptimConfig": OptimConfig,
+    "AttentionConfig": AttentionConfig,
 }
 
 

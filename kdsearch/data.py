@@ -60,6 +60,11 @@ class Splits:
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train_labels), "val": len(self.val_labels), "test": len(self.test_labels)}
 
+    @property
+    def image_size(self) -> int:
+        """The side of the (square) images: 32 for CIFAR."""
+        return self.train_images.shape[-1]
+
 
 @dataclass(frozen=True)
 class Source:

@@ -19,3 +19,7 @@ class CheckpointError(KdsearchError):
 
 class StudyError(KdsearchError):
     """A study cannot be created, found or joined (storage unreachable, name taken, no such study)."""
+
+
+class TrainingDiverged(KdsearchError):
+    """The training loss became NaN or infinite (e.g. an extreme temperature or learning rate)."""

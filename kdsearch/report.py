@@ -348,6 +348,7 @@ def _figures(source: Source, config: ReportConfig, rows, ablation, measured, pro
     ]
     if ablation is not None:
         reported = {arm: reported_accuracy()[row] for arm, row in tables.PAPER_ROWS.items()}
+        reported |= tables.REFERENCE_AT_ACCURACY
         found.append(
             Figure(
                 "ablation_bars",

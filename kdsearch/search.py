@@ -7,6 +7,7 @@ validation accuracy.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -44,17 +45,18 @@ class GridSearch(StudyKind):
             raise ConfigError("no grid: give --t, --alpha and --p, or a 'grid' section in the study file")
         check_selectable(spec)
         check_files(spec)
-        for point in spec.grid.points():
+        for point in self.points(self.space(spec)):
             with_params(spec.train, point)  # every trial's config is built, and so checked
 
     def space(self, spec: StudySpec) -> dict[str, Any]:
-        return {"t": list(spec.grid.t), "alpha": list(spec.grid.alpha), "p": list(spec.grid.p)}
+        return spec.grid.axes()
 
     def total(self, space: dict[str, Any]) -> int:
         return len(self.points(space))
 
     def points(self, space: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{"t": t, "alpha": alpha, "p": p} for t in space["t"] for alpha in space["alpha"] for p in space["p"]]
+        names = list(space)  # t, alpha, p (, gamma): the first axis varies slowest
+        return [dict(zip(names, values, strict=True)) for values in itertools.product(*space.values())]
 
     def trial_configs(self, spec: StudySpec, space: dict[str, Any]) -> list[TrainConfig]:
         return [with_params(spec.train, point) for point in self.points(space)]
@@ -82,7 +84,10 @@ class TPESearch(StudyKind):
             build_model(replace(spec.train.student, drop_blocks=spec.tpe.student_drop[1]))  # the deepest drop must fit
 
     def space(self, spec: StudySpec) -> dict[str, Any]:
-        return json.loads(json.dumps(to_dict(spec.tpe)))
+        space = json.loads(json.dumps(to_dict(spec.tpe)))
+        if space["gamma"] is None:
+            del space["gamma"]  # as TPE studies stored before the AT axis existed hold it
+        return space
 
     def total(self, space: dict[str, Any]) -> int:
         return space["trials"]
@@ -96,7 +101,10 @@ class TPESearch(StudyKind):
         return sampler, PRUNERS[Pruner(spec.tpe.pruner)](spec)
 
     def trial_configs(self, spec: StudySpec, space: dict[str, Any]) -> list[TrainConfig]:
-        return [with_params(spec.train, {"alpha": spec.tpe.alpha.high, "p": spec.tpe.p.high})]
+        most = {"alpha": spec.tpe.alpha.high, "p": spec.tpe.p.high}
+        if spec.tpe.gamma is not None:
+            most["gamma"] = spec.tpe.gamma.high
+        return [with_params(spec.train, most)]
 
     def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
         tpe = handle.spec.tpe
@@ -104,7 +112,13 @@ class TPESearch(StudyKind):
         def objective(trial: optuna.Trial) -> float:
             params = {
                 name: trial.suggest_float(name, bounds.low, bounds.high, log=bounds.log)
-                for name, bounds in (("t", tpe.t), ("alpha", tpe.alpha), ("p", tpe.p), ("lr", tpe.lr))
+                for name, bounds in (
+                    ("t", tpe.t),
+                    ("alpha", tpe.alpha),
+                    ("p", tpe.p),
+                    ("gamma", tpe.gamma),
+                    ("lr", tpe.lr),
+                )
                 if bounds is not None
             }
             if tpe.student_drop is not None:

@@ -37,7 +37,7 @@ import optuna
 from optuna.trial import TrialState
 
 from kdsearch.config import TrainConfig
-from kdsearch.errors import StudyError
+from kdsearch.errors import StudyError, TrainingDiverged
 from kdsearch.study_db import HeartbeatConfig, check_database, database_url, open_storage
 from kdsearch.studyfile import StudySpec, apply_overrides, build_spec
 from kdsearch.tensor_cache import content_key
@@ -64,6 +64,9 @@ class StudyKind(abc.ABC):
     queue: bool = False  # True: each point is queued once and evaluated exactly once; False: trials are sampled
     # Space lists that a resume may extend, and the study-file keys (in the kind's section) that set them.
     growing: Mapping[str, tuple[str, ...]] = {}
+    # Space keys (set by the same-named study-file keys in the kind's section) that a resume may add to
+    # a study stored without them, but never change: an ablation's gamma arrives with its first AT arm.
+    set_once: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def validate(self, spec: StudySpec) -> None:
@@ -148,7 +151,7 @@ def study_identity(spec: StudySpec, kind: StudyKind, space: dict[str, Any]) -> s
     for key in ("cache_dir", "device"):
         source.get("train", {}).pop(key, None)
     space = dict(space)
-    for space_key, spec_keys in kind.growing.items():
+    for space_key, spec_keys in [*kind.growing.items(), *((key, (key,)) for key in kind.set_once)]:
         space.pop(space_key, None)
         for spec_key in spec_keys:
             source.get(kind.name, {}).pop(spec_key, None)
@@ -191,10 +194,8 @@ def open_study(
             f"study {name} already exists with a different {'spec or space' if stored['kind'] == kind.name else 'kind'}"
             f" ({stored['kind']}); pick another --study-name"
         )
-    if stored is not None and kind.growing:
-        space = {**space}
-        for key in kind.growing:
-            space[key] = stored["space"][key] + [item for item in space[key] if item not in stored["space"][key]]
+    if stored is not None:
+        space = _grown(kind, name, stored["space"], space)
     total = kind.total(space)
     if stored is None or stored["space"] != space:
         study.set_user_attr(
@@ -204,6 +205,19 @@ def open_study(
     if kind.queue:
         enqueue_missing(handle, kind.points(space))
     return handle
+
+
+def _grown(kind: StudyKind, name: str, stored: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
+    """The union of a stored space's growing lists with the new ones, checking its set-once keys."""
+    space = {**space}
+    for key in kind.growing:
+        space[key] = stored[key] + [item for item in space[key] if item not in stored[key]]
+    for key in kind.set_once:
+        if key in stored and space.get(key) != stored[key]:
+            raise StudyError(
+                f"study {name} ran with {kind.name} {key} {stored[key]}; give the same value (or another --study-name)"
+            )
+    return space
 
 
 def stored_kind(study: optuna.Study) -> str:
@@ -365,12 +379,13 @@ def run_trials(
     """Evaluate trials until none is left to start and no other worker's trial is running.
 
     Waiting for running trials matters: if their worker dies, their retry is queued only after the
-    grace period, and someone must be there to run it. A failing objective fails its trial and
+    grace period, and someone must be there to run it. A trial whose training diverged (NaN loss) is
+    failed with the reason and the worker goes on; any other failing objective fails its trial and
     stops this worker with the error (a re-run queues the point again).
     """
     from tqdm import tqdm
 
-    ran = 0
+    ran, waiting_said = 0, False
     with tqdm(total=handle.total, initial=handle.done(), desc=handle.name, unit="trial", disable=not progress) as bar:
         while max_trials is None or ran < max_trials:
             _fail_stale(handle)
@@ -378,13 +393,26 @@ def run_trials(
             if trial is None:
                 if handle.running() == 0:
                     break
+                if not waiting_said:
+                    log.warning(
+                        "waiting for %d running trial(s): another worker's, or a killed run's, which is failed and "
+                        "queued again once it has sent no heartbeat for %d s",
+                        handle.running(),
+                        handle.heartbeat.grace,
+                    )
+                    waiting_said = True
                 time.sleep(handle.heartbeat.interval)
                 continue
+            waiting_said = False
             with _Heartbeat(handle, trial):
                 try:
                     value = objective(trial)
                 except optuna.TrialPruned:
                     _tell(handle, trial, state=TrialState.PRUNED)
+                except TrainingDiverged as error:
+                    trial.set_user_attr("fail_reason", str(error))
+                    _tell(handle, trial, state=TrialState.FAIL)
+                    log.warning("trial %d failed: %s", trial.number, error)
                 except BaseException:
                     _tell(handle, trial, state=TrialState.FAIL)
                     raise

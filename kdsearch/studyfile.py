@@ -50,6 +50,13 @@ class Arm(StrEnum):
     IG = "ig"
     KD_IG = "kd_ig"
     IG_SHUFFLED = "ig_shuffled"  # KD + IG with another image's map: the control for the maps' alignment
+    AT = "at"  # attention transfer (gamma) alone, and combined: the reference implementation's arms
+    IG_AT = "ig_at"
+    KD_AT = "kd_at"
+    KD_IG_AT = "kd_ig_at"
+
+
+AT_ARMS = (Arm.AT, Arm.IG_AT, Arm.KD_AT, Arm.KD_IG_AT)
 
 
 SEARCH_PARAMS = ("t", "alpha", "p")  # KD temperature, KD weight, IG overlay probability: named like the flags
@@ -68,6 +75,8 @@ def _search_value(where: str, name: str, value: Any) -> float:
         raise ConfigError(f"{where} t (temperature) must be > 0 but got {number}")
     if name in ("alpha", "p") and not 0 <= number <= 1:
         raise ConfigError(f"{where} {name} must be in [0, 1] but got {number}")
+    if name == "gamma" and number < 0:
+        raise ConfigError(f"{where} gamma must be >= 0 but got {number}")
     return number
 
 
@@ -85,15 +94,18 @@ class TeacherSpec:
 
 @dataclass(frozen=True)
 class GridSpec:
-    """The Cartesian product t × alpha × p; each dimension a list of distinct values."""
+    """The Cartesian product t × alpha × p (× gamma, when given); each dimension a list of distinct values."""
 
     t: tuple[float, ...]
     alpha: tuple[float, ...]
     p: tuple[float, ...]
+    gamma: tuple[float, ...] | None = None  # attention-transfer weights; None: no AT axis (gamma 0)
 
     def __post_init__(self) -> None:
-        for name in SEARCH_PARAMS:
+        for name in (*SEARCH_PARAMS, "gamma"):
             values = getattr(self, name)
+            if name == "gamma" and values is None:
+                continue
             values = values if isinstance(values, list | tuple) else [values]  # `t: 2.5` is a one-point axis
             if not values:
                 raise ConfigError(f"grid {name} needs at least one value")
@@ -102,8 +114,12 @@ class GridSpec:
                 raise ConfigError(f"grid {name} has a repeated value: {list(values)}")
             object.__setattr__(self, name, numbers)
 
-    def points(self) -> list[dict[str, float]]:
-        return [{"t": t, "alpha": alpha, "p": p} for t in self.t for alpha in self.alpha for p in self.p]
+    def axes(self) -> dict[str, list[float]]:
+        """The searched axes by name; gamma only when the grid has it, so grids without AT keep their points."""
+        axes = {"t": list(self.t), "alpha": list(self.alpha), "p": list(self.p)}
+        if self.gamma is not None:
+            axes["gamma"] = list(self.gamma)
+        return axes
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,7 @@ class TPESpec:
     alpha: Range = Range(0.0, 1.0)
     p: Range = Range(0.0, 0.5)
     lr: Range | None = None  # also search Adam's learning rate (log range)
+    gamma: Range | None = None  # also search the attention-transfer weight
     student_drop: tuple[int, int] | None = None  # also search the student depth, [low, high] blocks removed
     pruner: str = "median"  # median | hyperband | none, fed with the per-epoch validation accuracy
     startup_trials: int = 4  # median pruner: trials that are never pruned, to get a reference
@@ -144,6 +161,8 @@ class TPESpec:
                 raise ConfigError(f"tpe {name} range must lie in [0, 1] but got [{bounds.low}, {bounds.high}]")
         if self.t.low <= 0:
             raise ConfigError(f"tpe t range must be > 0 but got [{self.t.low}, {self.t.high}]")
+        if self.gamma is not None and self.gamma.low < 0:
+            raise ConfigError(f"tpe gamma range must be >= 0 but got [{self.gamma.low}, {self.gamma.high}]")
         if self.student_drop is not None:
             low, high = self.student_drop
             if not 0 <= low <= high:
@@ -161,6 +180,7 @@ class AblationSpec:
     alpha: float = 0.01
     p: float = 0.1
     agreement_images: int = 500  # fixed test images on which student and teacher IG maps are compared
+    gamma: float | None = None  # attention-transfer weight of the AT arms; needed when one is run
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -178,6 +198,13 @@ class AblationSpec:
             object.__setattr__(self, name, _search_value("ablation", name, getattr(self, name)))
         if self.agreement_images < 0:
             raise ConfigError(f"ablation agreement_images must be >= 0 but got {self.agreement_images}")
+        at_arms = [arm for arm in self.all_arms if arm in AT_ARMS]
+        if at_arms and self.gamma is None:
+            raise ConfigError(
+                f"ablation arms {at_arms} need the attention-transfer weight: set ablation.gamma (--gamma)"
+            )
+        if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise ConfigError(f"ablation gamma must be > 0 but got {self.gamma}")
 
     @property
     def all_arms(self) -> tuple[str, ...]:
@@ -279,7 +306,8 @@ def build_spec(raw: dict[str, Any], cwd: Path | None = None) -> StudySpec:
         )
     teacher = _teacher_spec(_section(source, "teacher"))
     # Built first without the teacher's terms: a trained teacher's file is only known from data and cache.
-    neutral = from_dict(TrainConfig, {**_without_teacher(train_raw), "kd": {"alpha": 0.0}, "overlay": {"p": 0.0}})
+    neutral_terms = {"kd": {"alpha": 0.0}, "overlay": {"p": 0.0}, "attention": {"gamma": 0.0}}
+    neutral = from_dict(TrainConfig, {**_without_teacher(train_raw), **neutral_terms})
     train = from_dict(TrainConfig, {**train_raw, "teacher_checkpoint": teacher_checkpoint_path(teacher, neutral)})
     return StudySpec(
         name=str(source["name"]),
@@ -311,19 +339,21 @@ def teacher_checkpoint_path(teacher: TeacherSpec, base: TrainConfig) -> str:
 
 
 def with_params(config: TrainConfig, params: dict[str, Any]) -> TrainConfig:
-    """The trial's config: search parameters (t, alpha, p, lr, student_drop) set on the base config."""
-    kd, overlay, optim, student = config.kd, config.overlay, config.optim, config.student
+    """The trial's config: search parameters (t, alpha, p, gamma, lr, student_drop) set on the base config."""
+    kd, overlay, optim, student, attention = config.kd, config.overlay, config.optim, config.student, config.attention
     if "t" in params:
         kd = replace(kd, temperature=float(params["t"]))
     if "alpha" in params:
         kd = replace(kd, alpha=float(params["alpha"]))
     if "p" in params:
         overlay = replace(overlay, p=float(params["p"]))
+    if "gamma" in params:
+        attention = replace(attention, gamma=float(params["gamma"]))
     if "lr" in params:
         optim = replace(optim, lr=float(params["lr"]))
     if "student_drop" in params:
         student = replace(student, drop_blocks=int(params["student_drop"]))
-    return replace(config, kd=kd, overlay=overlay, optim=optim, student=student)
+    return replace(config, kd=kd, overlay=overlay, optim=optim, student=student, attention=attention)
 
 
 def _section(source: dict[str, Any], name: str) -> dict[str, Any]:
@@ -376,7 +406,7 @@ def _range(name: str, value: Any) -> Range:
 
 def _tpe_spec(values: dict[str, Any]) -> TPESpec:
     values = dict(_known(TPESpec, values, "tpe"))
-    for name in ("t", "alpha", "p", "lr"):
+    for name in ("t", "alpha", "p", "lr", "gamma"):
         if values.get(name) is not None:
             values[name] = _range(name, values[name])
     if values.get("student_drop") is not None:

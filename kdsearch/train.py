@@ -10,22 +10,24 @@ weights as one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from kdsearch.attention import FeatureTaps, at_loss, check_pairs, default_pairs
 from kdsearch.attribution import ig_maps
 from kdsearch.augment import BatchRecipe, training_batch
 from kdsearch.config import OptimConfig, StudentInit, TeacherLogits, TrainConfig, replace, to_dict
 from kdsearch.data import Splits, load_splits
 from kdsearch.device import autocast_context, resolve_device, resolve_precision
-from kdsearch.errors import CheckpointError
+from kdsearch.errors import CheckpointError, TrainingDiverged
 from kdsearch.inference import accuracy
 from kdsearch.losses import kd_loss
 from kdsearch.models import (
@@ -137,13 +139,14 @@ class _Run:
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None for fp32
     student: CifarClassifier
-    online_teacher: CifarClassifier | None  # BN folded; None when no KD or with cached logits
+    online_teacher: CifarClassifier | None  # BN folded; None without KD and AT, or with cached logits
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     train_images: torch.Tensor
     train_labels: torch.Tensor
     recipe: BatchRecipe
+    attention_pairs: list[tuple[int, int]]  # (student block, teacher block); empty without AT
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 0
     earlier_train_time: float = 0.0  # spent before a resume, so that train_time_s is the whole run's
@@ -163,8 +166,12 @@ def _set_up(config: TrainConfig, inputs: TrainInputs) -> _Run:
         init_from_teacher(student, inputs.teacher)
     uses_cached_logits = config.kd.teacher_logits == TeacherLogits.CACHED
     online_teacher = None
-    if config.kd.alpha > 0 and not uses_cached_logits:
+    if (config.kd.alpha > 0 or config.attention.gamma > 0) and not uses_cached_logits:
         online_teacher = fold_batchnorm(inputs.teacher)  # the teacher only runs in eval mode here
+    pairs = []
+    if config.attention.gamma > 0:
+        pairs = list(config.attention.pairs or default_pairs(student, online_teacher, splits.image_size))
+        check_pairs(student, online_teacher, pairs, splits.image_size)
     if config.channels_last:
         student = student.to(memory_format=torch.channels_last)
         if online_teacher is not None:
@@ -187,6 +194,7 @@ def _set_up(config: TrainConfig, inputs: TrainInputs) -> _Run:
         train_images=splits.train_images.to(device),
         train_labels=splits.train_labels.to(device),
         recipe=recipe,
+        attention_pairs=pairs,
     )
 
 
@@ -212,12 +220,39 @@ def _resume(run: _Run, run_dir: Path, discard_foreign_checkpoint: bool) -> None:
 
 
 def _soft_targets(run: _Run, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
-    if run.config.kd.alpha == 0:
-        return None
+    """The teacher's logits for KD (None without it); one online forward also fills the AT taps."""
     if run.online_teacher is None:
-        return run.inputs.teacher_logits[index]
+        return run.inputs.teacher_logits[index] if run.config.kd.alpha > 0 else None
     with torch.no_grad():
-        return run.online_teacher(images)
+        logits = run.online_teacher(images)
+    return logits if run.config.kd.alpha > 0 else None
+
+
+@contextlib.contextmanager
+def _attention_taps(run: _Run) -> Iterator[tuple[FeatureTaps, FeatureTaps] | None]:
+    """Taps on the paired blocks for one epoch (None without AT); every hook is removed at its end."""
+    if not run.attention_pairs:
+        yield None
+        return
+    student_blocks, teacher_blocks = zip(*run.attention_pairs, strict=True)
+    with (
+        FeatureTaps(run.student, student_blocks) as student,
+        FeatureTaps(run.online_teacher, teacher_blocks) as teacher,
+    ):
+        yield student, teacher
+
+
+def _loss(run: _Run, logits, soft_targets, labels, taps: tuple[FeatureTaps, FeatureTaps] | None) -> torch.Tensor:
+    """(1 - α) CE + α T² KL (``kd_loss``), plus γ AT when attention transfer is on."""
+    config = run.config
+    loss = kd_loss(logits, soft_targets, labels, config.kd.alpha, config.kd.temperature, config.optim.label_smoothing)
+    if taps is None:
+        return loss
+    student, teacher = taps
+    attention = at_loss(student.outputs, teacher.outputs, config.attention.p)
+    student.clear()
+    teacher.clear()
+    return loss + config.attention.gamma * attention
 
 
 def _train_epoch(run: _Run, epoch: int, progress: bool) -> tuple[float, float]:
@@ -241,26 +276,24 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> tuple[float, float]:
         leave=False,
         disable=not progress,
     )
-    for step in steps:
-        index = order[step * config.batch_size : (step + 1) * config.batch_size]
-        images = training_batch(run.train_images, index, run.inputs.ig_maps, run.recipe, generator, overlay_generator)
-        with autocast_context(run.device, run.dtype):
-            logits = run.student(images)
-            soft_targets = _soft_targets(run, images, index)
-        loss = kd_loss(
-            logits,
-            soft_targets,
-            run.train_labels[index],
-            config.kd.alpha,
-            config.kd.temperature,
-            config.optim.label_smoothing,
-        )
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.scheduler.step()
-        epoch_loss += loss.item() * len(index)
+    with _attention_taps(run) as taps:
+        for step in steps:
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            images = training_batch(
+                run.train_images, index, run.inputs.ig_maps, run.recipe, generator, overlay_generator
+            )
+            with autocast_context(run.device, run.dtype):
+                logits = run.student(images)
+                soft_targets = _soft_targets(run, images, index)
+            loss = _loss(run, logits, soft_targets, run.train_labels[index], taps)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.scheduler.step()
+            epoch_loss += loss.item() * len(index)
     return epoch_loss / count, time.perf_counter() - start
 
 

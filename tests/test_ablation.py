@@ -25,16 +25,21 @@ from kdsearch.studyfile import load_study
 pytest_plugins = ["fixtures_study"]
 
 
-def test_arms_differ_only_in_alpha_p_and_alignment():
-    spec = load_study(SMOKE, {"ablation.extra_arms": ["ig_shuffled"]})
+def test_arms_differ_only_in_alpha_p_gamma_and_alignment():
+    extra = ["ig_shuffled", "at", "ig_at", "kd_at", "kd_ig_at"]
+    spec = load_study(SMOKE, {"ablation.extra_arms": extra, "ablation.gamma": 0.3})
     configs = {arm: arm_config(spec, arm, 7) for arm in spec.ablation.all_arms}
-    terms = {arm: (c.kd.alpha, c.overlay.p, c.overlay.mode) for arm, c in configs.items()}
+    terms = {arm: (c.kd.alpha, c.overlay.p, c.overlay.mode, c.attention.gamma) for arm, c in configs.items()}
     assert terms == {
-        "baseline": (0.0, 0.0, "aligned"),
-        "kd": (0.5, 0.0, "aligned"),
-        "ig": (0.0, 0.5, "aligned"),
-        "kd_ig": (0.5, 0.5, "aligned"),
-        "ig_shuffled": (0.5, 0.5, "shuffled"),
+        "baseline": (0.0, 0.0, "aligned", 0.0),
+        "kd": (0.5, 0.0, "aligned", 0.0),
+        "ig": (0.0, 0.5, "aligned", 0.0),
+        "kd_ig": (0.5, 0.5, "aligned", 0.0),
+        "ig_shuffled": (0.5, 0.5, "shuffled", 0.0),
+        "at": (0.0, 0.0, "aligned", 0.3),
+        "ig_at": (0.0, 0.5, "aligned", 0.3),
+        "kd_at": (0.5, 0.0, "aligned", 0.3),
+        "kd_ig_at": (0.5, 0.5, "aligned", 0.3),
     }
     assert {c.seed for c in configs.values()} == {7}
     assert len({(c.data, c.student, c.epochs, c.optim, c.kd.temperature) for c in configs.values()}) == 1

@@ -7,6 +7,7 @@ from fixtures_study import CPU_QUICK, PAPER, SMOKE
 
 from kdsearch.config import to_dict
 from kdsearch.errors import ConfigError
+from kdsearch.search import GRID
 from kdsearch.studyfile import (
     apply_overrides,
     build_spec,
@@ -22,14 +23,14 @@ MINIMAL = {"name": "t", "teacher": {"checkpoint": "teacher.pt"}}
 
 def test_shipped_study_files_validate():
     smoke, quick, paper = load_study(SMOKE), load_study(CPU_QUICK), load_study(PAPER)
-    assert len(smoke.grid.points()) == 4
+    assert len(GRID.points(smoke.grid.axes())) == 4
     assert smoke.teacher.train is not None and smoke.train.data.dataset == "synthetic"
-    assert len(quick.grid.points()) == 12
+    assert len(GRID.points(quick.grid.axes())) == 12
     assert quick.train.data.label == "CIFAR-10 (JPEG q75 copy)"
     assert paper.train.student.drop_blocks == 5 and paper.train.batch_size == 64 and paper.train.epochs == 100
     assert paper.train.optim.optimizer == "adam" and paper.train.optim.lr == 1e-3
     assert all(5 <= len(values) <= 9 for values in (paper.grid.t, paper.grid.alpha, paper.grid.p))
-    assert (2.5, 0.01, 0.1) in {(pt["t"], pt["alpha"], pt["p"]) for pt in paper.grid.points()}
+    assert (2.5, 0.01, 0.1) in {(pt["t"], pt["alpha"], pt["p"]) for pt in GRID.points(paper.grid.axes())}
 
 
 def test_the_teacher_initialised_ablation_differs_from_the_real_data_one_only_where_it_says():
@@ -83,7 +84,7 @@ def test_bad_grid_values(grid, message):
 def test_grid_axis_not_given_is_held_at_the_base_value():
     spec = build_spec({**MINIMAL, "train": {"kd": {"alpha": 0.2}}, "grid": {"t": [1, 2]}})
     assert spec.grid.alpha == (0.2,) and spec.grid.p == (0.1,)
-    assert len(spec.grid.points()) == 2
+    assert len(GRID.points(spec.grid.axes())) == 2
 
 
 def test_number_list_flag():
