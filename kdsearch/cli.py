@@ -302,9 +302,11 @@ def ig_show_command(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 a usage or input error the user can fix)."""
+    # kdsearch's own progress lines; libraries (the ONNX exporter's passes, MLflow) only warnings.
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    logging.getLogger("kdsearch").setLevel(logging.INFO)
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="kdsearch", standalone_mode=False)

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from kdsearch.cli_options import with_options
+from kdsearch.config import ParetoSampler, Runtime
 from kdsearch.errors import ConfigError
 from kdsearch.urls import hide_password
 
@@ -225,6 +226,53 @@ def tpe_command(
     _report(run_study(handle, tracker, run.experiment, run.progress, max_trials, run.checkpoints))
 
 
+@study_app.command("pareto")
+@with_options(RunOptions, "run")
+def pareto_command(
+    study_file: StudyFile = None,
+    trials: Annotated[int | None, typer.Option("--trials", help="Trials in total (pareto.trials).")] = None,
+    sampler: Annotated[
+        ParetoSampler | None, typer.Option("--sampler", help="Multi-objective sampler (pareto.sampler).")
+    ] = None,
+    latency: Annotated[
+        Runtime | None, typer.Option("--latency", help="Runtime the latency objective is measured in.")
+    ] = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="Batch size of the latency objective.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads of the latency objective.")] = None,
+    max_latency_ms: Annotated[
+        float | None, typer.Option("--max-latency-ms", help="Constraint: slower architectures are not trained.")
+    ] = None,
+    min_val_acc: Annotated[
+        float | None, typer.Option("--min-val-acc", help="Constraint: validation accuracy at least this (%).")
+    ] = None,
+    max_trials: MaxTrials = None,
+    *,
+    run: RunOptions,
+) -> None:
+    """Search students for validation accuracy and measured latency together: the Pareto front of
+    architecture (blocks dropped, width, pruning) and KD/IG/AT settings. Resumable, joinable by workers."""
+    from kdsearch.pareto import PARETO
+    from kdsearch.study import describe_progress, open_study, run_study
+
+    overrides = run.overrides()
+    flags = {
+        "trials": trials,
+        "sampler": sampler,
+        "latency": latency,
+        "batch": batch,
+        "threads": threads,
+        "max_latency_ms": max_latency_ms,
+        "min_val_acc": min_val_acc,
+    }
+    overrides |= {f"pareto.{name}": str(value) if name in ("sampler", "latency") else value
+                  for name, value in flags.items() if value is not None}  # fmt: skip
+    spec = _spec(study_file, overrides, "pareto")
+    storage_url, tracker, heartbeat = run.setup()
+    handle = open_study(PARETO, spec, storage_url, heartbeat, run.study_name)
+    typer.echo(f"study {handle.name} in {hide_password(storage_url)}: {describe_progress(handle)}")
+    _report(run_study(handle, tracker, run.experiment, run.progress, max_trials, run.checkpoints))
+
+
 @study_app.command("worker")
 def worker_command(
     study_name: Annotated[str, typer.Option("--study-name", help="The study to join.")],
@@ -292,6 +340,11 @@ def status_command(
     if best is not None:
         typer.echo(
             f"  best: trial {best['trial']}  val_acc {best['val_acc']:.2f}  test_acc {best['test_acc']}  {best['params']}"
+        )
+    for trial in report["front"] or []:
+        typer.echo(
+            f"  front: trial {trial['trial']}  val_acc {trial['val_acc']:.2f}  latency {trial['latency_ms']:.3f} ms"
+            f"  test_acc {trial['test_acc']}  {trial['params']}"
         )
 
 

@@ -179,6 +179,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("KDSEARCH_CACHE_DIR") or Path.home() / ".cache" / "kdsearch")
 
 
+# Field metadata of options added after configs were first hashed into cache keys, study identities
+# and checkpoints: ``to_dict`` leaves such a field out while it holds its default, so every key made
+# before the option existed still matches a config that does not use it.
+ADDED_LATER = {"omit_when_default": True}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "cifar10"  # a Dataset
@@ -213,6 +219,9 @@ class ModelConfig:
     width_mult: float = 1.0  # channel multiplier, as in torchvision's MobileNetV2
     normalization: str = "cifar10"  # a Normalization, applied inside the model ("none": raw [0, 1] pixels)
     dropout: float = 0.2  # before the linear head (classifier.0)
+    # A pruned network's shape: output channels of every conv in ``features`` (models.channel_plan);
+    # None: the architecture's own widths.
+    channels: tuple[int, ...] | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -300,6 +309,58 @@ class OptimConfig:
         )
 
 
+class ParetoSampler(StrEnum):
+    """Optuna's multi-objective samplers (pareto.SAMPLERS builds each)."""
+
+    TPE = "tpe"
+    NSGA2 = "nsga2"
+
+
+class Runtime(StrEnum):
+    """Where a student's latency is measured: PyTorch eager, or ONNX Runtime's CPU provider."""
+
+    TORCH = "torch"
+    ONNX_FP32 = "onnx-fp32"
+    ONNX_INT8 = "onnx-int8"  # static QDQ quantisation calibrated on training images
+
+
+class Importance(StrEnum):
+    """How structured pruning ranks channels (pruning.IMPORTANCES builds each)."""
+
+    L1 = "l1"  # magnitude of the group's weights
+    L2 = "l2"
+    RANDOM = "random"  # a control: does magnitude matter?
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """A student pruned from the teacher (Torch-Pruning): its surviving weights are the teacher's.
+
+    Exactly one target when pruning: ``ratio`` of every prunable group's channels removed, or
+    ``flops_target``, the fraction of the unpruned network's FLOPs kept. Combines with the student's
+    ``drop_blocks`` (blocks removed first) and ``width_mult`` 1 (the teacher's widths).
+    """
+
+    ratio: float | None = None
+    flops_target: float | None = None
+    importance: str = "l2"  # an Importance
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        _check(
+            self.ratio is None or self.flops_target is None,
+            f"prune needs one of ratio or flops_target, not both (got {self.ratio}, {self.flops_target})",
+        )
+        for name in ("ratio", "flops_target"):
+            value = getattr(self, name)
+            _check(value is None or 0 < value < 1, f"prune {name} must be in (0, 1) but got {value!r}")
+        object.__setattr__(self, "importance", choice("prune importance", self.importance, Importance))
+
+    @property
+    def active(self) -> bool:
+        return self.ratio is not None or self.flops_target is not None
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     """Attention transfer (``kdsearch.attention``): gamma times the mean over block pairs of the
@@ -320,12 +381,6 @@ class AttentionConfig:
             object.__setattr__(self, "pairs", tuple(tuple(pair) for pair in self.pairs))
 
 
-# Field metadata of options added after configs were first hashed into cache keys, study identities
-# and checkpoints: ``to_dict`` leaves such a field out while it holds its default, so every key made
-# before the option existed still matches a config that does not use it.
-ADDED_LATER = {"omit_when_default": True}
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -338,6 +393,7 @@ class TrainConfig:
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig, metadata=ADDED_LATER)
+    prune: PruneConfig = field(default_factory=PruneConfig, metadata=ADDED_LATER)
     epochs: int = 100
     batch_size: int = 64
     eval_batch_size: int = 500
@@ -365,7 +421,7 @@ class TrainConfig:
         if self.needs_teacher:
             _check(
                 self.teacher_checkpoint is not None,
-                "a teacher checkpoint is needed when alpha > 0, p > 0, gamma > 0 or student_init is teacher "
+                "a teacher checkpoint is needed when alpha > 0, p > 0, gamma > 0, pruning or student_init teacher "
                 "(--teacher-checkpoint)",
             )
         _check(
@@ -380,6 +436,7 @@ class TrainConfig:
             self.kd.alpha > 0
             or self.overlay.p > 0
             or self.attention.gamma > 0
+            or self.prune.active
             or self.student_init == StudentInit.TEACHER
         )
 
@@ -446,6 +503,7 @@ _NESTED = {
     "OverlayConfig": OverlayConfig,
     "OptimConfig": OptimConfig,
     "AttentionConfig": AttentionConfig,
+    "PruneConfig": PruneConfig,
 }
 
 

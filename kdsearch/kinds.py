@@ -4,7 +4,8 @@ a worker joining a stored study, the report) to pick the kind a study was create
 from __future__ import annotations
 
 from kdsearch.ablation import ABLATION
+from kdsearch.pareto import PARETO
 from kdsearch.search import GRID, TPE
 from kdsearch.study import StudyKind
 
-STUDY_KINDS: dict[str, StudyKind] = {kind.name: kind for kind in (GRID, TPE, ABLATION)}
+STUDY_KINDS: dict[str, StudyKind] = {kind.name: kind for kind in (GRID, TPE, ABLATION, PARETO)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,8 @@ def build_model(config: ModelConfig) -> CifarClassifier:
             f"drop_blocks={config.drop_blocks} would remove all {len(features)} feature blocks of {config.arch}"
         )
     kept = nn.Sequential(*list(features)[: len(features) - config.drop_blocks])
-    return CifarClassifier(kept, config.num_classes, config.dropout, config.normalization)
+    model = CifarClassifier(kept, config.num_classes, config.dropout, config.normalization)
+    return apply_plan(model, config.channels) if config.channels is not None else model
 
 
 def init_from_teacher(student: CifarClassifier, teacher: CifarClassifier) -> None:
@@ -226,3 +227,83 @@ def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pat
             raise CheckpointError(
                 f"{where}: {key} has shape {tuple(state[key].shape)} in the checkpoint, {tuple(tensor.shape)} in the model"
             )
+
+
+# --- pruned architectures ------------------------------------------------------------------
+
+
+def channel_plan(model: CifarClassifier) -> tuple[int, ...]:
+    """Output channels of every ``nn.Conv2d`` in ``model.features``, in module order."""
+    return tuple(module.out_channels for module in model.features.modules() if isinstance(module, nn.Conv2d))
+
+
+def apply_plan(model: CifarClassifier, plan: Sequence[int], image_size: int = 32) -> CifarClassifier:
+    """A copy of a freshly built, unpruned ``model`` reshaped to ``plan`` (from ``channel_plan``).
+
+    Assumes the features are a chain of convolutions: each conv takes the previous conv's outputs (the
+    image's 3 channels for the first), a depthwise conv stays depthwise, each BatchNorm2d follows the
+    conv before it, and residual adds join equal counts (as pruning keeps them). That holds for every
+    architecture in ``models.ARCHITECTURES``. The reshaped layers are freshly initialised: load the
+    pruned model's state dict next.
+    """
+    plan = tuple(plan)  # a list after a JSON round trip
+    convs = [name for name, module in model.features.named_modules() if isinstance(module, nn.Conv2d)]
+    if len(plan) != len(convs):
+        raise ConfigError(f"channel plan has {len(plan)} entries but the model has {len(convs)} convolutions")
+    if any(isinstance(count, bool) or not isinstance(count, int) or count < 1 for count in plan):
+        raise ConfigError(f"channel plan entries must be positive integers but got {list(plan)}")
+    reshaped = reshaped_copy(model, plan)
+    _check_forward(reshaped, image_size)
+    return reshaped
+
+
+def reshaped_copy(model: CifarClassifier, plan: Sequence[int]) -> CifarClassifier:
+    """A copy of ``model`` with every conv, BatchNorm and the head rebuilt for ``plan``'s counts."""
+    reshaped = copy.deepcopy(model)
+    device = next(model.parameters()).device
+    counts, channels = iter(plan), 3
+    for name, module in list(reshaped.features.named_modules()):
+        if isinstance(module, nn.Conv2d):
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            out_channels = next(counts)
+            if depthwise and out_channels != channels:
+                raise ConfigError(
+                    f"channel plan gives depthwise conv features.{name} {out_channels} outputs for {channels} inputs"
+                )
+            new = nn.Conv2d(
+                channels,
+                out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                groups=channels if depthwise else module.groups,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+                device=device,
+            )
+            channels = out_channels
+        elif isinstance(module, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(
+                channels, module.eps, module.momentum, module.affine, module.track_running_stats, device=device
+            )
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(reshaped.features.get_submodule(parent), child, new)
+    head = reshaped.classifier[1]
+    reshaped.classifier[1] = nn.Linear(channels, head.out_features, bias=head.bias is not None, device=device)
+    return reshaped
+
+
+def _check_forward(model: CifarClassifier, image_size: int) -> None:
+    """Raise ConfigError where a plan breaks a residual add (the one mismatch the chain walk cannot see)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+    except RuntimeError as error:
+        raise ConfigError(f"channel plan does not fit the model: {str(error).splitlines()[0]}") from error
+    finally:
+        model.train(was_training)

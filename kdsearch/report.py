@@ -222,7 +222,7 @@ def trial_rows(source: Source) -> list[dict[str, Any]]:
                 "state": STATES[trial.state.name],
                 # A queued trial holds its point in fixed_params until its objective suggests it.
                 "params": dict(trial.params or trial.system_attrs.get("fixed_params") or {}),
-                "val_acc": trial.value if complete else None,
+                "val_acc": trial.values[0] if complete else None,
                 "test_acc": attrs.get("test_acc"),
                 **{key: attrs[key] for key in ("agreement_spearman", "agreement_iou_top10") if key in attrs},
             }

@@ -62,6 +62,7 @@ class StudyKind(abc.ABC):
     name: str  # stored with the study
     unit: str  # what ``total`` counts, for progress lines: "grid points"
     queue: bool = False  # True: each point is queued once and evaluated exactly once; False: trials are sampled
+    directions: tuple[str, ...] = ("maximize",)  # the objective's values: validation accuracy first
     # Space lists that a resume may extend, and the study-file keys (in the kind's section) that set them.
     growing: Mapping[str, tuple[str, ...]] = {}
     # Space keys (set by the same-named study-file keys in the kind's section) that a resume may add to
@@ -81,7 +82,7 @@ class StudyKind(abc.ABC):
         """How many points (or trials) the study runs in all."""
 
     def points(self, space: dict[str, Any]) -> list[dict[str, Any]]:
-        """A queue kind's points, each the fixed params of one trial."""
+        """A queue kind's points, each the fixed params of one trial; a sampled kind's enqueued ones."""
         return []
 
     def algorithms(
@@ -183,7 +184,7 @@ def open_study(
     study = optuna.create_study(
         study_name=name,
         storage=storage,
-        direction="maximize",
+        directions=list(kind.directions),
         load_if_exists=True,
         sampler=sampler,
         pruner=pruner,
@@ -202,7 +203,7 @@ def open_study(
             ATTR, {"kind": kind.name, "identity": identity, "spec": spec.source, "space": space, "total": total}
         )
     handle = StudyHandle(study, storage, spec, kind, space, total, heartbeat)
-    if kind.queue:
+    if kind.queue or kind.points(space):  # a sampled kind may also start with fixed points
         enqueue_missing(handle, kind.points(space))
     return handle
 
@@ -462,15 +463,25 @@ def finish_parent(handle: StudyHandle, tracker: Tracker, parent: str) -> None:
     """Record the best trial on the parent run and close it once the whole study is done."""
     best = best_trial(handle.study)
     if best is not None:
-        tracker.log_metrics(parent, {"best_val_acc": best.value, "best_test_acc": best.user_attrs["test_acc"]})
+        tracker.log_metrics(parent, {"best_val_acc": best.values[0], "best_test_acc": best.user_attrs["test_acc"]})
         tracker.set_tags(parent, {"best_trial": str(best.number), "best_params": json.dumps(best.params)})
     if handle.done() >= handle.total and handle.running() == 0:
         tracker.end_run(parent)
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The complete trial of highest validation accuracy (the first objective of a multi-objective study)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max(complete, key=lambda trial: trial.value) if complete else None
+    return max(complete, key=lambda trial: trial.values[0]) if complete else None
+
+
+def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """A multi-objective study's Pareto-optimal complete trials (feasible ones, with constraints), by
+    accuracy; a single-objective study's best trial."""
+    if len(study.directions) == 1:
+        best = best_trial(study)
+        return [best] if best is not None else []
+    return sorted(study.best_trials, key=lambda trial: -trial.values[0])
 
 
 def summarize(handle: StudyHandle, ran: int, parent: str | None) -> RunSummary:
@@ -498,14 +509,18 @@ def status(study: optuna.Study, kind: StudyKind) -> dict[str, Any]:
         "done": kind.done(study),
         "states": {state.name: counts.get(state.name, 0) for state in TrialState},
         "best": describe_trial(best) if best is not None else None,
+        "front": [describe_trial(trial) for trial in front(study)] if len(study.directions) > 1 else None,
     }
 
 
 def describe_trial(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    return {
+    described = {
         "trial": trial.number,
-        "val_acc": trial.value,
+        "val_acc": trial.values[0],
         "test_acc": trial.user_attrs.get("test_acc"),
         "params": trial.params,
         "run_id": trial.user_attrs.get("run_id"),
     }
+    if len(trial.values) > 1:
+        described["latency_ms"] = trial.values[1]
+    return described

@@ -28,7 +28,16 @@ from typing import Any
 
 import yaml
 
-from kdsearch.config import TeacherRecipe, TrainConfig, check_field_types, choice, from_dict, replace
+from kdsearch.config import (
+    ParetoSampler,
+    Runtime,
+    TeacherRecipe,
+    TrainConfig,
+    check_field_types,
+    choice,
+    from_dict,
+    replace,
+)
 from kdsearch.errors import ConfigError, DataError
 from kdsearch.latency import LatencyConfig
 from kdsearch.teacher import recipe_config, trained_teacher_path
@@ -211,6 +220,71 @@ class AblationSpec:
         return self.arms + self.extra_arms
 
 
+def _ranges(spec: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(spec, name)
+        if value is not None and not isinstance(value, Range):
+            object.__setattr__(spec, name, _range(name, value))
+
+
+@dataclass(frozen=True)
+class ParetoSpec:
+    """Accuracy × latency: maximise validation accuracy, minimise the latency measured in ``latency``.
+
+    The student space: ``student_drop`` [low, high] blocks removed, ``widths`` (width multipliers) and
+    ``prune_ratios`` (0: unpruned), all categorical so that each architecture is timed once; the KD/IG/AT
+    ranges are searched when given and otherwise held at the base config's values.
+    """
+
+    trials: int = 24  # complete + pruned (skipped) trials over all workers and resumes
+    sampler: str = "tpe"  # a ParetoSampler
+    seed: int = 0
+    startup_trials: int = 8  # tpe: random trials first
+    latency: str = "onnx-fp32"  # a Runtime: torch | onnx-fp32 | onnx-int8
+    batch: int = 1
+    threads: int = 1
+    max_latency_ms: float | None = None  # constraint: slower architectures are timed and not trained
+    min_val_acc: float | None = None  # constraint on the trained student
+    student_drop: tuple[int, int] = (0, 5)
+    widths: tuple[float, ...] = (1.0,)
+    prune_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.7)
+    t: Range | None = None
+    alpha: Range | None = None
+    p: Range | None = None
+    gamma: Range | None = None
+    # Points trained first whatever the sampler proposes, e.g. the paper's student for reference:
+    # [{student_drop: 5, width: 1.0, prune_ratio: 0.0}]; names left out are sampled.
+    enqueue: tuple[dict, ...] = ()
+
+    def __post_init__(self) -> None:
+        _ranges(self, ("t", "alpha", "p", "gamma"))
+        object.__setattr__(self, "enqueue", tuple(self.enqueue))
+        check_field_types(self)
+        if self.trials < 1:
+            raise ConfigError(f"pareto trials must be >= 1 but got {self.trials}")
+        object.__setattr__(self, "sampler", choice("pareto sampler", self.sampler, ParetoSampler))
+        object.__setattr__(self, "latency", choice("pareto latency runtime", self.latency, Runtime))
+        for name in ("batch", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"pareto {name} must be >= 1 but got {getattr(self, name)}")
+        low, high = self.student_drop
+        if not 0 <= low <= high:
+            raise ConfigError(f"pareto student_drop must be [low, high] with 0 <= low <= high but got {low, high}")
+        for name in ("widths", "prune_ratios"):
+            values = tuple(getattr(self, name))
+            if not values or len(set(values)) != len(values):
+                raise ConfigError(f"pareto {name} must be distinct values, at least one, but got {list(values)}")
+            object.__setattr__(self, name, values)
+        if any(not width > 0 for width in self.widths):
+            raise ConfigError(f"pareto widths must be > 0 but got {list(self.widths)}")
+        if any(not 0 <= ratio < 1 for ratio in self.prune_ratios):
+            raise ConfigError(f"pareto prune_ratios must be in [0, 1) but got {list(self.prune_ratios)}")
+        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
+            raise ConfigError(f"pareto max_latency_ms must be > 0 but got {self.max_latency_ms}")
+        if self.min_val_acc is not None and not 0 <= self.min_val_acc <= 100:
+            raise ConfigError(f"pareto min_val_acc must be in [0, 100] but got {self.min_val_acc}")
+
+
 @dataclass(frozen=True)
 class StudySpec:
     name: str
@@ -219,6 +293,7 @@ class StudySpec:
     grid: GridSpec | None = None
     tpe: TPESpec | None = None
     ablation: AblationSpec | None = None
+    pareto: ParetoSpec | None = None
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     # The normalised mapping this spec was built from (absolute paths): stored with a study so a
     # worker on another machine rebuilds the same spec, with its own cache_dir.
@@ -229,7 +304,7 @@ class StudySpec:
             raise ConfigError(f"study name must be non-empty without spaces, quotes or slashes but got {self.name!r}")
 
 
-SECTIONS = ("name", "train", "teacher", "grid", "tpe", "ablation", "latency")
+SECTIONS = ("name", "train", "teacher", "grid", "tpe", "ablation", "pareto", "latency")
 PATH_KEYS = (("train", "data", "data_dir"), ("train", "cache_dir"), ("teacher", "checkpoint"))
 
 
@@ -306,7 +381,7 @@ def build_spec(raw: dict[str, Any], cwd: Path | None = None) -> StudySpec:
         )
     teacher = _teacher_spec(_section(source, "teacher"))
     # Built first without the teacher's terms: a trained teacher's file is only known from data and cache.
-    neutral_terms = {"kd": {"alpha": 0.0}, "overlay": {"p": 0.0}, "attention": {"gamma": 0.0}}
+    neutral_terms = {"kd": {"alpha": 0.0}, "overlay": {"p": 0.0}, "attention": {"gamma": 0.0}, "prune": {}}
     neutral = from_dict(TrainConfig, {**_without_teacher(train_raw), **neutral_terms})
     train = from_dict(TrainConfig, {**train_raw, "teacher_checkpoint": teacher_checkpoint_path(teacher, neutral)})
     return StudySpec(
@@ -316,6 +391,7 @@ def build_spec(raw: dict[str, Any], cwd: Path | None = None) -> StudySpec:
         grid=_optional(source, "grid", lambda s: _grid_spec(s, train)),
         tpe=_optional(source, "tpe", _tpe_spec),
         ablation=_optional(source, "ablation", lambda s: AblationSpec(**_known(AblationSpec, s, "ablation"))),
+        pareto=_optional(source, "pareto", lambda s: ParetoSpec(**_known(ParetoSpec, s, "pareto"))),
         latency=LatencyConfig(**_known(LatencyConfig, _section(source, "latency"), "latency")),
         source=source,
     )

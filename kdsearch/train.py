@@ -24,7 +24,7 @@ from torch import nn
 from kdsearch.attention import FeatureTaps, at_loss, check_pairs, default_pairs
 from kdsearch.attribution import ig_maps
 from kdsearch.augment import BatchRecipe, training_batch
-from kdsearch.config import OptimConfig, StudentInit, TeacherLogits, TrainConfig, replace, to_dict
+from kdsearch.config import ModelConfig, OptimConfig, StudentInit, TeacherLogits, TrainConfig, replace, to_dict
 from kdsearch.data import Splits, load_splits
 from kdsearch.device import autocast_context, resolve_device, resolve_precision
 from kdsearch.errors import CheckpointError, TrainingDiverged
@@ -33,11 +33,13 @@ from kdsearch.losses import kd_loss
 from kdsearch.models import (
     CifarClassifier,
     build_model,
+    channel_plan,
     fold_batchnorm,
     init_from_teacher,
     save_checkpoint,
     weights_hash,
 )
+from kdsearch.pruning import prune_classifier
 from kdsearch.teacher import cached_teacher_logits, load_teacher
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     checkpoint: Path | None = None
     model: CifarClassifier | None = None
+    model_config: ModelConfig | None = None  # rebuilds ``model`` (a pruned student's channels included)
     teacher_hash: str | None = None
     ig_cache_key: str | None = None
 
@@ -135,6 +138,7 @@ class _Run:
     """The state of one run between epochs: models, optimiser, data on the device, and its history."""
 
     config: TrainConfig
+    student_config: ModelConfig  # what rebuilds the student: a pruned one's channels included
     inputs: TrainInputs
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None for fp32
@@ -161,9 +165,8 @@ def _set_up(config: TrainConfig, inputs: TrainInputs) -> _Run:
     dtype = resolve_precision(config.precision, device)
     splits = inputs.splits
     torch.manual_seed(config.seed)
-    student = build_model(replace(config.student, num_classes=splits.num_classes)).to(device)
-    if config.student_init == StudentInit.TEACHER:
-        init_from_teacher(student, inputs.teacher)
+    student, student_config = build_student(config, inputs)
+    student = student.to(device)
     uses_cached_logits = config.kd.teacher_logits == TeacherLogits.CACHED
     online_teacher = None
     if (config.kd.alpha > 0 or config.attention.gamma > 0) and not uses_cached_logits:
@@ -183,6 +186,7 @@ def _set_up(config: TrainConfig, inputs: TrainInputs) -> _Run:
     )
     return _Run(
         config=config,
+        student_config=student_config,
         inputs=inputs,
         device=device,
         dtype=dtype,
@@ -196,6 +200,34 @@ def _set_up(config: TrainConfig, inputs: TrainInputs) -> _Run:
         recipe=recipe,
         attention_pairs=pairs,
     )
+
+
+def build_student(config: TrainConfig, inputs: TrainInputs) -> tuple[CifarClassifier, ModelConfig]:
+    """The untrained student of ``config`` and the config that rebuilds it: random, or the teacher's kept
+    blocks (student_init teacher), then pruned to ``config.prune``'s target with the teacher's weights."""
+    student_config = replace(config.student, num_classes=inputs.splits.num_classes)
+    student = build_model(student_config)
+    if config.student_init == StudentInit.TEACHER or config.prune.active:
+        init_from_teacher(student, inputs.teacher)
+    if config.prune.active:
+        student, student_config = _pruned(student, student_config, inputs.teacher, config)
+    return student, student_config
+
+
+def _pruned(
+    student: CifarClassifier, student_config: ModelConfig, teacher: CifarClassifier, config: TrainConfig
+) -> tuple[CifarClassifier, ModelConfig]:
+    """The teacher-initialised student pruned to ``config.prune``'s target, and its config with the plan."""
+    if student.classifier[1].weight.shape == teacher.classifier[1].weight.shape:
+        student.classifier.load_state_dict(teacher.classifier.state_dict())  # undropped: the teacher's head too
+    pruned = prune_classifier(
+        student,
+        ratio=config.prune.ratio,
+        flops_target=config.prune.flops_target,
+        importance=config.prune.importance,
+        seed=config.seed,
+    )
+    return pruned, replace(student_config, channels=channel_plan(pruned))
 
 
 def _resume(run: _Run, run_dir: Path, discard_foreign_checkpoint: bool) -> None:
@@ -376,7 +408,7 @@ def _finish(run: _Run, run_dir: Path | None, train_time: float, setup_time: floa
     checkpoint = None
     if run_dir is not None:
         checkpoint = run_dir / "model.pt"
-        save_checkpoint(run.student, replace(config.student, num_classes=splits.num_classes), checkpoint)
+        save_checkpoint(run.student, run.student_config, checkpoint)
     return TrainResult(
         val_acc=run.history[-1]["val_acc"] if run.history else math.nan,
         test_acc=test_acc,
@@ -387,6 +419,7 @@ def _finish(run: _Run, run_dir: Path | None, train_time: float, setup_time: floa
         history=run.history,
         checkpoint=checkpoint,
         model=run.student,
+        model_config=run.student_config,
         teacher_hash=run.inputs.teacher_hash,
         ig_cache_key=run.inputs.ig_cache_key if config.overlay.p > 0 else None,
     )

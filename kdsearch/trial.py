@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 import torch
 
-from kdsearch.config import TeacherLogits, TrainConfig, flatten, replace, to_dict
+from kdsearch.config import ModelConfig, TeacherLogits, TrainConfig, flatten, to_dict
 from kdsearch.data import Splits, load_splits
 from kdsearch.device import resolve_device
 from kdsearch.latency import LatencyConfig, measure_latency
@@ -46,9 +46,9 @@ class Prepared:
     def splits(self) -> Splits:
         return self.inputs.splits
 
-    def student_metrics(self, model: CifarClassifier, config: TrainConfig) -> dict[str, float]:
+    def student_metrics(self, model: CifarClassifier, architecture: ModelConfig) -> dict[str, float]:
         """Parameters, FLOPs and latency of a student architecture, measured once per architecture."""
-        key = json.dumps(to_dict(config.student), sort_keys=True)
+        key = json.dumps(to_dict(architecture), sort_keys=True)
         if key not in self._student_costs:
             costs = {
                 "student_params": float(count_parameters(model)),
@@ -224,11 +224,11 @@ class TrialRunner:
             "setup_time_s": result.setup_time_s,
             "images_per_s": result.images_per_s,
             **self.prepared.teacher_metrics,
-            **self.prepared.student_metrics(result.model, config),
+            **self.prepared.student_metrics(result.model, result.model_config),
             **extra,
         }
         self.tracker.log_metrics(run_id, metrics, step=result.epochs_completed)
-        self._log_artifacts(run_id, config, result.model)
+        self._log_artifacts(run_id, config, result)
         return result, metrics, extra
 
     def _close_dead_run(self, run_id: str) -> None:
@@ -238,12 +238,11 @@ class TrialRunner:
         except Exception as error:  # best effort: the run may live in another worker's tracking store
             log.warning("could not close the run %s of a dead worker: %s", run_id, error)
 
-    def _log_artifacts(self, run_id: str, config: TrainConfig, model: CifarClassifier) -> None:
+    def _log_artifacts(self, run_id: str, config: TrainConfig, result: TrainResult) -> None:
         self.tracker.log_dict(run_id, to_dict(config), "config.json")
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "model.pt"
-            model_config = replace(config.student, num_classes=self.prepared.splits.num_classes)
-            save_checkpoint(model, model_config, path, extra={"train_config": to_dict(config)})
+            save_checkpoint(result.model, result.model_config, path, extra={"train_config": to_dict(config)})
             self.tracker.log_artifact(run_id, path)
 
 

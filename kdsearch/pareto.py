@@ -1,0 +1,138 @@
+"""The accuracy × latency study: which students are both accurate and fast where they deploy.
+
+    kdsearch study pareto --study studies/cifar10-pareto.yaml --trials 24 --latency onnx-fp32
+
+A multi-objective Optuna study (TPE by default, or NSGA-II) maximising validation accuracy and
+minimising the latency measured in the chosen runtime, over the student's architecture (blocks
+dropped, width, pruning ratio) and the KD/IG/AT hyperparameters of the study file's ``pareto`` section.
+
+Optuna's pruners are single-objective, so trials are not stopped on their learning curves. Instead each
+trial measures first and trains second: the architecture is built (pruned from the teacher) and timed
+(``deploy.runtime_latency``, cached per architecture); one slower than ``max_latency_ms`` is recorded
+as PRUNED with its latency and never trained. Constraints (``max_latency_ms``, ``min_val_acc``) reach
+the sampler through Optuna's ``constraints_func``, so infeasible trials do not shape the front.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+
+from kdsearch.config import ParetoSampler, PruneConfig, TrainConfig, replace, to_dict
+from kdsearch.deploy import metric_name, runtime_latency
+from kdsearch.errors import ConfigError
+from kdsearch.models import build_model
+from kdsearch.search import check_selectable
+from kdsearch.study import Objective, StudyHandle, StudyKind
+from kdsearch.studyfile import ParetoSpec, StudySpec, check_files, with_params
+from kdsearch.train import build_student
+from kdsearch.trial import TrialRunner
+
+CONSTRAINTS = "constraints"  # user attribute: [latency - max, min_val_acc - val_acc]; <= 0 is feasible
+CALIBRATION_IMAGES = 256  # training images that calibrate an int8 model
+
+
+def constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Optuna's constraints_func: values <= 0 are satisfied."""
+    return trial.user_attrs.get(CONSTRAINTS, [0.0, 0.0])
+
+
+SAMPLERS = {
+    ParetoSampler.TPE: lambda pareto, seed: optuna.samplers.TPESampler(
+        seed=seed, constant_liar=True, n_startup_trials=pareto.startup_trials, constraints_func=constraints
+    ),
+    ParetoSampler.NSGA2: lambda pareto, seed: optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints),
+}
+
+
+def trial_params(trial: optuna.Trial, pareto: ParetoSpec) -> dict[str, Any]:
+    """The trial's architecture and hyperparameters, suggested in a fixed order."""
+    params: dict[str, Any] = {
+        "student_drop": trial.suggest_int("student_drop", *pareto.student_drop),
+        "width": trial.suggest_categorical("width", list(pareto.widths)),
+        "prune_ratio": trial.suggest_categorical("prune_ratio", list(pareto.prune_ratios)),
+    }
+    for name in ("t", "alpha", "p", "gamma"):
+        bounds = getattr(pareto, name)
+        if bounds is not None:
+            params[name] = trial.suggest_float(name, bounds.low, bounds.high, log=bounds.log)
+    return params
+
+
+def pareto_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
+    config = with_params(base, params)
+    ratio = params.get("prune_ratio", 0.0)
+    return replace(
+        config,
+        student=replace(config.student, width_mult=float(params.get("width", config.student.width_mult))),
+        prune=PruneConfig(ratio=ratio, importance=config.prune.importance) if ratio > 0 else config.prune,
+    )
+
+
+class ParetoSearch(StudyKind):
+    name = "pareto"
+    unit = "Pareto trials"
+    directions = ("maximize", "minimize")
+
+    def validate(self, spec: StudySpec) -> None:
+        pareto = spec.pareto
+        if pareto is None:
+            raise ConfigError("no Pareto search space: add a 'pareto' section to the study file")
+        check_selectable(spec)
+        check_files(spec)
+        build_model(replace(spec.train.student, drop_blocks=pareto.student_drop[1]))  # the deepest drop must fit
+        from_teacher = spec.train.student_init == "teacher" or any(ratio > 0 for ratio in pareto.prune_ratios)
+        if from_teacher and any(width != spec.train.teacher.width_mult for width in pareto.widths):
+            raise ConfigError(
+                "pareto widths other than the teacher's cannot start from the teacher's weights (student_init "
+                "teacher, or prune_ratios > 0): use widths [1.0] or a random init without pruning"
+            )
+
+    def space(self, spec: StudySpec) -> dict[str, Any]:
+        return json.loads(json.dumps(to_dict(spec.pareto)))
+
+    def total(self, space: dict[str, Any]) -> int:
+        return space["trials"]
+
+    def points(self, space: dict[str, Any]) -> list[dict[str, Any]]:
+        return list(space.get("enqueue", []))
+
+    def algorithms(self, spec: StudySpec, joining: bool):
+        return SAMPLERS[ParetoSampler(spec.pareto.sampler)](spec.pareto, None if joining else spec.pareto.seed), None
+
+    def trial_configs(self, spec: StudySpec, space: dict[str, Any]) -> list[TrainConfig]:
+        pareto = spec.pareto
+        most = {name: getattr(pareto, name).high for name in ("alpha", "p", "gamma") if getattr(pareto, name)}
+        return [with_params(spec.train, most)]
+
+    def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
+        spec, prepared = handle.spec, runner.prepared
+        pareto = spec.pareto
+        calibration = prepared.splits.train_images[:CALIBRATION_IMAGES]
+
+        def objective(trial: optuna.Trial) -> tuple[float, float]:
+            config = pareto_config(spec.train, trial_params(trial, pareto))
+            model, architecture = build_student(config, prepared.inputs)
+            timing = runtime_latency(
+                model, architecture, pareto.latency, pareto.batch, pareto.threads, spec.latency, calibration,
+                spec.train.cache_dir,
+            )  # fmt: skip
+            latency = timing.latency_ms
+            trial.set_user_attr("latency_ms", latency)
+            trial.set_user_attr("latency_other_cores", timing.other_cores)
+            too_slow = latency - pareto.max_latency_ms if pareto.max_latency_ms is not None else -1.0
+            if too_slow > 0:
+                trial.set_user_attr(CONSTRAINTS, [too_slow, 0.0])
+                raise optuna.TrialPruned(f"{latency:.2f} ms > max_latency_ms {pareto.max_latency_ms}: not trained")
+            name = metric_name(pareto.latency, pareto.batch)
+            result = runner.train(trial, config, evaluate=lambda result: {name: latency})
+            short = pareto.min_val_acc - result.val_acc if pareto.min_val_acc is not None else -1.0
+            trial.set_user_attr(CONSTRAINTS, [too_slow, short])
+            return result.val_acc, latency
+
+        return objective
+
+
+PARETO = ParetoSearch()
