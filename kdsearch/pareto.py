@@ -10,7 +10,7 @@ Optuna's pruners are single-objective, so trials are not stopped on their learni
 trial measures first and trains second: the architecture is built (pruned from the teacher) and timed
 (``deploy.runtime_latency``, cached per architecture); one slower than ``max_latency_ms`` is recorded
 as PRUNED with its latency and never trained. Constraints (``max_latency_ms``, ``min_val_acc``) reach
-the sampler through Optuna's ``constraints_func``, so infeasible trials do not shape the front.
+the samplers through ``Trial.set_constraint``, so infeasible trials do not shape the front.
 """
 
 from __future__ import annotations
@@ -30,20 +30,13 @@ from kdsearch.studyfile import ParetoSpec, StudySpec, check_files, with_params
 from kdsearch.train import build_student
 from kdsearch.trial import TrialRunner
 
-CONSTRAINTS = "constraints"  # user attribute: [latency - max, min_val_acc - val_acc]; <= 0 is feasible
 CALIBRATION_IMAGES = 256  # training images that calibrate an int8 model
-
-
-def constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna's constraints_func: values <= 0 are satisfied."""
-    return trial.user_attrs.get(CONSTRAINTS, [0.0, 0.0])
-
 
 SAMPLERS = {
     ParetoSampler.TPE: lambda pareto, seed: optuna.samplers.TPESampler(
-        seed=seed, constant_liar=True, n_startup_trials=pareto.startup_trials, constraints_func=constraints
+        seed=seed, constant_liar=True, n_startup_trials=pareto.startup_trials
     ),
-    ParetoSampler.NSGA2: lambda pareto, seed: optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints),
+    ParetoSampler.NSGA2: lambda pareto, seed: optuna.samplers.NSGAIISampler(seed=seed),
 }
 
 
@@ -122,14 +115,17 @@ class ParetoSearch(StudyKind):
             latency = timing.latency_ms
             trial.set_user_attr("latency_ms", latency)
             trial.set_user_attr("latency_other_cores", timing.other_cores)
+            # Constraints are feasible at <= 0; Optuna's samplers and best_trials read them.
             too_slow = latency - pareto.max_latency_ms if pareto.max_latency_ms is not None else -1.0
+            trial.set_constraint("latency", too_slow)
             if too_slow > 0:
-                trial.set_user_attr(CONSTRAINTS, [too_slow, 0.0])
+                trial.set_constraint("val_acc", 0.0)  # unknown: never trained
                 raise optuna.TrialPruned(f"{latency:.2f} ms > max_latency_ms {pareto.max_latency_ms}: not trained")
             name = metric_name(pareto.latency, pareto.batch)
             result = runner.train(trial, config, evaluate=lambda result: {name: latency})
-            short = pareto.min_val_acc - result.val_acc if pareto.min_val_acc is not None else -1.0
-            trial.set_user_attr(CONSTRAINTS, [too_slow, short])
+            trial.set_constraint(
+                "val_acc", pareto.min_val_acc - result.val_acc if pareto.min_val_acc is not None else -1.0
+            )
             return result.val_acc, latency
 
         return objective
