@@ -40,6 +40,7 @@ from kdsearch.config import (
 )
 from kdsearch.errors import ConfigError, DataError
 from kdsearch.latency import LatencyConfig
+from kdsearch.preflight import check_inputs
 from kdsearch.teacher import recipe_config, trained_teacher_path
 
 
@@ -510,3 +511,4 @@ def check_files(spec: StudySpec) -> None:
     data = spec.train.data
     if data.dataset == "folder" and not Path(data.data_dir).is_dir():
         raise DataError(f"data folder {data.data_dir} does not exist")
+    check_inputs(spec.train)
