@@ -20,7 +20,7 @@ def _workdir(workdir: Path) -> Path:
 
 def report_command(
     out: Annotated[Path, typer.Option("--out", help="Directory of the report (index.html, tables/, figures/).")],
-    study: Annotated[str | None, typer.Option("--study", help="Name of a grid or TPE study.")] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Name of a grid, TPE or Pareto study.")] = None,
     ablation: Annotated[str | None, typer.Option("--ablation", help="Name of an ablation study.")] = None,
     storage: Storage = None,
     tracking_uri: TrackingUri = None,

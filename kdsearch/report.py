@@ -35,6 +35,7 @@ from kdsearch.data import load_splits
 from kdsearch.errors import ConfigError, KdsearchError, StudyError
 from kdsearch.figures import Figure, Line
 from kdsearch.kinds import STUDY_KINDS
+from kdsearch.pareto_report import front_figure, front_table, optuna_front, pareto_result
 from kdsearch.study import ATTR, best_trial, find_study
 from kdsearch.study_db import database_url
 from kdsearch.studyfile import apply_overrides, build_spec
@@ -46,7 +47,7 @@ from kdsearch.urls import hide_password, sqlite_file
 
 log = logging.getLogger(__name__)
 
-KINDS = {"study": ("grid", "tpe"), "ablation": ("ablation",)}  # what --study and --ablation accept
+KINDS = {"study": ("grid", "tpe", "pareto"), "ablation": ("ablation",)}  # what --study and --ablation accept
 STATES = {"COMPLETE": "complete", "RUNNING": "running", "WAITING": "queued", "PRUNED": "pruned"}
 # kdsearch is a namespace package (no __init__.py), which importlib.resources cannot read in Python 3.11.
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -116,7 +117,9 @@ def open_source(config: ReportConfig) -> Source:
     if stored is None:
         raise StudyError(f"study {config.study!r} was not created by kdsearch (no {ATTR!r} attribute)")
     if config.kind is not None and stored["kind"] not in KINDS[config.kind]:
-        what = {"grid": "a grid study", "tpe": "a TPE study", "ablation": "an ablation"}[stored["kind"]]
+        what = {"grid": "a grid study", "tpe": "a TPE study", "pareto": "a Pareto study", "ablation": "an ablation"}[
+            stored["kind"]
+        ]
         flag = "--ablation" if stored["kind"] == "ablation" else "--study"
         raise StudyError(f"study {config.study!r} is {what}; report it with {flag}")
     client = mlflow_client(config.tracking_uri)
@@ -318,8 +321,31 @@ def write_report(config: ReportConfig) -> Report:
     else:
         notes.append("deployment table and this study's line in Fig. 1: no complete trial with an MLflow run yet")
 
-    report_figures = _figures(source, config, rows, ablation, measured, status if partial else "", notes)
+    progress_text = status if partial else ""
+    report_figures = _figures(source, config, rows, ablation, measured, progress_text, notes)
+    if source.kind == "pareto":
+        front_tables, front_figures = _pareto_parts(source, config, measured, progress_text, notes)
+        report_tables += front_tables
+        report_figures += front_figures
     return _write(config, source, report_tables, report_figures, partial, status, notes)
+
+
+def _pareto_parts(source: Source, config: ReportConfig, measured, progress: str, notes: list[str]):
+    """The front's table and figures; a note instead when the data or the teacher are not here."""
+    if not any(t.state == TrialState.COMPLETE for t in source.trials):
+        notes.append("Pareto front: no complete trial yet")
+        return [], []
+    spec = build_spec(apply_overrides(source.spec, config.overrides))
+    try:
+        result = pareto_result(source.study, spec, source.client)
+    except (KdsearchError, OSError) as error:
+        notes.append(f"Pareto front table and figure skipped: {error}")
+        return [], [Figure("optuna_pareto_front", "Optuna's Pareto front", optuna_front(source.study))]
+    dataset = measured.dataset if measured is not None else spec.train.data.label or spec.train.data.dataset
+    return [front_table(result, dataset)], [
+        Figure("pareto_front", "Pareto front: accuracy vs latency", front_figure(result, dataset, progress), 1100, 650),
+        Figure("optuna_pareto_front", "Optuna's Pareto front", optuna_front(source.study)),
+    ]
 
 
 def _figures(source: Source, config: ReportConfig, rows, ablation, measured, progress: str, notes: list[str]):
@@ -356,7 +382,7 @@ def _figures(source: Source, config: ReportConfig, rows, ablation, measured, pro
                 figures.ablation_bars(ablation, reported, progress),
             )
         )
-    else:
+    elif source.kind != "pareto":  # Optuna's history and coordinates plots are single-objective
         if source.kind == "grid":
             heatmaps = figures.grid_heatmaps([r for r in rows if r["val_acc"] is not None], source.space)
             if progress:
