@@ -76,7 +76,7 @@ GracePeriod = Annotated[
     int, typer.Option("--grace-period", help="Seconds without a heartbeat after which a trial is retried.")
 ]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")]
-MaxTrials = Annotated[int | None, typer.Option("--max-trials", help="Stop this process after N trials.")]
+MaxTrials = Annotated[int | None, typer.Option("--max-trials", min=1, help="Stop this process after N trials.")]
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,9 @@ class RunOptions:
         from kdsearch.study_db import HeartbeatConfig, default_storage
         from kdsearch.tracking import MlflowTracker, default_tracking_uri
 
-        if not self.workdir.is_dir():
-            raise ConfigError(f"--workdir {self.workdir} does not exist")
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise ConfigError(f"--workdir {self.workdir} is a file, not a directory")
+        self.workdir.mkdir(parents=True, exist_ok=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdsearch reports progress itself
         heartbeat = HeartbeatConfig(interval=self.heartbeat_interval, grace=self.grace_period)
         tracker = MlflowTracker(self.tracking_uri or default_tracking_uri(self.workdir))
@@ -285,7 +286,8 @@ def worker_command(
     device: Device = None,
     cache_dir: CacheDirOverride = None,
     wait: Annotated[
-        float, typer.Option("--wait", help="Seconds to wait for the study to be created by another process.")
+        float,
+        typer.Option("--wait", min=0, help="Seconds to wait for the study to be created by another process."),
     ] = 0.0,
     heartbeat_interval: HeartbeatInterval = 30,
     grace_period: GracePeriod = 120,

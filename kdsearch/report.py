@@ -392,17 +392,7 @@ def _figures(source: Source, config: ReportConfig, rows, ablation, measured, pro
                     "grid_heatmaps", "Grid: T × α per p", heatmaps, width=350 * len(source.space["p"]) + 250, height=500
                 )
             )
-        params = [p for p in ("t", "alpha", "p", "lr", "student_drop") if any(p in r["params"] for r in rows)]
-        found.append(
-            Figure("optimization_history", "Optuna optimisation history", figures.optimization_history(source.study))
-        )
-        found.append(
-            Figure(
-                "parallel_coordinates",
-                "Optuna parallel coordinates",
-                figures.parallel_coordinates(source.study, params),
-            )
-        )
+        found += _optuna_figures(source, rows, notes)
     if config.ig_figure:
         try:
             images, maps, names, how = ig_examples(source.spec, config.overrides)
@@ -421,6 +411,21 @@ def _figures(source: Source, config: ReportConfig, rows, ablation, measured, pro
                 )
             )
     return found
+
+
+def _optuna_figures(source: Source, rows, notes: list[str]) -> list[Figure]:
+    """Optuna's history and parallel coordinates, over the params that complete trials have."""
+    complete = [row for row in rows if row["val_acc"] is not None]
+    if not complete:
+        notes.append("Optuna's history and parallel-coordinates figures: no complete trial yet")
+        return []
+    params = [p for p in ("t", "alpha", "p", "gamma", "lr", "student_drop") if any(p in r["params"] for r in complete)]
+    return [
+        Figure("optimization_history", "Optuna optimisation history", figures.optimization_history(source.study)),
+        Figure(
+            "parallel_coordinates", "Optuna parallel coordinates", figures.parallel_coordinates(source.study, params)
+        ),
+    ]
 
 
 def _write(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import json
 import logging
+import re
 import threading
 import time
 import warnings
@@ -174,6 +175,8 @@ def open_study(
     ablation's arms and seeds) may differ: the study keeps the union of old and new members, so
     finished runs are kept and only new ones are added.
     """
+    if study_name is not None:
+        check_study_name(study_name)
     kind.validate(spec)
     space = kind.space(spec)
     check_database(storage_url)
@@ -219,6 +222,12 @@ def _grown(kind: StudyKind, name: str, stored: dict[str, Any], space: dict[str, 
                 f"study {name} ran with {kind.name} {key} {stored[key]}; give the same value (or another --study-name)"
             )
     return space
+
+
+def check_study_name(name: str) -> None:
+    """A study's name also names its checkpoint folder: a plain name, never a path."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+        raise StudyError(f"study name {name!r} must be a plain name (letters, digits, . _ -), not a path")
 
 
 def stored_kind(study: optuna.Study) -> str:
@@ -445,8 +454,18 @@ def run_study(
         runner = TrialRunner(prepared, tracker, experiment, parent, progress, checkpoint_root)
         ran = run_trials(handle, handle.kind.objective(handle, runner), progress, max_trials)
         finish_parent(handle, tracker, parent)
+        _remove_empty_checkpoint_folders(handle, checkpoint_root)
         return summarize(handle, ran, parent)
     return summarize(handle, 0, None)
+
+
+def _remove_empty_checkpoint_folders(handle: StudyHandle, checkpoint_root: Path | None) -> None:
+    """Trials remove their checkpoints when they end; once the study is done, their empty folders go too."""
+    if checkpoint_root is None or handle.done() < handle.total or handle.running() > 0:
+        return
+    for folder in (checkpoint_root / handle.name, checkpoint_root):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def parent_run(handle: StudyHandle, tracker: Tracker, experiment: str, prepared: Prepared) -> str:

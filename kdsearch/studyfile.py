@@ -312,6 +312,8 @@ PATH_KEYS = (("train", "data", "data_dir"), ("train", "cache_dir"), ("teacher", 
 def read_study_file(path: str | Path) -> dict[str, Any]:
     """The raw mapping of a .yaml/.yml/.toml study file; syntax errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"study file {path} is a directory; give a .yaml or .toml file in it")
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
     try:
@@ -353,7 +355,8 @@ def parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"cannot parse value {text!r}: {error}") from error
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"cannot parse value {text!r}: {reason}") from error
 
 
 def parse_number_list(flag: str, text: str) -> list[float]:

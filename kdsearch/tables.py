@@ -199,6 +199,12 @@ def ablation_tables(table, reported: dict[str, float]) -> tuple[Table, Table]:
         "against the baseline; Spearman and IoU@10%: agreement of the students' IG maps with the teacher's.",
         "reported: the paper's Table 3 (CIFAR-10, one run each, no spread given).",
     ]
+    if any(row.n == 2 for row in table.rows):
+        notes.append(
+            "An arm with 2 seeds has a 95% t-interval 12.7 standard errors wide on each side (t with 1 degree of "
+            "freedom): two seeds say almost nothing about the spread, so such an interval is uninformative, "
+            "not wrong; 3 seeds narrow it to 4.3."
+        )
     if any(row.arm in REFERENCE_AT_ACCURACY for row in table.rows):
         notes.append(
             "reported for at, ig_at, kd_at, kd_ig_at: the reference implementation's saved students (not in the "

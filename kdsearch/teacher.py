@@ -14,6 +14,7 @@ import torch
 
 from kdsearch.config import (
     DataConfig,
+    Dataset,
     KDConfig,
     ModelConfig,
     OptimConfig,
@@ -67,7 +68,11 @@ def recipe_config(
 def trained_teacher_fields(recipe: TrainConfig) -> dict[str, Any]:
     """The tensor-cache key of a teacher trained by ``recipe``."""
     # Where it was trained does not change what it is; the data split is part of the recipe's config.
-    return {"recipe": {k: v for k, v in to_dict(recipe).items() if k not in ("cache_dir", "device")}}
+    fields = {k: v for k, v in to_dict(recipe).items() if k not in ("cache_dir", "device")}
+    if recipe.data.dataset == Dataset.SYNTHETIC:
+        # Generated from the config alone: a worker given another --data-dir reuses the teacher.
+        fields["data"] = {k: v for k, v in fields["data"].items() if k != "data_dir"}
+    return {"recipe": fields}
 
 
 def trained_teacher_path(recipe: TrainConfig, cache_dir: str | Path) -> Path:

@@ -1,0 +1,101 @@
+"""Unusual study inputs from the bad-input sweep (issue 14): one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import optuna
+import pytest
+from fixtures_study import SMOKE
+
+from kdsearch.ablation import AblationTable, ArmRow
+from kdsearch.cli import main
+from kdsearch.config import DataConfig, ModelConfig
+from kdsearch.errors import StudyError
+from kdsearch.search import GRID
+from kdsearch.study import check_study_name, open_study
+from kdsearch.study_db import HeartbeatConfig
+from kdsearch.studyfile import load_study
+from kdsearch.tables import ablation_tables
+from kdsearch.teacher import recipe_config, trained_teacher_fields
+
+pytest_plugins = ["fixtures_study"]
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", "-x", "with space"])
+def test_a_study_name_that_is_a_path_is_refused(name, tmp_path, capsys):
+    with pytest.raises(StudyError, match="must be a plain name"):
+        check_study_name(name)
+    args = ["study", "grid", "--study", str(SMOKE), "--workdir", str(tmp_path), "--study-name", name]
+    assert main(args) == 2 and "must be a plain name" in _error(capsys)
+    assert not (tmp_path / "studies.db").exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--max-trials", "-1"), ("--max-trials", "0")])
+def test_max_trials_below_one_is_refused(flag, value, tmp_path, capsys):
+    assert main(["study", "grid", "--study", str(SMOKE), "--workdir", str(tmp_path), flag, value]) == 2
+    assert "--max-trials" in _error(capsys) and not (tmp_path / "studies.db").exists()
+
+
+def test_a_negative_wait_is_refused(tmp_path, capsys):
+    assert main(["study", "worker", "--study-name", "x", "--workdir", str(tmp_path), "--wait", "-5"]) == 2
+    assert "--wait" in _error(capsys)
+
+
+def test_a_directory_given_as_study_file_says_so(tmp_path, capsys):
+    assert main(["study", "grid", "--study", str(tmp_path), "--workdir", str(tmp_path)]) == 2
+    assert "is a directory" in _error(capsys)
+
+
+def test_a_set_value_that_does_not_parse_is_one_line(tmp_path, capsys):
+    assert main(["study", "grid", "--study", str(SMOKE), "--workdir", str(tmp_path), "--set", "grid.t=[1, 2"]) == 2
+    assert "cannot parse value '[1, 2'" in _error(capsys)
+
+
+def test_a_report_of_a_study_without_a_complete_trial_is_written_and_says_so(tmp_path, _mlflow_template):
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(_mlflow_template, tmp_path / "mlruns" / "mlflow.db")  # as after an interrupted first trial
+    handle = open_study(GRID, load_study(SMOKE), storage, HeartbeatConfig(), study_name="queued")
+    assert len(handle.trials()) == 4  # queued, none run
+    out = tmp_path / "report"
+    args = ["report", "--study", "queued", "--workdir", str(tmp_path), "--out", str(out), "--no-ig"]
+    assert main(args) == 0
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["partial"] and any("no complete trial yet" in note for note in summary["notes"])
+    assert (out / "tables" / "trials.csv").exists()
+
+
+def test_a_synthetic_recipe_teacher_is_shared_by_workers_with_other_data_dirs():
+    def fields(data_dir):
+        data = DataConfig(dataset="synthetic", data_dir=data_dir)
+        return trained_teacher_fields(recipe_config(data, ModelConfig(arch="tiny_cnn")))
+
+    assert fields("/a") == fields("/b") == fields(None)
+    folder = [trained_teacher_fields(recipe_config(DataConfig(dataset="folder", data_dir=d))) for d in ("/a", "/b")]
+    assert folder[0] != folder[1]  # a folder's images are known by its path here
+
+
+def test_table3_says_why_a_two_seed_interval_is_so_wide():
+    rows = [ArmRow("baseline", 2, 80.0, 0.5, (75.5, 84.5), 0.0, float("nan"), 0.5, 0.2)]
+    arms, _ = ablation_tables(AblationTable(85.0, rows, [], "t"), {})
+    assert any("12.7 standard errors" in note for note in arms.notes)
+    rows[0].n = 3
+    arms, _ = ablation_tables(AblationTable(85.0, rows, [], "t"), {})
+    assert not any("12.7 standard errors" in note for note in arms.notes)
+
+
+def test_a_finished_study_leaves_no_empty_checkpoint_folders(tmp_path, shared_cache, tiny_teacher_checkpoint):
+    args = ["study", "grid", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
+    args += ["--t", "1", "--alpha", "0.5", "--p", "0", "--teacher-checkpoint", tiny_teacher_checkpoint]
+    args += ["--set", "latency.repeats=1"]
+    assert main(args) == 0
+    assert not (tmp_path / "checkpoints").exists()
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies.db")
