@@ -254,8 +254,9 @@ class Deployment:
 BUSY_MACHINE_CORES = 0.25
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b not in (None, 0) else None
+def _ratio(a: Any, b: Any) -> float | None:
+    numbers = isinstance(a, int | float) and isinstance(b, int | float)
+    return a / b if numbers and b != 0 else None
 
 
 def timing_contention(metrics: dict[str, float]) -> float:
@@ -266,45 +267,35 @@ def timing_contention(metrics: dict[str, float]) -> float:
     return max(others) if others else math.inf
 
 
-def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float]) -> Table:
-    """Teacher and student side by side, each "reported" (the paper) and "measured" (this study).
+NO_RATIOS = {"teacher/student reported": None, "teacher/student measured": None}  # rows a ratio means nothing for
 
-    Size is the saved state dict's bytes, as measured by the study. The paper gives latency "per batch" on an RTX 3090
-    without the batch size, so its figures get a row of their own rather than one of ours.
-    """
+
+def _side_by_side(quantity, teacher_reported, teacher, student_reported, student) -> dict[str, Any]:
+    return {
+        "quantity": quantity,
+        "teacher reported": teacher_reported,
+        "teacher measured": teacher,
+        "student reported": student_reported,
+        "student measured": student,
+        "teacher/student reported": _ratio(teacher_reported, student_reported),
+        "teacher/student measured": _ratio(teacher, student),
+    }
+
+
+def _deployment_records(measured: Deployment, reported: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
     m = measured.metrics
-
-    def both(quantity, teacher_reported, teacher, student_reported, student):
-        return {
-            "quantity": quantity,
-            "teacher reported": teacher_reported,
-            "teacher measured": teacher,
-            "student reported": student_reported,
-            "student measured": student,
-            "teacher/student reported": _ratio(teacher_reported, student_reported),
-            "teacher/student measured": _ratio(teacher, student),
-        }
-
-    params = (m.get("teacher_params"), m.get("student_params"))
-    paper_params = (reported.get(("teacher", "params")), reported.get(("student", "params")))
     records = [
-        {
-            "quantity": "dataset",
-            "teacher reported": "CIFAR-10",
-            "teacher measured": measured.dataset,
-            "student reported": "CIFAR-10",
-            "student measured": measured.dataset,
-        },
-        {
-            "quantity": "hardware",
-            "teacher reported": "NVIDIA RTX 3090",
-            "teacher measured": measured.device,
-            "student reported": "NVIDIA RTX 3090",
-            "student measured": measured.device,
-        },
-        both("parameters", paper_params[0], params[0], paper_params[1], params[1]),
-        both("FLOPs per image", None, m.get("teacher_flops"), None, m.get("student_flops")),
-        both(
+        _side_by_side("dataset", "CIFAR-10", measured.dataset, "CIFAR-10", measured.dataset) | NO_RATIOS,
+        _side_by_side("hardware", "NVIDIA RTX 3090", measured.device, "NVIDIA RTX 3090", measured.device) | NO_RATIOS,
+        _side_by_side(
+            "parameters",
+            reported.get(("teacher", "params")),
+            m.get("teacher_params"),
+            reported.get(("student", "params")),
+            m.get("student_params"),
+        ),
+        _side_by_side("FLOPs per image", None, m.get("teacher_flops"), None, m.get("student_flops")),
+        _side_by_side(
             "size on disk, state dict (MB)",
             None,
             _megabytes(m.get("teacher_size_bytes")),
@@ -313,17 +304,10 @@ def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float
         ),
     ]
     for batch in sorted(int(key.rsplit("_b", 1)[1]) for key in m if key.startswith("latency_ms_teacher_b")):
-        records.append(
-            both(
-                f"latency, batch {batch} (ms)",
-                None,
-                m.get(f"latency_ms_teacher_b{batch}"),
-                None,
-                m.get(f"latency_ms_student_b{batch}"),
-            )
-        )
+        teacher, student = m.get(f"latency_ms_teacher_b{batch}"), m.get(f"latency_ms_student_b{batch}")
+        records.append(_side_by_side(f"latency, batch {batch} (ms)", None, teacher, None, student))
     records.append(
-        both(
+        _side_by_side(
             "latency per batch, batch size not stated (ms)",
             reported.get(("teacher", "latency_per_batch")),
             None,
@@ -331,23 +315,18 @@ def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float
             None,
         )
     )
-    records.append(
-        both(
-            "test accuracy (%)",
-            reported.get(("teacher", "test_accuracy")),
-            measured.teacher_acc,
-            reported.get(("student", "test_accuracy")),
-            measured.student_acc,
-        )
+    accuracy = _side_by_side(
+        "test accuracy (%)",
+        reported.get(("teacher", "test_accuracy")),
+        measured.teacher_acc,
+        reported.get(("student", "test_accuracy")),
+        measured.student_acc,
     )
-    frame = pd.DataFrame.from_records(records)
-    frame["teacher/student reported"] = frame["teacher/student reported"].where(
-        frame["quantity"] != "test accuracy (%)"
-    )
-    frame["teacher/student measured"] = frame["teacher/student measured"].where(
-        frame["quantity"] != "test accuracy (%)"
-    )
-    threads = m.get("latency_threads")
+    return records + [accuracy | NO_RATIOS]
+
+
+def _deployment_notes(measured: Deployment) -> list[str]:
+    threads = measured.metrics.get("latency_threads")
     notes = [
         f"measured: {measured.dataset}; student = {measured.student_source}. Latency: fp32, eval mode, median of "
         f"timed repeats after warm-up on {measured.device}" + (f", {_threads(threads)}." if threads else "."),
@@ -355,7 +334,7 @@ def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float
         "and the KD & IG student's test accuracy from Table 3).",
         "teacher/student: the compression factor for parameters, the speed-up for latency.",
     ]
-    contention = timing_contention(m)
+    contention = timing_contention(measured.metrics)
     if math.isinf(contention):
         notes.append(
             "Whether other processes were busy while these latencies were measured was not recorded (a run "
@@ -367,13 +346,24 @@ def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float
             "were measured (e.g. a second study worker); time the models on a quiet machine instead "
             "(bench/latency.py)."
         )
+    return notes
+
+
+def deployment_table(measured: Deployment, reported: dict[tuple[str, str], float]) -> Table:
+    """Teacher and student side by side, each "reported" (the paper) and "measured" (this study).
+
+    Size is the saved state dict's bytes, as measured by the study. The paper gives latency "per batch" on an RTX 3090
+    without the batch size, so its figures get a row of their own rather than one of ours.
+    """
+    records = _deployment_records(measured, reported)
+    frame = pd.DataFrame.from_records(records)
     formats = {"teacher/student reported": ".2f", "teacher/student measured": ".2f"}
     row_formats = {"parameters": ",.0f", "FLOPs per image": ",.0f", "size on disk, state dict (MB)": ".3f"}
     row_formats |= {record["quantity"]: ".3f" for record in records if record["quantity"].startswith("latency")}
     row_formats["test accuracy (%)"] = ACCURACY
     title = f"Deployment: teacher vs student ({measured.dataset})"
     frame = frame.astype(object).where(frame.notna(), None)
-    return Table("deployment", title, frame, formats, notes, row_formats)
+    return Table("deployment", title, frame, formats, _deployment_notes(measured), row_formats)
 
 
 def _megabytes(size_bytes: float | None) -> float | None:

@@ -1,9 +1,14 @@
-"""docker/: no Docker engine runs here, so the files are parsed and every kdsearch command that
-compose.yaml would run is parsed by the real CLI (options, types, required values), without running it."""
+"""docker/: static checks, without a container engine. The Dockerfiles and compose files are parsed; every
+kdsearch command the compose stack would run is parsed by the real CLI (options, types, required
+values), without running it; compose.check.yaml is merged over compose.yaml as Compose does. The
+stack itself is run for real, with podman, by bench/container_check.sh (see bench/container_check.md)."""
 
 from __future__ import annotations
 
+import fnmatch
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,22 +17,80 @@ import yaml
 
 from kdsearch.cli import app
 
-DOCKER = Path(__file__).resolve().parents[1] / "docker"
-COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
 
 
-def _interpolate(value: str) -> str:
-    """Compose's ${VAR:-default}, nested, with the defaults (this environment's variables are ignored)."""
+class _Reset:
+    """Compose's `!reset`: the key is removed from what the earlier files said."""
+
+
+class _Override:
+    """Compose's `!override VALUE`: VALUE replaces what the earlier files said instead of merging."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: _Reset())
+
+
+def _construct_override(loader, node):
+    if isinstance(node, yaml.MappingNode):
+        return _Override(loader.construct_mapping(node, deep=True))
+    if isinstance(node, yaml.SequenceNode):
+        return _Override(loader.construct_sequence(node, deep=True))
+    return _Override(loader.construct_scalar(node))
+
+
+_ComposeLoader.add_constructor("!override", _construct_override)
+
+
+def _load(name: str) -> dict:
+    return yaml.load((DOCKER / name).read_text(), Loader=_ComposeLoader)
+
+
+COMPOSE = _load("compose.yaml")
+CHECK_OVERRIDE = _load("compose.check.yaml")
+
+
+def _merge(base, override, key: str | None = None):
+    """Compose's merge of a later file into an earlier one: mappings key by key, `command` and
+    `entrypoint` replaced, other sequences (ports, volumes) appended, `!reset` and `!override` honoured."""
+    if isinstance(override, _Reset):
+        return _Reset()
+    if isinstance(override, _Override):
+        return override.value
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for name, value in override.items():
+            merged[name] = _merge(base[name], value, name) if name in base else value
+        return {name: value for name, value in merged.items() if not isinstance(value, _Reset)}
+    if isinstance(base, list) and isinstance(override, list) and key not in ("command", "entrypoint"):
+        return base + override
+    return override
+
+
+MERGED = _merge(COMPOSE, CHECK_OVERRIDE)
+
+
+def _interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Compose's ${VAR:-default}, nested, with `env` as the environment (not this process's)."""
+    env = env or {}
     pattern = re.compile(r"\$\{(\w+)(?::-((?:[^${}]|\$\{[^}]*\})*))?\}")
     while pattern.search(value):
-        value = pattern.sub(lambda m: m.group(2) or "", value)
+        value = pattern.sub(lambda m: env.get(m.group(1)) or m.group(2) or "", value)
     return value
 
 
-def _kdsearch_services() -> dict[str, list[str]]:
+def _kdsearch_services(compose: dict) -> dict[str, list[str]]:
     return {
         name: [_interpolate(str(arg)) for arg in service["command"]]
-        for name, service in COMPOSE["services"].items()
+        for name, service in compose["services"].items()
         if "build" in service and "entrypoint" not in service
     }
 
@@ -46,30 +109,84 @@ def dry_parse(args: list[str]) -> dict:
     return received
 
 
+# --- compose.yaml: what real users run -----------------------------------------------------------
+
+
 def test_compose_has_the_services_of_a_distributed_study():
     services = COMPOSE["services"]
     assert {"postgres", "mlflow", "study", "worker"} <= set(services)
-    assert services["postgres"]["image"].startswith("postgres:")
     mlflow = services["mlflow"]
     assert mlflow["entrypoint"] == ["mlflow"] and mlflow["command"][0] == "server"
-    assert any("--backend-store-uri=postgresql" in arg for arg in mlflow["command"])
+    backend = next(arg for arg in mlflow["command"] if arg.startswith("--backend-store-uri="))
+    assert _interpolate(backend).startswith("--backend-store-uri=postgresql") and backend.endswith("/mlflow")
     assert any(arg.startswith("--artifacts-destination=") for arg in mlflow["command"])
     assert any(volume.startswith("mlartifacts:") for volume in mlflow["volumes"])
     worker = services["worker"]
+    # podman-compose starts `replicas` containers only when the mode is spelled out.
+    assert worker["deploy"]["mode"] == "replicated"
     assert _interpolate(str(worker["deploy"]["replicas"])) == "2"
+    assert _interpolate(str(worker["deploy"]["replicas"]), {"WORKERS": "5"}) == "5"
     gpu = worker["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+    assert COMPOSE["x-kdsearch"]["build"]["dockerfile"] == "docker/Dockerfile.cuda"
 
 
-@pytest.mark.parametrize("service", sorted(_kdsearch_services()))
-def test_each_kdsearch_command_is_accepted_by_the_cli_parser(service, monkeypatch):
-    args = _kdsearch_services()[service]
+def test_pulled_images_and_ports_are_overridable_with_the_usual_defaults():
+    postgres, mlflow = COMPOSE["services"]["postgres"], COMPOSE["services"]["mlflow"]
+    assert _interpolate(postgres["image"]) == "postgres:16"
+    assert _interpolate(postgres["image"], {"POSTGRES_IMAGE": "localhost/pg:x"}) == "localhost/pg:x"
+    assert [_interpolate(port) for port in postgres["ports"]] == ["5432:5432"]
+    assert [_interpolate(port) for port in mlflow["ports"]] == ["5000:5000"]
+    local = {"POSTGRES_PUBLISH": "127.0.0.1:55432", "MLFLOW_PUBLISH": "127.0.0.1:55000"}
+    assert [_interpolate(port, local) for port in postgres["ports"]] == ["127.0.0.1:55432:5432"]
+    assert [_interpolate(port, local) for port in mlflow["ports"]] == ["127.0.0.1:55000:5000"]
+
+
+def test_mlflow_database_is_created_by_an_init_script_that_podman_compose_also_mounts():
+    # podman-compose ignores top-level `configs:`; a bind mount works with both tools.
+    assert "configs" not in COMPOSE and "configs" not in COMPOSE["services"]["postgres"]
+    mount = next(v for v in COMPOSE["services"]["postgres"]["volumes"] if v.endswith(":/docker-entrypoint-initdb.d:ro"))
+    init = DOCKER / mount.split(":")[0]
+    scripts = sorted(init.glob("*.sql"))
+    assert scripts and any("CREATE DATABASE mlflow OWNER kdsearch" in s.read_text() for s in scripts)
+    assert COMPOSE["services"]["postgres"]["environment"]["POSTGRES_USER"] == "kdsearch"
+
+
+def _allowed_hosts(env: dict[str, str] | None = None) -> list[str]:
+    arg = next(a for a in COMPOSE["services"]["mlflow"]["command"] if a.startswith("--allowed-hosts="))
+    return _interpolate(arg, env).removeprefix("--allowed-hosts=").split(",")
+
+
+def _host_allowed(allowed: list[str], host: str) -> bool:
+    # As mlflow.server.security_utils.is_allowed_host_header (importing it takes seconds).
+    return "*" in allowed or any(fnmatch.fnmatch(host, a) if "*" in a else host == a for a in allowed)
+
+
+def test_mlflow_server_accepts_the_host_names_its_clients_use():
+    # MLflow 3 rejects Host headers outside --allowed-hosts (its default: localhost and private IPs).
+    tracking = _interpolate(COMPOSE["x-kdsearch"]["environment"]["MLFLOW_TRACKING_URI"])
+    host = tracking.removeprefix("http://").rstrip("/")
+    assert host == "mlflow:5000" and _host_allowed(_allowed_hosts(), host)
+    for client in ("127.0.0.1:55000", "localhost:5000", "10.89.0.7:5000", "192.168.1.20:5000"):
+        assert _host_allowed(_allowed_hosts(), client), client
+    assert not _host_allowed(_allowed_hosts(), "evil.example:5000")
+    assert _allowed_hosts({"MLFLOW_ALLOWED_HOSTS": "db-host:5000"}) == ["db-host:5000"]
+
+
+@pytest.mark.parametrize(
+    ("compose", "service"),
+    [("compose.yaml", name) for name in sorted(_kdsearch_services(COMPOSE))]
+    + [("compose.yaml + compose.check.yaml", name) for name in sorted(_kdsearch_services(MERGED))],
+)
+def test_each_kdsearch_command_is_accepted_by_the_cli_parser(compose, service, monkeypatch):
+    config = MERGED if "check" in compose else COMPOSE
+    args = _kdsearch_services(config)[service]
     environment = {
-        key: _interpolate(value) for key, value in COMPOSE["services"][service].get("environment", {}).items()
+        key: _interpolate(value) for key, value in config["services"][service].get("environment", {}).items()
     }
     for key, value in environment.items():
         monkeypatch.setenv(key, value)  # options read KDSEARCH_STORAGE and MLFLOW_TRACKING_URI from here
-    monkeypatch.chdir(DOCKER.parent)  # the image's working directory holds studies/ as the repo does
+    monkeypatch.chdir(ROOT)  # the image's working directory holds studies/ as the repo does
     params = dry_parse(args)
     assert params, f"{service}: {args} did not reach a command"
     assert params["storage"] == environment["KDSEARCH_STORAGE"]
@@ -92,16 +209,108 @@ def test_dry_parse_rejects_what_the_cli_rejects(args):
         dry_parse(args)
 
 
+# --- compose.check.yaml: the CPU-only, one-machine run of bench/container_check.sh -----------------
+
+
+def test_check_override_runs_the_smoke_study_on_cpus_with_short_heartbeats():
+    services = MERGED["services"]
+    for name in ("study", "worker"):
+        service = services[name]
+        assert service["image"] == "kdsearch:cpu" and service["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+        assert "resources" not in service.get("deploy", {}), f"{name} still reserves a GPU"
+        args = _kdsearch_services(MERGED)[name]
+        assert "--device=cpu" in args and "--heartbeat-interval=2" in args and "--grace-period=10" in args
+    assert services["worker"]["deploy"] == {"mode": "replicated", "replicas": "${WORKERS:-2}"}
+    assert "--study=studies/smoke.yaml" in _kdsearch_services(MERGED)["study"]
+    study_name = next(a for a in _kdsearch_services(MERGED)["study"] if a.startswith("--study-name="))
+    assert study_name in _kdsearch_services(MERGED)["worker"]  # the workers join the study it creates
+    # The rest is compose.yaml's: the same servers, stores and images for PostgreSQL and MLflow.
+    for name in ("postgres", "mlflow"):
+        assert services[name] == COMPOSE["services"][name]
+
+
+def test_check_override_has_no_interpolation_inside_override_tags():
+    # podman-compose 1.6 does not interpolate ${…} inside `!override` values (they reach podman as is).
+    def overrides(value):
+        if isinstance(value, _Override):
+            yield value.value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from overrides(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from overrides(v)
+
+    assert all("${" not in yaml.safe_dump(value) for value in overrides(CHECK_OVERRIDE))
+
+
+def test_merge_follows_compose_rules():
+    base = {"a": {"x": 1, "y": [1]}, "command": ["a"], "ports": ["1:1"], "deploy": {"resources": {"r": 1}}}
+    over = {"a": {"y": [2]}, "command": ["b"], "ports": _Override(["2:2"]), "deploy": {"resources": _Reset()}}
+    assert _merge(base, over) == {"a": {"x": 1, "y": [1, 2]}, "command": ["b"], "ports": ["2:2"], "deploy": {}}
+
+
+# --- Dockerfiles --------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cuda", "Dockerfile.cpu"])
 def test_dockerfiles_install_kdsearch_as_the_entrypoint(dockerfile):
     text = (DOCKER / dockerfile).read_text()
     assert text.startswith("#") and "\nFROM " in text
     assert 'ENTRYPOINT ["kdsearch"]' in text and '".[postgres]"' in text
     assert "COPY studies" in text and "KDSEARCH_CACHE_DIR=/cache" in text
-    makefile = (DOCKER.parent / "Makefile").read_text()
+    makefile = (ROOT / "Makefile").read_text()
     torch_pin = re.search(r"torch==([\d.]+)", makefile).group(1)
     assert f"TORCH_VERSION={torch_pin}" in text  # the image runs the torch that CI tests
 
 
+@pytest.mark.parametrize(
+    ("dockerfile", "torch_index"),
+    [("Dockerfile.cpu", "https://download.pytorch.org/whl/cpu"), ("Dockerfile.cuda", "https://pypi.org/simple")],
+)
+def test_base_image_and_torch_index_are_build_arguments_with_the_usual_defaults(dockerfile, torch_index):
+    lines = [line.strip() for line in (DOCKER / dockerfile).read_text().splitlines() if line and line[0] != "#"]
+    froms = [line for line in lines if line.startswith("FROM ")]
+    assert froms == ["FROM ${BASE_IMAGE}"]
+    # An ARG before FROM is what FROM can use; its default is what real users get.
+    assert "ARG BASE_IMAGE=python:3.11-slim" in lines[: lines.index(froms[0])]
+    assert f"ARG TORCH_INDEX={torch_index}" in lines
+    install = next(line for line in lines if "torch==${TORCH_VERSION}" in line or "--index-url" in line)
+    assert '--index-url "${TORCH_INDEX}"' in install
+
+
+def test_postgres_standin_reads_the_official_images_variables_and_init_scripts():
+    dockerfile = (DOCKER / "postgres-standin" / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=" in dockerfile and "FROM ${BASE_IMAGE}" in dockerfile
+    assert "postgresql" in dockerfile and "PGDATA=/var/lib/postgresql/data" in dockerfile
+    entrypoint = (DOCKER / "postgres-standin" / "entrypoint.sh").read_text()
+    for variable in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
+        assert variable in entrypoint
+    assert "/docker-entrypoint-initdb.d/*.sql" in entrypoint
+    assert "listen_addresses = '*'" in entrypoint  # as the official image: other containers connect
+    # compose.yaml's healthcheck runs pg_isready in the container: the image must have it on PATH.
+    assert "pg_isready" in COMPOSE["services"]["postgres"]["healthcheck"]["test"][-1]
+    assert "/usr/lib/postgresql/bin" in dockerfile
+
+
+@pytest.mark.parametrize(
+    ("shell", "script"),
+    [("sh", DOCKER / "postgres-standin" / "entrypoint.sh"), ("bash", ROOT / "bench" / "container_check.sh")],
+)
+def test_scripts_parse(shell, script):
+    if shutil.which(shell) is None:
+        pytest.skip(f"no {shell}")
+    result = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_container_check_uses_the_check_override_and_cleans_up():
+    script = (ROOT / "bench" / "container_check.sh").read_text()
+    assert "docker/compose.yaml" in script and "docker/compose.check.yaml" in script
+    assert "trap on_exit EXIT" in script and "down -v" in script
+    assert "podman kill --signal KILL" in script or '"podman", "kill", "--signal", "KILL"' in script
+
+
 def test_interpolation_of_nested_defaults():
     assert _interpolate("${NOPE:-a${ALSO_NOPE:-b}c}") == "abc"
+    assert _interpolate("${SET:-x}", {"SET": "y"}) == "y"
