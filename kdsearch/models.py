@@ -209,6 +209,16 @@ def load_model(path: str | Path, config: ModelConfig | None = None) -> tuple[Cif
     return model, config
 
 
+def _drop_blocks_hint(model: nn.Module, state: dict[str, torch.Tensor], config: ModelConfig) -> str:
+    """"; it looks like --drop-blocks N" when the checkpoint has fewer feature blocks than the model."""
+    stored = {int(key.split(".")[1]) for key in state if key.startswith("features.") and key.split(".")[1].isdigit()}
+    if not stored or not hasattr(model, "features"):
+        return ""
+    kept = max(stored) + 1
+    drop = config.drop_blocks + len(model.features) - kept
+    return f"; its feature blocks end at {kept - 1}: it looks like --drop-blocks {drop}" if drop != config.drop_blocks else ""
+
+
 def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, config: ModelConfig) -> None:
     """Raise one line naming the first mismatch between a state dict and the model."""
     expected = model.state_dict()
@@ -221,7 +231,7 @@ def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pat
             parts.append(f"{len(missing)} missing key(s) e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[0]}")
-        raise CheckpointError(f"{where}: {'; '.join(parts)}")
+        raise CheckpointError(f"{where}: {'; '.join(parts)}{_drop_blocks_hint(model, state, config)}")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise CheckpointError(

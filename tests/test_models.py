@@ -125,3 +125,11 @@ def test_folded_batchnorm_gives_the_same_logits_and_leaves_the_model_alone():
     torch.testing.assert_close(folded(pixels), model(pixels), rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert weights_hash(model) == before and not any(p.requires_grad for p in folded.parameters())
+
+
+def test_a_student_state_dict_loaded_as_a_teacher_suggests_its_drop_blocks(tmp_path):
+    path = tmp_path / "student.pt"
+    torch.save(build_model(ModelConfig(drop_blocks=5)).state_dict(), path)
+    with pytest.raises(CheckpointError, match="feature blocks end at 13: it looks like --drop-blocks 5"):
+        load_model(path, ModelConfig())
+    load_model(path, ModelConfig(drop_blocks=5))  # the suggestion fits
