@@ -157,6 +157,17 @@ def ig_maps(
         count = len(splits.train_labels)
         chunk_starts = range(0, count, CHUNK_IMAGES)
         done = sum(min(CHUNK_IMAGES, count - s) for s in chunk_starts if (scratch / f"chunk_{s:08d}.pt").exists())
+        if not progress:
+            log.info(
+                "computing IG maps: %d of %d training images to go (%d steps, %s, %s) on %s, into %s",
+                count - done,
+                count,
+                config.n_steps,
+                config.method,
+                config.precision,
+                device,
+                scratch.parent,
+            )
         with tqdm(total=count, initial=done, desc="IG maps", unit="img", disable=not progress) as bar:
             for start in chunk_starts:
                 chunk_path = scratch / f"chunk_{start:08d}.pt"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Annotated
 
 import typer
 
+from kdsearch.cli_dashboard import register as register_dashboard
+from kdsearch.cli_export import register as register_export
 from kdsearch.cli_options import (
     DEFAULT_CACHE_DIR,
     DEFAULT_DATA_DIR,
@@ -55,10 +58,36 @@ app.add_typer(teacher_app, name="teacher")
 app.add_typer(ig_app, name="ig")
 register(app)
 register_report(app)
+register_export(app)
+register_dashboard(app)
+
+
+Progress = Annotated[
+    bool, typer.Option("--progress/--no-progress", help="Progress bars (off: one log line per phase).")
+]
 
 
 def _print_json(payload: dict) -> None:
-    typer.echo(json.dumps(payload, indent=2, default=str))
+    typer.echo(json.dumps(_json_safe(payload), indent=2, default=str, allow_nan=False))
+
+
+def _json_safe(value):
+    """``value`` with NaN and infinities as None: JSON has no NaN (a teacher without a validation split
+    has val_acc NaN), and ``json.dumps`` would write a bare ``NaN`` that JSON parsers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _check_teacher_file(path: str | None) -> None:
+    from kdsearch.errors import CheckpointError
+
+    if path is not None and not Path(path).is_file():
+        raise CheckpointError(f"teacher checkpoint {path} does not exist (--teacher-checkpoint)")
 
 
 @app.command("train")
@@ -86,6 +115,7 @@ def train_command(
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast where native) | fp32 | bf16 | fp16.")] = "auto",
     run_dir: Annotated[Path | None, typer.Option(help="Per-epoch checkpoints and the final model go here.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
+    progress: Progress = True,
     dataset: Dataset = "cifar10",
     data_dir: DataDir = DEFAULT_DATA_DIR,
     data_label: DataLabel = None,
@@ -100,6 +130,7 @@ def train_command(
 ) -> None:
     """Train one student with KD + IG overlay and print its metrics as JSON."""
     from kdsearch.config import KDConfig, ModelConfig, OptimConfig, OverlayConfig, TrainConfig
+    from kdsearch.preflight import check_inputs, check_writable
     from kdsearch.train import train
 
     if resume and run_dir is None:
@@ -123,7 +154,12 @@ def train_command(
         precision=precision,
         cache_dir=cache_dir,
     )
-    result = train(config, run_dir=run_dir, resume=resume)
+    if config.needs_teacher:
+        _check_teacher_file(teacher_checkpoint)
+    if run_dir is not None:
+        check_writable(run_dir, "--run-dir")
+    check_inputs(config)
+    result = train(config, run_dir=run_dir, resume=resume, progress=progress)
     _print_json(
         {
             "val_acc": result.val_acc,
@@ -147,6 +183,7 @@ def teacher_train_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
     run_dir: Annotated[Path | None, typer.Option(help="Per-epoch checkpoints (for --resume).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
+    progress: Progress = True,
     dataset: Dataset = "cifar10",
     data_dir: DataDir = DEFAULT_DATA_DIR,
     data_label: DataLabel = None,
@@ -158,7 +195,9 @@ def teacher_train_command(
     """Train a teacher with a sound CIFAR recipe (SGD Nesterov, warm-up + linear decay, label smoothing,
     crop + flip, bf16 autocast on CPU where native) and write its checkpoint."""
     from kdsearch.config import ModelConfig, TeacherRecipe, replace
+    from kdsearch.errors import NotWritable
     from kdsearch.models import save_checkpoint
+    from kdsearch.preflight import check_inputs, check_writable
     from kdsearch.teacher import recipe_config
     from kdsearch.train import train
 
@@ -170,14 +209,21 @@ def teacher_train_command(
         device=device,
         cache_dir=cache_dir,
     )
-    result = train(config, run_dir=run_dir, resume=resume)
+    if out.is_dir():
+        raise NotWritable(f"--out {out} is a folder; give the checkpoint's file name")
+    check_writable(out.parent, "--out folder")
+    if run_dir is not None:
+        check_writable(run_dir, "--run-dir")
+    check_inputs(config)
+    result = train(config, run_dir=run_dir, resume=resume, progress=progress)
     save_checkpoint(result.model, replace(config.student, num_classes=result.model.classifier[1].out_features), out)
     _print_json({"test_acc": result.test_acc, "val_acc": result.val_acc, "checkpoint": out})
 
 
+@app.command("eval")
 @teacher_app.command("eval")
-def teacher_eval_command(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint to evaluate.")],
+def eval_command(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint to evaluate (a teacher's or a student's).")],
     arch: Annotated[
         str, typer.Option(help="Architecture when the checkpoint is a bare state dict.")
     ] = "mobilenetv2_cifar",
@@ -189,23 +235,37 @@ def teacher_eval_command(
     data_label: DataLabel = None,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
 ) -> None:
-    """Test accuracy (fp32) of a checkpoint, with its parameter count, FLOPs and size."""
+    """Test accuracy (fp32) of any checkpoint, teacher or student, with its parameter count, FLOPs and size.
+
+    A kdsearch checkpoint carries its architecture; a bare state dict (e.g. the reference
+    implementation's students: --drop-blocks 5 --normalization none) is built from the flags, and
+    what is assumed is printed as a warning."""
     from kdsearch.config import ModelConfig
     from kdsearch.data import load_splits
     from kdsearch.device import resolve_device
     from kdsearch.inference import accuracy
     from kdsearch.models import count_flops, count_parameters, load_model, read_checkpoint, size_on_disk_bytes
+    from kdsearch.preflight import check_data, check_device, check_writable
 
-    splits = load_splits(data_config(dataset, data_dir, data_label, 0, None, 0), cache_dir)
+    data = data_config(dataset, data_dir, data_label, 0, None, 0)
+    check_device(device)
+    check_writable(cache_dir, "--cache-dir")
+    layout = check_data(data, cache_dir)
     _, stored = read_checkpoint(checkpoint)
     given = (
         None
         if stored
-        else ModelConfig(
-            arch=arch, drop_blocks=drop_blocks, normalization=normalization, num_classes=splits.num_classes
-        )
+        else ModelConfig(arch=arch, drop_blocks=drop_blocks, normalization=normalization, num_classes=layout.classes)
     )
+    if given is not None:
+        # A wrong normalisation does not fail, it silently costs ~40 points: say what is assumed.
+        typer.echo(
+            f"warning: {checkpoint} is a bare state dict: assuming --arch {arch} --drop-blocks {drop_blocks} "
+            f"--normalization {normalization} (a model trained on unnormalised pixels needs --normalization none)",
+            err=True,
+        )
     model, config = load_model(checkpoint, given)
+    splits = load_splits(data, cache_dir)
     target = resolve_device(device)
     model = model.to(target)
     _print_json(
@@ -227,6 +287,9 @@ class IGInputs:
 
     teacher_checkpoint: TeacherCheckpoint = None
     arch: Annotated[str, typer.Option(help="Teacher architecture.")] = "mobilenetv2_cifar"
+    normalization: Annotated[
+        str, typer.Option(help="Input normalisation of the teacher (none: it was trained on raw [0, 1] pixels).")
+    ] = "cifar10"
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto"
     dataset: Dataset = "cifar10"
     data_dir: DataDir = DEFAULT_DATA_DIR
@@ -239,6 +302,7 @@ class IGInputs:
     ig_baseline: IGBaseline = DEFAULT_IG.baseline
     ig_precision: IGPrecision = DEFAULT_IG.precision
     cache_dir: CacheDir = DEFAULT_CACHE_DIR
+    progress: Progress = True
 
     def maps(self):
         """(teacher, splits, IG cache artifact): settings are validated before any data is loaded."""
@@ -247,6 +311,7 @@ class IGInputs:
         from kdsearch.data import load_splits
         from kdsearch.device import resolve_device
         from kdsearch.models import load_model
+        from kdsearch.preflight import check_data, check_device, check_teacher, check_writable
 
         settings = ig_config(self.ig_steps, self.ig_method, self.ig_baseline, self.ig_precision)
         if self.teacher_checkpoint is None:
@@ -254,9 +319,16 @@ class IGInputs:
         data = data_config(
             self.dataset, self.data_dir, self.data_label, self.val_size, self.train_subset, self.split_seed
         )
+        check_device(self.device)
+        check_writable(self.cache_dir, "--cache-dir")
+        _check_teacher_file(self.teacher_checkpoint)
+        classes = check_data(data, self.cache_dir).classes
+        teacher_config = ModelConfig(arch=self.arch, normalization=self.normalization, num_classes=classes)
+        check_teacher(self.teacher_checkpoint, teacher_config)
         splits = load_splits(data, self.cache_dir)
-        teacher, _ = load_model(self.teacher_checkpoint, ModelConfig(arch=self.arch, num_classes=splits.num_classes))
-        return teacher, splits, ig_maps(teacher, splits, settings, self.cache_dir, resolve_device(self.device))
+        teacher, _ = load_model(self.teacher_checkpoint, teacher_config)
+        device = resolve_device(self.device)
+        return teacher, splits, ig_maps(teacher, splits, settings, self.cache_dir, device, self.progress)
 
 
 @ig_app.command("compute")
@@ -287,17 +359,30 @@ def ig_show_command(
     from torchvision.io import write_png
 
     from kdsearch.attribution import ig_panel
+    from kdsearch.data import folder_files
+    from kdsearch.preflight import check_writable
 
     if out.suffix.lower() != ".png":
         raise KdsearchError(f"--out must end in .png but got {out}")
     if index < 0:
         raise KdsearchError(f"--index must be >= 0 but got {index}")
+    check_writable(out.parent, "--out folder")
     _, splits, artifact = inputs.maps()
     if index >= len(splits.train_labels):
         raise KdsearchError(f"--index must be in [0, {len(splits.train_labels) - 1}] but got {index}")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_png(ig_panel(splits.train_images[index], artifact.tensors["maps"][index]), str(out))
-    typer.echo(f"wrote {out} (class {splits.classes[int(splits.train_labels[index])]})")
+    source = int(splits.train_index[index])
+    image = f"image {source} of the dataset's training set"
+    if inputs.dataset == "folder":
+        _, files = folder_files(Path(inputs.data_dir))
+        image = str(files["train"][source][0])
+    typer.echo(
+        f"wrote {out}: training-split image {index} ({image}), class {splits.classes[int(splits.train_labels[index])]}"
+    )
+
+
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,8 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("kdsearch").setLevel(logging.INFO)
     command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        result = command.main(args=argv, prog_name="kdsearch", standalone_mode=False)
+        result = command.main(args=args, prog_name="kdsearch", standalone_mode=False)
+        if result == INTERRUPTED:
+            # Typer catches Ctrl-C's KeyboardInterrupt itself and returns 130 (no kdsearch command
+            # returns a number), so the handler below sees only an interrupt outside a command.
+            typer.echo(_interrupted(args), err=True)
         return result if isinstance(result, int) else 0
     except typer.Exit as exit_:
         return exit_.exit_code
@@ -322,8 +412,24 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {error}", err=True)
         return 2
     except (KeyboardInterrupt, typer.Abort):
-        typer.echo("interrupted", err=True)
-        return 130
+        typer.echo(_interrupted(args), err=True)
+        return INTERRUPTED
+
+
+def _interrupted(args: list[str]) -> str:
+    """The line for Ctrl-C: what the interrupted command kept, and how to go on from there."""
+    words = [arg for arg in args if not arg.startswith("-")][:2]  # the command, e.g. ["study", "grid"]
+    if words[:1] == ["ablate"] or (words[:1] == ["study"] and words[1:] not in (["status"], ["best"])):
+        return "interrupted: finished trials and per-epoch checkpoints are kept; run the same command again to resume"
+    if words[:1] == ["train"] or words == ["teacher", "train"]:
+        if not any(arg == "--run-dir" or arg.startswith("--run-dir=") for arg in args):
+            return "interrupted: nothing was kept (a run with --run-dir can be resumed)"
+        return "interrupted: the per-epoch checkpoints in --run-dir are kept; run the same command with --resume"
+    if words[:1] == ["ig"]:
+        return "interrupted: finished chunks of the IG cache are kept; run the same command again to resume"
+    if words[:1] == ["ui"]:
+        return "stopped the MLflow UI"
+    return "interrupted"
 
 
 def entry() -> None:

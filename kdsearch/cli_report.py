@@ -52,6 +52,7 @@ def report_command(
 ) -> None:
     """Tables (CSV, Markdown, HTML), figures (HTML, PNG, SVG) and an index.html of a study or an ablation,
     from its storage alone; a study still running is reported as far as it got, marked partial."""
+    from kdsearch.preflight import check_writable
     from kdsearch.report import ReportConfig, describe, write_report
     from kdsearch.study_db import default_storage
     from kdsearch.tracking import default_tracking_uri
@@ -59,6 +60,7 @@ def report_command(
     if (study is None) == (ablation is None):
         raise ConfigError("give exactly one of --study NAME or --ablation NAME")
     _workdir(workdir)
+    check_writable(out, "--out")
     overrides = {
         "train.cache_dir": cache_dir,
         "train.data.data_dir": data_dir,

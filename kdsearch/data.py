@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from kdsearch.config import DataConfig, Dataset, default_cache_dir
 from kdsearch.errors import DataError
-from kdsearch.tensor_cache import TensorCache, content_key
+from kdsearch.tensor_cache import META, TensorCache, content_key
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +69,21 @@ class Splits:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """What a source holds, known without decoding it."""
+
+    classes: int
+    train_images: int  # before the validation split
+    download: tuple[str, Path] | None = None  # (URL, folder) that decode would download the source from/into
+
+
+@dataclass(frozen=True)
 class Source:
     fingerprint: Callable[[DataConfig, Path], str]  # cheap identity of the raw files
     decode: Callable[[DataConfig, Path], Decoded]
     default_label: Callable[[DataConfig], str]
+    # Without decoding (listings, image headers): raises DataError for a layout that decode would fail on.
+    inspect: Callable[[DataConfig, Path], Layout]
 
 
 def _torchvision_root(config: DataConfig, cache_dir: Path) -> Path:
@@ -81,6 +94,7 @@ def _torchvision_source(name: str) -> Source:
     import torchvision
 
     dataset_class = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    layout = {"cifar10": Layout(10, 50_000), "cifar100": Layout(100, 50_000)}[name]
 
     def fingerprint(config: DataConfig, cache_dir: Path) -> str:
         return f"{name}:{_torchvision_root(config, cache_dir).resolve()}"
@@ -104,34 +118,93 @@ def _torchvision_source(name: str) -> Source:
         test_images, test_labels = to_tensor(test)
         return Decoded(train_images, train_labels, test_images, test_labels, list(train.classes))
 
-    return Source(fingerprint, decode, lambda config: {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[name])
+    def inspect(config: DataConfig, cache_dir: Path) -> Layout:
+        root = _torchvision_root(config, cache_dir)
+        extracted = [entry[0] for entry in dataset_class.train_list + dataset_class.test_list]
+        present = all((root / dataset_class.base_folder / file).is_file() for file in extracted)
+        if present or (root / dataset_class.filename).is_file():
+            return layout
+        return replace(layout, download=(dataset_class.url, root))
+
+    return Source(
+        fingerprint,
+        decode,
+        lambda config: {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[name],
+        inspect,
+    )
 
 
-def _folder_files(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+def _subfolders(path: Path) -> list[str]:
+    try:
+        return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    except OSError as error:
+        raise DataError(f"cannot list {path}: {error.strerror}") from None
+
+
+def folder_files(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    """(class names, {"train"/"test": [(image path, label)]}) of a folder dataset, sorted; raises DataError
+    for a layout that cannot be trained on: no train/ or test/, no classes, classes that differ between
+    the splits, a class folder without images."""
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise DataError(f"data folder {root} must contain train/ and test/ subfolders")
-    classes = sorted(entry.name for entry in os.scandir(root / "train") if entry.is_dir())
+    classes = _subfolders(root / "train")
     if not classes:
-        raise DataError(f"{root / 'train'} has no class subfolders")
+        raise DataError(f"{root / 'train'} has no class subfolders (expected train/<class>/*.jpg)")
+    test_classes = _subfolders(root / "test")
+    if test_classes != classes:
+        missing, extra = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
+        raise DataError(f"{root / 'test'} has other classes than train/: missing {missing}, extra {extra}")
     files: dict[str, list[tuple[Path, int]]] = {}
     for split in ("train", "test"):
-        split_classes = sorted(entry.name for entry in os.scandir(root / split) if entry.is_dir())
-        if split_classes != classes:
-            raise DataError(f"{root / split} has classes {split_classes}, expected {classes} as in train/")
-        files[split] = [
-            (Path(entry.path), label)
-            for label, name in enumerate(classes)
-            for entry in sorted(os.scandir(root / split / name), key=lambda e: e.name)
-            if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
-        ]
+        files[split] = []
+        for label, name in enumerate(classes):
+            try:
+                entries = sorted(os.scandir(root / split / name), key=lambda e: e.name)
+            except OSError as error:
+                raise DataError(f"cannot list {root / split / name}: {error.strerror}") from None
+            images = [(Path(e.path), label) for e in entries if Path(e.name).suffix.lower() in IMAGE_SUFFIXES]
+            if not images:
+                raise DataError(
+                    f"class folder {root / split / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
+            files[split] += images
     return classes, files
+
+
+def _folder_inspect(config: DataConfig, cache_dir: Path) -> Layout:
+    """The listing, and the header size of the first image of each class in each split: a folder of
+    mixed sizes is refused before anything is decoded (decode still checks every image)."""
+    from PIL import Image
+
+    root = Path(config.data_dir)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    classes, files = folder_files(root)
+    sizes: dict[tuple[int, int], Path] = {}
+    for split in ("train", "test"):
+        firsts: dict[int, Path] = {}
+        for path, label in files[split]:
+            firsts.setdefault(label, path)
+        for path in firsts.values():
+            try:
+                with Image.open(path) as image:
+                    sizes.setdefault(image.size, path)
+            except OSError as error:  # PIL's UnidentifiedImageError included
+                raise DataError(f"cannot read image {path}: {error}") from None
+    if len(sizes) > 1:
+        (first_size, first), (other_size, other) = list(sizes.items())[:2]
+        raise DataError(
+            f"images in {root} differ in size: {first} is {first_size[0]}x{first_size[1]}, "
+            f"{other} is {other_size[0]}x{other_size[1]}; resize them to one size first"
+        )
+    return Layout(len(classes), len(files["train"]))
 
 
 def _folder_fingerprint(config: DataConfig, cache_dir: Path) -> str:
     root = Path(config.data_dir).resolve()
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
-    _, files = _folder_files(root)
+    _, files = folder_files(root)
     digest = hashlib.sha256(str(root).encode())
     for split in ("train", "test"):
         for path, label in files[split]:
@@ -140,20 +213,31 @@ def _folder_fingerprint(config: DataConfig, cache_dir: Path) -> str:
     return f"folder:{digest.hexdigest()}"
 
 
-def _folder_decode(config: DataConfig, cache_dir: Path) -> Decoded:
+def _decode_file(path: Path) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        # torchvision prefixes its reason with "function, source.cpp:line, ".
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().splitlines()[0])
+        raise DataError(f"cannot decode image {path}: {reason}; replace or remove it") from None
+
+
+def _folder_decode(config: DataConfig, cache_dir: Path) -> Decoded:
     from tqdm import tqdm
 
     root = Path(config.data_dir)
-    classes, files = _folder_files(root)
+    classes, files = folder_files(root)
     decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for split in ("train", "test"):
+        log.info("decoding %d images of %s into the cache (once per dataset)", len(files[split]), root / split)
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency);
             # they still work, and this runs once per dataset before the result is cached.
             warnings.simplefilter("ignore", DeprecationWarning)
             images = [
-                decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+                _decode_file(path)
                 for path, _ in tqdm(files[split], desc=f"decoding {root.name}/{split}", unit="img", disable=None)
             ]
         shapes = {tuple(image.shape) for image in images}
@@ -190,8 +274,15 @@ def _synthetic_decode(config: DataConfig, cache_dir: Path) -> Decoded:
 DATASETS: dict[Dataset, Callable[[], Source]] = {
     Dataset.CIFAR10: lambda: _torchvision_source("cifar10"),
     Dataset.CIFAR100: lambda: _torchvision_source("cifar100"),
-    Dataset.FOLDER: lambda: Source(_folder_fingerprint, _folder_decode, lambda config: Path(config.data_dir).name),
-    Dataset.SYNTHETIC: lambda: Source(_synthetic_fingerprint, _synthetic_decode, lambda config: "synthetic"),
+    Dataset.FOLDER: lambda: Source(
+        _folder_fingerprint, _folder_decode, lambda config: Path(config.data_dir).name, _folder_inspect
+    ),
+    Dataset.SYNTHETIC: lambda: Source(
+        _synthetic_fingerprint,
+        _synthetic_decode,
+        lambda config: "synthetic",
+        lambda config, cache_dir: Layout(10, config.synthetic_size),
+    ),
 }
 
 
@@ -216,7 +307,15 @@ def load_decoded(config: DataConfig, cache_dir: str | Path | None = None) -> tup
     # The raw files' cheap identity (paths, sizes, mtimes) decides when to decode again; the digest of what
     # they decode to keys everything built from the data. "layout" 2: the entry records that digest.
     fields = {"source": source.fingerprint(config, cache_dir), "layout": 2}
-    artifact = TensorCache(cache_dir).get_or_build("decoded", fields, build)
+    cache = TensorCache(cache_dir)
+    created = [path for path in (cache_dir, cache_dir / "decoded") if not path.exists()]
+    try:
+        artifact = cache.get_or_build("decoded", fields, build)
+    except DataError:
+        # Bad data fails the same way on every attempt: an empty entry left behind would only look like
+        # a half-built cache. Other failures (a full disk, Ctrl-C) keep it, as the cache expects.
+        _remove_entry(cache.directory("decoded", fields), created)
+        raise
     tensors = artifact.tensors
     decoded = Decoded(
         tensors["train_images"],
@@ -226,6 +325,19 @@ def load_decoded(config: DataConfig, cache_dir: str | Path | None = None) -> tup
         artifact.meta["classes"],
     )
     return decoded, artifact.meta["content_digest"]
+
+
+def _remove_entry(directory: Path, created: list[Path]) -> None:
+    """Remove a cache entry that holds no artefact, its lock file, and the folders above it made for it."""
+    if (directory / META).exists():  # another process finished it meanwhile: keep it
+        return
+    shutil.rmtree(directory, ignore_errors=True)
+    Path(str(directory) + ".lock").unlink(missing_ok=True)
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else is cached there now
+            pass
 
 
 def content_digest(decoded: Decoded) -> str:

@@ -6,7 +6,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from kdsearch.errors import CheckpointError
+from kdsearch.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -14,7 +14,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("device cuda was asked for but CUDA is not available")
+        raise ConfigError("device cuda was asked for but CUDA is not available")
     return device
 
 

@@ -23,3 +23,7 @@ class StudyError(KdsearchError):
 
 class TrainingDiverged(KdsearchError):
     """The training loss became NaN or infinite (e.g. an extreme temperature or learning rate)."""
+
+
+class NotWritable(KdsearchError):
+    """A folder kdsearch must write to is read-only, or a file stands where a folder should be."""

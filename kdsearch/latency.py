@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdsearch.config import check_field_types
 from kdsearch.errors import ConfigError
 
 
@@ -29,6 +30,7 @@ class LatencyConfig:
     batch_sizes: tuple[int, ...] = (1, 128)  # the paper reports per-batch latency; 1 is the edge case
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.warmup < 0:
             raise ConfigError(f"latency warmup must be >= 0 but got {self.warmup}")
         if self.repeats < 1:

@@ -210,13 +210,17 @@ def load_model(path: str | Path, config: ModelConfig | None = None) -> tuple[Cif
 
 
 def _drop_blocks_hint(model: nn.Module, state: dict[str, torch.Tensor], config: ModelConfig) -> str:
-    """"; it looks like --drop-blocks N" when the checkpoint has fewer feature blocks than the model."""
+    """ "; it looks like --drop-blocks N" when the checkpoint has fewer feature blocks than the model."""
     stored = {int(key.split(".")[1]) for key in state if key.startswith("features.") and key.split(".")[1].isdigit()}
     if not stored or not hasattr(model, "features"):
         return ""
     kept = max(stored) + 1
     drop = config.drop_blocks + len(model.features) - kept
-    return f"; its feature blocks end at {kept - 1}: it looks like --drop-blocks {drop}" if drop != config.drop_blocks else ""
+    return (
+        f"; its feature blocks end at {kept - 1}: it looks like --drop-blocks {drop}"
+        if drop != config.drop_blocks
+        else ""
+    )
 
 
 def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, config: ModelConfig) -> None:

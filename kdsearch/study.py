@@ -255,7 +255,7 @@ def join_study(
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            check_database(storage_url, must_exist=True)
+            check_database(storage_url, must_exist=True, writes=True)
             storage = open_storage(storage_url, heartbeat)
             names = optuna.get_all_study_names(storage)
             if study_name in names:

@@ -3,13 +3,14 @@ before anything is written, and opened with heartbeats so a trial whose worker d
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 
-from kdsearch.errors import ConfigError, KdsearchError, StudyError
+from kdsearch.errors import ConfigError, KdsearchError, NotWritable, StudyError
 from kdsearch.urls import sqlite_url
 
 
@@ -50,13 +51,28 @@ def database_url(url: str) -> str:
     return url
 
 
+# What installs the driver SQLAlchemy asks for, by module name; kdsearch ships an extra for PostgreSQL only.
+DRIVER_PACKAGES = {
+    "psycopg2": "'kdsearch[postgres]'",
+    "psycopg": "'kdsearch[postgres]'",
+    "MySQLdb": "mysqlclient, or use mysql+pymysql://… with pip install pymysql",
+    "pymysql": "pymysql",
+    "mysql": "mysql-connector-python",
+}
+
+
 def check_database(
-    url: str, what: str = "storage", must_exist: bool = False, error: type[KdsearchError] = StudyError
+    url: str,
+    what: str = "storage",
+    must_exist: bool = False,
+    error: type[KdsearchError] = StudyError,
+    writes: bool | None = None,
 ) -> None:
     """Raise ``error`` unless ``url`` names a database that can be reached. Writes nothing.
 
     SQLite: its directory must exist (and with ``must_exist`` the file too); the file itself is only
-    created by the first study. Servers: one connection is opened and closed.
+    created by the first study. ``writes`` (default: when the file need not exist, i.e. for a caller that
+    creates) also requires that SQLite can write there. Servers: one connection is opened and closed.
     """
     import sqlalchemy
 
@@ -73,6 +89,8 @@ def check_database(
             raise error(f"{what} {shown}: directory {path.parent} does not exist")
         if must_exist and not path.is_file():
             raise error(f"{what} {shown}: no such file (no study has been created there)")
+        if writes if writes is not None else not must_exist:
+            _check_sqlite_writable(path, f"{what} {shown}", error)
         return
     connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
     try:
@@ -80,10 +98,25 @@ def check_database(
         with engine.connect():
             pass
     except ModuleNotFoundError as missing:
-        raise error(f"{what} {shown} needs the {missing.name} driver (pip install 'kdsearch[postgres]')") from None
+        package = DRIVER_PACKAGES.get(missing.name, missing.name)
+        raise error(
+            f"{what} {shown} needs the {missing.name} driver, which is not installed (pip install {package})"
+        ) from None
     except Exception as failure:  # drivers raise their own errors: any failure means "cannot use it"
         reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
         raise error(f"cannot reach {what} {shown}: {reason}") from None
+
+
+def _check_sqlite_writable(path: Path, what: str, error: type[KdsearchError]) -> None:
+    """SQLite writes the database file and a journal beside it: both need a writable folder."""
+    from kdsearch.preflight import check_writable
+
+    try:
+        check_writable(path.parent, f"{what}: folder")
+    except NotWritable as failure:
+        raise error(str(failure)) from None
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise error(f"{what}: file {path} is read-only")
 
 
 def open_storage(url: str, heartbeat: HeartbeatConfig) -> optuna.storages.RDBStorage:

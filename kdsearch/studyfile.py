@@ -139,6 +139,7 @@ class Range:
     log: bool = False  # sample log-uniformly (positive bounds only)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _number("range low", self.low)
         _number("range high", self.high)
         if self.low > self.high:

@@ -402,6 +402,7 @@ def train(
 
 def _finish(run: _Run, run_dir: Path | None, train_time: float, setup_time: float, images_per_s: float) -> TrainResult:
     config, splits = run.config, run.inputs.splits
+    log.info("testing on %d images", len(splits.test_labels))
     test_acc = accuracy(
         run.student, splits.test_images, splits.test_labels, config.eval_batch_size, run.device, run.dtype
     )

@@ -13,7 +13,9 @@ MLflow 3 opens an experiment on its GenAI overview; kdsearch's links ask for the
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdsearch.errors import ConfigError
 from kdsearch.tracking import TrackingError
 from kdsearch.urls import sqlite_file
 
@@ -39,7 +42,7 @@ class UIServer:
     url: str  # http://127.0.0.1:PORT
     tracking_uri: str
     process: subprocess.Popen | None  # None when the store is a server that was already running
-    log_path: Path | None = None  # the server's output
+    log_path: Path | None = None  # the server's output, in a temporary folder of its own, removed on exit
 
     def experiment_url(self, experiment_id: str) -> str:
         return f"{self.url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
@@ -69,6 +72,8 @@ class UIServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        if self.log_path is not None:
+            shutil.rmtree(self.log_path.parent, ignore_errors=True)
 
 
 def free_port(host: str = HOST) -> int:
@@ -76,6 +81,20 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def check_port_free(port: int, host: str = HOST) -> None:
+    """Raise ConfigError when another process listens on ``port``: the server would exit with a
+    traceback in its log, seconds later."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As the server binds: a port left in TIME_WAIT by an earlier server is free for it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError(f"--port {port} is in use on {host}; pick another, or 0 for a free one") from None
+            raise ConfigError(f"--port {port} cannot be used on {host}: {error.strerror}") from None
 
 
 def _healthy(url: str) -> bool:
@@ -111,6 +130,8 @@ def start_ui(tracking_uri: str, port: int | None = None, timeout: float = 90.0, 
     store = sqlite_file(tracker.uri)
     if store is not None and not store.is_file():
         raise TrackingError(f"tracking store {tracking_uri}: no such file (nothing was logged there yet)")
+    if port is not None:
+        check_port_free(port)
     log_path = Path(tempfile.mkdtemp(prefix="kdsearch-ui-")) / "mlflow-ui.log"
     reason = ""
     for _ in range(attempts if port is None else 1):

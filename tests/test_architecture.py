@@ -87,7 +87,7 @@ def test_only_the_top_knows_every_study_kind():
     graph = import_graph(PACKAGE)
     engine = {"study", "trial", "train", "studyfile", "config", "search", "ablation"}
     assert not any("kinds" in graph[module] for module in engine)
-    assert set(STUDY_KINDS) == {"grid", "tpe", "ablation"}
+    assert set(STUDY_KINDS) == {"grid", "tpe", "ablation", "pareto"}
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,7 @@ def test_ig_show_writes_a_png(capsys, tiny_teacher_checkpoint, tmp_path):
         "4",
     ]
     code, out, _ = _run(capsys, args)
-    assert code == 0 and "wrote" in out
+    assert code == 0 and "training-split image 5 (image " in out and "of the dataset's training set), class" in out
     image = decode_png(read_file(str(out_path)))
     assert image.shape[0] == 3 and image.shape[2] > 2.9 * image.shape[1]
 
@@ -168,3 +168,43 @@ def test_ig_compute_prints_the_cache_and_its_resolved_settings(capsys, tiny_teac
     assert report["settings"] | {"n_steps": 3, "precision": "fp32", "method": "riemann_right"} == report["settings"]
     code, _, err = _run(capsys, [*args, "--ig-precision", "fp16"])
     assert code == 2 and "'fp16' is not one of 'auto', 'fp32', 'bf16'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_in_a_study_says_what_is_kept_and_how_to_resume(capsys, tmp_path, monkeypatch):
+    import kdsearch.study
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kdsearch.study, "run_study", interrupted)
+    study = Path(__file__).resolve().parents[1] / "studies" / "smoke.yaml"
+    code, _, err = _run(capsys, ["study", "grid", "--study", str(study), "--workdir", str(tmp_path)])
+    assert code == 130
+    assert (
+        err == "interrupted: finished trials and per-epoch checkpoints are kept; run the same command again to resume\n"
+    )
+
+
+def test_eval_of_a_bare_state_dict_says_what_it_assumes(capsys, tiny_teacher_checkpoint, tmp_path):
+    import torch
+
+    from kdsearch.models import load_model
+
+    bare = tmp_path / "bare.pt"
+    torch.save(load_model(tiny_teacher_checkpoint)[0].state_dict(), bare)
+    args = [
+        "eval",
+        "--checkpoint",
+        str(bare),
+        "--arch",
+        "tiny_cnn",
+        "--dataset",
+        "synthetic",
+        "--cache-dir",
+        str(tmp_path),
+    ]
+    code, out, err = _run(capsys, args)
+    assert code == 0 and "assuming --arch tiny_cnn --drop-blocks 0 --normalization cifar10" in err
+    stored = _run(capsys, ["teacher", "eval", "--checkpoint", tiny_teacher_checkpoint, *args[5:]])
+    assert stored[0] == 0 and "warning" not in stored[2]  # a kdsearch checkpoint carries its architecture
+    assert json.loads(stored[1])["test_acc"] == json.loads(out)["test_acc"]

@@ -11,13 +11,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 
 import optuna
 import pytest
 import typer
+from fixtures_study import CLI
 from optuna.distributions import FloatDistribution
 from test_ui_browser import _shot, _text, _wait, artifacts, browser  # noqa: F401  (fixtures)
 
@@ -28,21 +28,6 @@ from kdsearch.dashboard import DashboardServer, api, start_dashboard
 STUDY = "smoke-grid"
 VALUES = {(1.0, 0.1): 0.41, (1.0, 0.5): 0.47, (4.0, 0.1): 0.44, (4.0, 0.5): 0.52}  # (t, alpha) -> val_acc
 SPACE = {"t": FloatDistribution(1.0, 4.0), "alpha": FloatDistribution(0.0, 1.0), "p": FloatDistribution(0.0, 1.0)}
-# The CLI in a fresh process, as a user's shell runs it (with `dashboard` added if kdsearch/cli.py lacks it).
-CLI = [
-    sys.executable,
-    "-c",
-    "import sys; from kdsearch.cli import app, main; from kdsearch.cli_dashboard import register; "
-    "'dashboard' in {c.name for c in app.registered_commands} or register(app); sys.exit(main(sys.argv[1:]))",
-]
-
-
-@pytest.fixture(autouse=True)
-def _dashboard_command(monkeypatch):
-    """`kdsearch dashboard` in kdsearch.cli.main, on a copy of its command list if kdsearch/cli.py lacks it."""
-    if "dashboard" not in {command.name for command in cli.app.registered_commands}:
-        monkeypatch.setattr(cli.app, "registered_commands", list(cli.app.registered_commands))
-        register(cli.app)
 
 
 @pytest.fixture

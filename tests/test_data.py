@@ -100,3 +100,42 @@ def test_folder_without_train_and_test_is_refused(tmp_path):
 def test_unknown_dataset_names_the_known_ones():
     with pytest.raises(ConfigError, match=r"dataset must be one of \['cifar10', 'cifar100', 'folder', 'synthetic'\]"):
         DataConfig(dataset="imagenet")
+
+
+def test_a_corrupt_image_is_named_and_leaves_no_cache_entry(tmp_path):
+    root = _write_folder(tmp_path / "data")
+    broken = root / "test" / "cat" / "0003.jpg"
+    broken.write_bytes(broken.read_bytes()[:100])
+    cache = tmp_path / "cache"
+    (cache / "ig").mkdir(parents=True)  # the cache already holds other artefacts: they stay
+    with pytest.raises(DataError, match=f"cannot decode image {broken}: Image is incomplete or truncated"):
+        load_splits(DataConfig(dataset="folder", data_dir=str(root), val_size=3), cache)
+    assert [path.name for path in cache.iterdir()] == ["ig"]
+
+
+def test_inspect_sees_the_layout_without_decoding(tmp_path):
+    from kdsearch.data import DATASETS, Layout
+
+    root = _write_folder(tmp_path / "data")
+    (root / "train" / "cat" / "0005.jpg").write_bytes(b"not decoded by inspect")  # not a class's first image
+    layout = DATASETS["folder"]().inspect(DataConfig(dataset="folder", data_dir=str(root)), tmp_path)
+    assert layout == Layout(classes=3, train_images=18)
+    assert not (tmp_path / "decoded").exists()
+
+
+def test_a_class_folder_without_images_is_refused_by_name(tmp_path):
+    root = _write_folder(tmp_path / "data")
+    for split in ("train", "test"):
+        (root / split / "dog").mkdir()
+    with pytest.raises(DataError, match=f"class folder {root / 'train' / 'dog'} has no images"):
+        load_splits(DataConfig(dataset="folder", data_dir=str(root), val_size=3), tmp_path / "cache")
+
+
+def test_a_missing_torchvision_dataset_asks_for_a_download(tmp_path):
+    from kdsearch.data import DATASETS
+
+    layout = DATASETS["cifar10"]().inspect(DataConfig(dataset="cifar10", data_dir=str(tmp_path)), tmp_path)
+    assert layout.classes == 10 and layout.download == (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        tmp_path,
+    )

@@ -19,7 +19,6 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from kdsearch import cli, onnx_runtime
-from kdsearch.cli_export import register
 from kdsearch.data import load_splits
 from kdsearch.models import count_flops, count_parameters, load_model
 from kdsearch.onnx_runtime import onnx_logits, session
@@ -28,9 +27,6 @@ from kdsearch.tracking import ROLE_TAG
 from tests.conftest import SYNTHETIC
 
 pytest_plugins = ["fixtures_study"]
-
-if "export" not in {command.name for command in cli.app.registered_commands}:
-    register(cli.app)  # until kdsearch/cli.py adds the command itself
 
 LABEL = "tiny synthetic"
 
