@@ -8,8 +8,8 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 
 from kdsearch.config import ModelConfig
 from kdsearch.errors import ConfigError
-from kdsearch.models import build_model, count_flops, count_parameters
-from kdsearch.pruning import IMPORTANCES, apply_plan, channel_plan, prune_classifier
+from kdsearch.models import apply_plan, build_model, channel_plan, count_flops, count_parameters
+from kdsearch.pruning import IMPORTANCES, prune_classifier
 
 STUDENT = ModelConfig(arch="mobilenetv2_cifar", drop_blocks=5)
 NARROW_TEACHER = ModelConfig(arch="mobilenetv2_cifar", width_mult=0.5)  # all 19 blocks, half the channels
