@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 
 from kdsearch.cli_study import CacheDirOverride, DataDirOverride, Storage, TrackingUri, Workdir
+from kdsearch.config import ExportFormat
 from kdsearch.errors import ConfigError
-from kdsearch.export import ExportFormat
 
 
 def export_command(

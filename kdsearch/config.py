@@ -316,6 +316,12 @@ class ParetoSampler(StrEnum):
     NSGA2 = "nsga2"
 
 
+class ExportFormat(StrEnum):
+    """What ``kdsearch export`` writes."""
+
+    ONNX = "onnx"
+
+
 class Runtime(StrEnum):
     """Where a student's latency is measured: PyTorch eager, or ONNX Runtime's CPU provider."""
 

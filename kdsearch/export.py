@@ -25,7 +25,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -33,16 +32,12 @@ from typing import Any
 import torch
 from optuna.trial import TrialState
 
-from kdsearch.config import Runtime, TrainConfig, choice, from_dict, replace
+from kdsearch.config import ExportFormat, Runtime, TrainConfig, choice, from_dict, replace
 from kdsearch.errors import CheckpointError, ConfigError, StudyError
 from kdsearch.tracking import ROLE_TAG, MlflowTracker, TrackingError, run_tags
 from kdsearch.urls import sqlite_file
 
 MODEL, INT8, CARD, SUMMARY = "model.onnx", "model.int8.onnx", "MODEL_CARD.md", "export.json"
-
-
-class ExportFormat(StrEnum):
-    ONNX = "onnx"
 
 
 @dataclass(frozen=True)
