@@ -21,6 +21,7 @@ def _hooks(model: torch.nn.Module) -> int:
     return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
 
 
+@pytest.mark.slow
 def test_gamma_zero_trains_bit_for_bit_like_kd_ig(student_config):
     plain = train(student_config, progress=False)
     # gamma 0 with other AT settings: AT is off, so neither p nor the pairs may change anything.
@@ -37,6 +38,7 @@ def test_gamma_zero_keeps_the_configs_keys():
     assert to_dict(replace(base, attention=AttentionConfig(gamma=0.5)))["attention"]["gamma"] == 0.5
 
 
+@pytest.mark.slow
 def test_training_with_at_removes_every_hook_and_keeps_no_features(student_config, monkeypatch):
     import kdsearch.train as train_module
 
@@ -47,6 +49,7 @@ def test_training_with_at_removes_every_hook_and_keeps_no_features(student_confi
     assert len(teachers) == 1 and _hooks(teachers[0]) == 0 and _hooks(result.model) == 0
 
 
+@pytest.mark.slow
 def test_at_loss_enters_the_training_loss(student_config, monkeypatch):
     import kdsearch.train as train_module
 
@@ -66,6 +69,7 @@ def test_at_with_cached_teacher_logits_is_refused(student_config):
         )
 
 
+@pytest.mark.slow
 def test_pairs_of_different_spatial_sizes_are_refused_before_training(student_config):
     with pytest.raises(ConfigError, match="need the same spatial size"):
         train(replace(student_config, attention=AttentionConfig(gamma=1.0, pairs=((0, 2),))), progress=False)

@@ -65,6 +65,7 @@ def test_batch_axis_is_dynamic(model, fp32_path):
     torch.testing.assert_close(onnx_logits(runner, images), logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_pruned_mobilenetv2_exports_with_parity(tmp_path):
     torch.manual_seed(0)
     student = prune_classifier(build_model(ModelConfig(drop_blocks=5, width_mult=0.5)), ratio=0.5).eval()

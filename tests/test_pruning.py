@@ -48,6 +48,7 @@ def test_ratio_removes_that_fraction_of_each_group(ratio, round_to, plan):
     assert pruned.classifier[1].in_features == plan[-1] and pruned.classifier[1].out_features == 10
 
 
+@pytest.mark.slow
 def test_mobilenetv2_loses_about_half_its_channels(student, pruned_student):
     before, after = sum(channel_plan(student)), sum(channel_plan(pruned_student))
     assert 0.45 < after / before <= 0.5  # rounding to 8 only lifts the narrowest groups above half
@@ -130,6 +131,7 @@ def test_plan_rebuilds_the_pruned_model_after_a_json_round_trip(config):
         assert torch.equal(rebuilt.eval()(images), pruned(images))
 
 
+@pytest.mark.slow
 def test_flops_target_is_met_with_the_least_pruning():
     model = _model(TINY)
     full = count_flops(model)
@@ -142,6 +144,7 @@ def test_flops_target_is_met_with_the_least_pruning():
     assert count_flops(pruned) == max(within)
 
 
+@pytest.mark.slow
 def test_flops_target_on_mobilenetv2_with_rounding(student):
     pruned = prune_classifier(student, flops_target=0.5)
     assert 0.4 * count_flops(student) < count_flops(pruned) <= 0.5 * count_flops(student)

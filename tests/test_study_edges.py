@@ -92,6 +92,7 @@ def test_table3_says_why_a_two_seed_interval_is_so_wide():
     assert not any("12.7 standard errors" in note for note in arms.notes)
 
 
+@pytest.mark.slow
 def test_a_finished_study_leaves_no_empty_checkpoint_folders(tmp_path, shared_cache, tiny_teacher_checkpoint):
     args = ["study", "grid", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
     args += ["--t", "1", "--alpha", "0.5", "--p", "0", "--teacher-checkpoint", tiny_teacher_checkpoint]
