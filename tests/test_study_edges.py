@@ -100,3 +100,15 @@ def test_a_finished_study_leaves_no_empty_checkpoint_folders(tmp_path, shared_ca
     assert main(args) == 0
     assert not (tmp_path / "checkpoints").exists()
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies.db")
+
+
+def test_ablate_from_an_ablation_is_refused(tmp_path, capsys):
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    study = optuna.create_study(study_name="an-ablation", storage=f"sqlite:///{tmp_path}/studies.db")
+    space = {"arm": CategoricalDistribution(["baseline", "kd"]), "seed": IntDistribution(0, 10)}
+    study.add_trial(optuna.trial.create_trial(params={"arm": "kd", "seed": 0}, distributions=space, value=80.0))
+    args = ["ablate", "--study", str(SMOKE), "--workdir", str(tmp_path), "--from-study", "an-ablation"]
+    assert main(args) == 2
+    assert "did not search t, alpha, p" in _error(capsys)
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies.db") == ["an-ablation"]  # nothing new
