@@ -129,6 +129,7 @@ def train_command(
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
 ) -> None:
     """Train one student with KD + IG overlay and print its metrics as JSON."""
+    # Long because the signature is the command's option list; the body only builds the config and calls train().
     from kdsearch.config import KDConfig, ModelConfig, OptimConfig, OverlayConfig, TrainConfig
     from kdsearch.preflight import check_inputs, check_writable
     from kdsearch.train import train

@@ -402,6 +402,7 @@ def ablate_command(
     """Train every arm × seed with the same teacher, cache, data and budget; print the paper's Table 3
     with paired tests and the students' explanation agreement with the teacher. Resumes, and a later
     run with more --seeds or arms adds them to the same ablation."""
+    # Long because the signature is the command's option list; the body maps flags to study-file overrides.
     from kdsearch.ablation import ABLATION, ablation_table, log_table
     from kdsearch.study import best_trial, describe_progress, find_study, open_study, run_study
     from kdsearch.study_db import default_storage

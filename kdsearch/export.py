@@ -547,6 +547,7 @@ def short_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 def model_card(summary: dict[str, Any], command: str | None = None) -> str:
     """MODEL_CARD.md of an export summary: what the model is, how accurate and fast, and how it was made."""
+    # Long because it is the card's text, section by section.
     source, model, latency = summary["source"], summary["model"], summary["latency"]
     runtimes = list(latency["ms"])
     batches = list(latency["ms"][runtimes[0]])

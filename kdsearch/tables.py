@@ -143,6 +143,7 @@ def ablation_tables(table, reported: dict[str, float]) -> tuple[Table, Table]:
 
     ``reported``: the paper's test accuracy by Table 3 row name (Teacher, Baseline Student, KD, …).
     """
+    # Long because Table 3 has 13 columns spelled out once, with their formats and notes; one table, one place.
     base = reported.get(PAPER_ROWS["baseline"])
     records = [
         {
