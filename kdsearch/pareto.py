@@ -64,6 +64,20 @@ def pareto_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
     )
 
 
+def _constrain(trial: optuna.Trial, pareto: ParetoSpec, val_acc: float | None, latency: float) -> None:
+    """Both constraints, feasible at <= 0, as Optuna's samplers and best_trials read them; an untrained
+    (too slow) trial's accuracy constraint is unknown and set to 0."""
+    trial.set_constraint("latency", latency - pareto.max_latency_ms if pareto.max_latency_ms is not None else -1.0)
+    short = pareto.min_val_acc - val_acc if pareto.min_val_acc is not None and val_acc is not None else -1.0
+    trial.set_constraint("val_acc", 0.0 if val_acc is None else short)
+
+
+def _complete_twin(trial: optuna.Trial, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
+    """A complete trial of the same study with exactly these params, if any."""
+    complete = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return next((other for other in complete if other.params == params), None)
+
+
 class ParetoSearch(StudyKind):
     name = "pareto"
     unit = "Pareto trials"
@@ -106,7 +120,17 @@ class ParetoSearch(StudyKind):
         calibration = prepared.splits.train_images[:CALIBRATION_IMAGES]
 
         def objective(trial: optuna.Trial) -> tuple[float, float]:
-            config = pareto_config(spec.train, trial_params(trial, pareto))
+            params = trial_params(trial, pareto)
+            twin = _complete_twin(trial, params)
+            if twin is not None:
+                # Training is seeded, so the same point trains the same student: reuse it, do not retrain
+                # (TPE proposes a finished point again once a categorical space is small).
+                for key in ("latency_ms", "test_acc", "run_id"):
+                    trial.set_user_attr(key, twin.user_attrs.get(key))
+                trial.set_user_attr("same_as_trial", twin.number)
+                _constrain(trial, pareto, *twin.values)
+                return tuple(twin.values)
+            config = pareto_config(spec.train, params)
             model, architecture = build_student(config, prepared.inputs)
             timing = runtime_latency(
                 model, architecture, pareto.latency, pareto.batch, pareto.threads, spec.latency, calibration,
@@ -115,17 +139,12 @@ class ParetoSearch(StudyKind):
             latency = timing.latency_ms
             trial.set_user_attr("latency_ms", latency)
             trial.set_user_attr("latency_other_cores", timing.other_cores)
-            # Constraints are feasible at <= 0; Optuna's samplers and best_trials read them.
-            too_slow = latency - pareto.max_latency_ms if pareto.max_latency_ms is not None else -1.0
-            trial.set_constraint("latency", too_slow)
-            if too_slow > 0:
-                trial.set_constraint("val_acc", 0.0)  # unknown: never trained
+            if pareto.max_latency_ms is not None and latency > pareto.max_latency_ms:
+                _constrain(trial, pareto, None, latency)
                 raise optuna.TrialPruned(f"{latency:.2f} ms > max_latency_ms {pareto.max_latency_ms}: not trained")
             name = metric_name(pareto.latency, pareto.batch)
             result = runner.train(trial, config, evaluate=lambda result: {name: latency})
-            trial.set_constraint(
-                "val_acc", pareto.min_val_acc - result.val_acc if pareto.min_val_acc is not None else -1.0
-            )
+            _constrain(trial, pareto, result.val_acc, latency)
             return result.val_acc, latency
 
         return objective

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kdsearch import ablation, attribution, augment, config, data, models, search, studyfile
+from kdsearch import ablation, attribution, augment, config, data, models, pareto, pruning, search, studyfile
 from kdsearch.kinds import STUDY_KINDS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kdsearch"
@@ -100,6 +100,8 @@ def test_only_the_top_knows_every_study_kind():
         (augment.OVERLAY_MODES, config.OverlayMode),
         (search.PRUNERS, studyfile.Pruner),
         (ablation.ARMS, studyfile.Arm),
+        (pruning.IMPORTANCES, config.Importance),
+        (pareto.SAMPLERS, config.ParetoSampler),
     ],
 )
 def test_every_registry_is_keyed_by_exactly_the_names_its_config_accepts(registry, names):

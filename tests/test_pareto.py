@@ -112,3 +112,35 @@ def test_an_architecture_slower_than_the_constraint_is_timed_but_not_trained(tmp
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     assert all("run_id" not in t.user_attrs and t.user_attrs["latency_ms"] > 1e-6 for t in trials)
+
+
+@pytest.mark.slow
+def test_a_point_proposed_again_reuses_its_trained_student(tmp_path, shared_cache, monkeypatch):
+    import kdsearch.trial
+
+    trainings = []
+    real_train = kdsearch.trial.train
+
+    def counted(config, **kwargs):
+        if config.kd.alpha:  # students only: the smoke teacher, trained by its recipe when not cached, has alpha 0
+            trainings.append(config.kd.alpha)
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(kdsearch.trial, "train", counted)
+    point = {"student_drop": 1, "width": 1.0, "prune_ratio": 0.0, "alpha": 0.5}
+    args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress", "--latency", "torch"]
+    args += [
+        "--set",
+        "latency.repeats=2",
+        "--set",
+        "pareto.trials=2",
+        "--set",
+        f"pareto.enqueue=[{json.dumps(point)}, {json.dumps(point)}]",
+    ]
+    assert main(args) == 0
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    [summary] = optuna.get_all_study_summaries(storage)
+    first, again = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert first.params == again.params == point and again.user_attrs["same_as_trial"] == 0
+    assert again.values == first.values and again.user_attrs["run_id"] == first.user_attrs["run_id"]
+    assert trainings == [0.5]
