@@ -2,14 +2,14 @@
 ONNX Runtime fp32 and int8, batch 1 and 128, 1 and 2 threads.
 
     .venv/bin/python bench/deploy_latency.py 2>&1 | tee bench/out/deploy_latency.txt
-    .venv/bin/python bench/deploy_latency.py --students runs/cifar10-pareto/front/*.pt   # trained students too
+    .venv/bin/python bench/deploy_latency.py --students runs/cifar10-pareto/front/*/model.pt  # trained students too
 
 The architectures are built by kdsearch (random weights: latency depends on the architecture, not on
 the weights; int8 is calibrated on random images for the same reason): the teacher (MobileNetV2 CIFAR,
 2,236,682 parameters), the paper's student (its last 5 blocks removed) and the teacher pruned with
 Torch-Pruning at ratios 0.5 and 0.7 (l2 magnitude, channels rounded to multiples of 8), plus any
-student checkpoints given. Each is timed with ``kdsearch.deploy._measure``, the function the Pareto
-study uses, without its cache: warm-up passes, then the median of ``--repeats`` timed passes on one
+student checkpoints given (named by their folder). Each is exported once and timed with
+``kdsearch.deploy._measure``, the function the Pareto study uses, without its cache: warm-up passes, then the median of ``--repeats`` timed passes on one
 fixed batch. Speed-ups are against the teacher in the same runtime, batch and threads, measured in
 this run. Before each timing the script waits (up to ``--max-wait`` s) for a quiet machine and reports
 the cores other processes used during it. The last line is JSON.
@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from pathlib import Path
 
 import torch
 from common import QUIET_CORES, header, machine, wait_quiet
 
 from kdsearch.config import ModelConfig, Runtime
-from kdsearch.deploy import _measure
+from kdsearch.deploy import Exported, _measure
 from kdsearch.latency import LatencyConfig, OtherProcesses
 from kdsearch.models import build_model, count_flops, count_parameters, load_model
 from kdsearch.pruning import prune_classifier
@@ -37,7 +39,7 @@ def models(students: list[str]) -> dict[str, torch.nn.Module]:
     for ratio in (0.5, 0.7):
         found[f"teacher pruned {ratio:.0%}"] = prune_classifier(teacher, ratio=ratio).eval()
     for path in students:
-        found[path] = load_model(path)[0].eval()
+        found[Path(path).parent.name if Path(path).name == "model.pt" else Path(path).stem] = load_model(path)[0].eval()
     return found
 
 
@@ -57,15 +59,21 @@ def main() -> None:
     header("deployment latency (bench/deploy_latency.py)", info)
     rows = []
     built = models(args.students)
+    scratch = tempfile.TemporaryDirectory()
+    exported = {
+        name: Exported(model, calibration, Path(scratch.name) / str(i)) for i, (name, model) in enumerate(built.items())
+    }
     for name, model in built.items():
         print(f"{name}: {count_parameters(model):,} params, {count_flops(model) / 1e6:.1f} MFLOPs", flush=True)
     for runtime in args.runtimes.split(","):
         for threads in (int(n) for n in args.threads.split(",")):
             for batch in (int(n) for n in args.batch_sizes.split(",")):
-                for name, model in built.items():
+                for name in built:
+                    if runtime != Runtime.TORCH:
+                        exported[name].path(runtime)  # export before the wait: not part of the timing
                     wait_quiet(args.max_wait)
                     with OtherProcesses() as others:
-                        ms = _measure(model, Runtime(runtime), batch, threads, latency, calibration)
+                        ms = _measure(exported[name], Runtime(runtime), batch, threads, latency)
                     rows.append({"model": name, "runtime": runtime, "threads": threads, "batch": batch, "ms": ms,
                                  "others": others.cores})  # fmt: skip
                     print(f"  {runtime:<9} {threads}t b{batch:<4} {name:<28} {ms:9.3f} ms  (others {others.cores or 0:.2f})",
@@ -85,6 +93,7 @@ def main() -> None:
         )
     print(f"(* timed while other processes used >= {QUIET_CORES} cores)")
     print(json.dumps({"bench": "deploy_latency", "machine": info, "rows": rows}))
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from kdsearch.tensor_cache import content_key
 from kdsearch.tracking import device_name
 
 BUSY_CORES = 0.3  # other processes' cores above which a timing is not cached (contention inflates it)
+CALIBRATION_IMAGES = 256  # training images that calibrate an int8 model
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,32 @@ def _torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
-def _measure(
-    model: nn.Module, runtime: Runtime, batch: int, threads: int, latency: LatencyConfig, calibration: torch.Tensor
-) -> float:
+class Exported:
+    """A model's ONNX files in ``folder``, each written when first asked for: exporting takes seconds, so
+    every timing and evaluation of one model shares one fp32 export and one int8 quantisation."""
+
+    def __init__(self, model: nn.Module, calibration: torch.Tensor, folder: str | Path):
+        self.model, self.calibration, self.folder = model, calibration, Path(folder)
+        self._paths: dict[Runtime, Path] = {}
+
+    def path(self, runtime: str) -> Path:
+        runtime = Runtime(runtime)
+        if runtime not in self._paths:
+            if runtime == Runtime.ONNX_FP32:
+                self._paths[runtime] = export_onnx(self.model, self.folder / "model.onnx")
+            elif runtime == Runtime.ONNX_INT8:
+                fp32 = self.path(Runtime.ONNX_FP32)
+                self._paths[runtime] = quantize_int8(fp32, self.folder / "model.int8.onnx", self.calibration)
+            else:
+                raise ValueError(f"{runtime} has no ONNX file")
+        return self._paths[runtime]
+
+
+def _measure(exported: Exported, runtime: Runtime, batch: int, threads: int, latency: LatencyConfig) -> float:
     if runtime == Runtime.TORCH:
         with _torch_threads(threads):
-            return latency_ms(model, batch, torch.device("cpu"), latency)
-    with tempfile.TemporaryDirectory() as scratch:
-        path = export_onnx(model, Path(scratch) / "model.onnx")
-        if runtime == Runtime.ONNX_INT8:
-            path = quantize_int8(path, Path(scratch) / "model.int8.onnx", calibration)
-        return onnx_latency_ms(session(path, threads), batch, latency.warmup, latency.repeats)
+            return latency_ms(exported.model, batch, torch.device("cpu"), latency)
+    return onnx_latency_ms(session(exported.path(runtime), threads), batch, latency.warmup, latency.repeats)
 
 
 def runtime_latency(
@@ -70,11 +86,12 @@ def runtime_latency(
     latency: LatencyConfig,
     calibration: torch.Tensor,
     cache_dir: str | Path,
+    exported: Exported | None = None,
 ) -> Timing:
     """Median ms of one forward of ``batch`` images of ``model`` (built as ``architecture``) in ``runtime``.
 
     ``calibration``: uint8 training images for the int8 quantisation (its latency does not depend on
-    them, its accuracy does).
+    them, its accuracy does). ``exported``: the model's ONNX files when the caller has them already.
     """
     runtime = Runtime(runtime)
     fields = {
@@ -91,8 +108,13 @@ def runtime_latency(
     if path.exists():
         stored = json.loads(path.read_text())
         return Timing(stored["latency_ms"], stored["other_cores"], cached=True)
-    with OtherProcesses() as others:
-        value = _measure(model, runtime, batch, threads, latency, calibration)
+    with contextlib.ExitStack() as stack:
+        if exported is None:
+            exported = Exported(model, calibration, stack.enter_context(tempfile.TemporaryDirectory()))
+        if runtime != Runtime.TORCH:
+            exported.path(runtime)  # the export is not part of the timing
+        with OtherProcesses() as others:
+            value = _measure(exported, runtime, batch, threads, latency)
     if others.cores is not None and others.cores < BUSY_CORES:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
@@ -100,6 +122,35 @@ def runtime_latency(
             tmp.write_text(json.dumps({**fields, "latency_ms": value, "other_cores": others.cores}))
             tmp.replace(path)
     return Timing(value, others.cores, cached=False)
+
+
+def onnx_latency_metrics(
+    model: nn.Module,
+    architecture: ModelConfig,
+    latency: LatencyConfig,
+    calibration: torch.Tensor,
+    cache_dir: str | Path,
+    prefix: str,
+) -> dict[str, float]:
+    """{"<prefix>_onnx_fp32_b1": ms, ...}: ``model`` in each of ``latency.onnx_runtimes`` at each batch size,
+    on the CPU at torch's thread count (as the torch eager timings beside them), cached per architecture;
+    "<prefix>_onnx_other_cores": the most cores other processes used during a timing made now."""
+    metrics: dict[str, float] = {}
+    busiest = None
+    with tempfile.TemporaryDirectory() as scratch:
+        exported = Exported(model, calibration, scratch)
+        for runtime in latency.onnx_runtimes:
+            for batch in latency.batch_sizes:
+                timing = runtime_latency(
+                    model, architecture, runtime, batch, torch.get_num_threads(), latency, calibration, cache_dir,
+                    exported,
+                )  # fmt: skip
+                metrics[f"{prefix}_{metric_name(runtime, batch).removeprefix('latency_ms_')}"] = timing.latency_ms
+                if not timing.cached and timing.other_cores is not None:
+                    busiest = max(busiest or 0.0, timing.other_cores)
+    if busiest is not None:
+        metrics[f"{prefix}_onnx_other_cores"] = busiest
+    return metrics
 
 
 def _versions(runtime: Runtime) -> dict[str, str]:

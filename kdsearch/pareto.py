@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 
 from kdsearch.config import ParetoSampler, PruneConfig, TrainConfig, replace, to_dict
-from kdsearch.deploy import metric_name, runtime_latency
+from kdsearch.deploy import CALIBRATION_IMAGES, metric_name, runtime_latency
 from kdsearch.errors import ConfigError
 from kdsearch.models import build_model
 from kdsearch.search import check_selectable
@@ -29,8 +29,6 @@ from kdsearch.study import Objective, StudyHandle, StudyKind
 from kdsearch.studyfile import ParetoSpec, StudySpec, check_files, with_params
 from kdsearch.train import build_student
 from kdsearch.trial import TrialRunner
-
-CALIBRATION_IMAGES = 256  # training images that calibrate an int8 model
 
 SAMPLERS = {
     ParetoSampler.TPE: lambda pareto, seed: optuna.samplers.TPESampler(

@@ -22,12 +22,11 @@ from optuna.trial import TrialState
 
 from kdsearch.config import ModelConfig, Runtime, replace
 from kdsearch.data import Splits, load_splits
-from kdsearch.deploy import runtime_latency
+from kdsearch.deploy import CALIBRATION_IMAGES, Exported, runtime_latency
 from kdsearch.errors import KdsearchError
 from kdsearch.inference import accuracy
 from kdsearch.models import CifarClassifier, count_flops, count_parameters, load_model
-from kdsearch.onnx_runtime import export_onnx, onnx_logits, quantize_int8, session
-from kdsearch.pareto import CALIBRATION_IMAGES
+from kdsearch.onnx_runtime import onnx_logits, session
 from kdsearch.study import front
 from kdsearch.studyfile import StudySpec
 from kdsearch.tables import ACCURACY, Table
@@ -65,41 +64,55 @@ def _runtimes(spec: StudySpec) -> list[str]:
     return list(dict.fromkeys([spec.pareto.latency, Runtime.ONNX_FP32.value, Runtime.ONNX_INT8.value]))
 
 
-def _time(model: CifarClassifier, config: ModelConfig, spec: StudySpec, splits: Splits) -> dict[str, float]:
+def _student(
+    client, trial: optuna.trial.FrozenTrial, on_front: bool, spec: StudySpec, splits: Splits, repeats: list[int]
+) -> Point:
+    run_id = trial.user_attrs["run_id"]
+    with tempfile.TemporaryDirectory() as scratch:
+        model, config = load_model(client.download_artifacts(run_id, "model.pt", scratch))
+        model.eval()
+        latency_ms, int8_test_acc = {spec.pareto.latency: trial.values[1]}, None
+        if on_front:
+            exported = Exported(model, splits.train_images[:CALIBRATION_IMAGES], scratch)
+            latency_ms = _time(model, config, spec, exported)
+            logits = onnx_logits(session(exported.path(Runtime.ONNX_INT8)), splits.test_images)
+            int8_test_acc = 100.0 * float((logits.argmax(dim=1) == splits.test_labels).float().mean())
+    return Point(
+        name=f"trial {trial.number}" + (f" (also {', '.join(map(str, repeats))})" if repeats else ""),
+        params=dict(trial.params),
+        parameters=count_parameters(model),
+        flops=count_flops(model),
+        latency_ms=latency_ms,
+        val_acc=trial.values[0],
+        test_acc=trial.user_attrs.get("test_acc"),
+        int8_test_acc=int8_test_acc,
+        on_front=on_front,
+    )
+
+
+def _time(model: CifarClassifier, config: ModelConfig, spec: StudySpec, exported: Exported) -> dict[str, float]:
     pareto = spec.pareto
-    calibration = splits.train_images[:CALIBRATION_IMAGES]
     return {
         runtime: runtime_latency(
-            model, config, runtime, pareto.batch, pareto.threads, spec.latency, calibration, spec.train.cache_dir
+            model,
+            config,
+            runtime,
+            pareto.batch,
+            pareto.threads,
+            spec.latency,
+            exported.calibration,
+            spec.train.cache_dir,
+            exported,
         ).latency_ms
         for runtime in _runtimes(spec)
     }
 
 
-def _int8_accuracy(model: CifarClassifier, splits: Splits) -> float:
+def _teacher_latency(
+    teacher: CifarClassifier, config: ModelConfig, spec: StudySpec, splits: Splits
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as scratch:
-        fp32 = export_onnx(model, Path(scratch) / "model.onnx")
-        int8 = quantize_int8(fp32, Path(scratch) / "model.int8.onnx", splits.train_images[:CALIBRATION_IMAGES])
-        logits = onnx_logits(session(int8), splits.test_images)
-    return 100.0 * float((logits.argmax(dim=1) == splits.test_labels).float().mean())
-
-
-def _student(client, trial: optuna.trial.FrozenTrial, on_front: bool, spec: StudySpec, splits: Splits) -> Point:
-    run_id = trial.user_attrs["run_id"]
-    with tempfile.TemporaryDirectory() as scratch:
-        model, config = load_model(client.download_artifacts(run_id, "model.pt", scratch))
-    model.eval()
-    return Point(
-        name=f"trial {trial.number}",
-        params=dict(trial.params),
-        parameters=count_parameters(model),
-        flops=count_flops(model),
-        latency_ms=_time(model, config, spec, splits) if on_front else {spec.pareto.latency: trial.values[1]},
-        val_acc=trial.values[0],
-        test_acc=trial.user_attrs.get("test_acc"),
-        int8_test_acc=_int8_accuracy(model, splits) if on_front else None,
-        on_front=on_front,
-    )
+        return _time(teacher, config, spec, Exported(teacher, splits.train_images[:CALIBRATION_IMAGES], scratch))
 
 
 def pareto_result(study: optuna.Study, spec: StudySpec, client) -> ParetoResult:
@@ -114,13 +127,23 @@ def pareto_result(study: optuna.Study, spec: StudySpec, client) -> ParetoResult:
     teacher_config = replace(spec.train.teacher, num_classes=splits.num_classes)
     on_front = {trial.number for trial in front(study)}
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "run_id" in t.user_attrs]
-    students = [_student(client, trial, trial.number in on_front, spec, splits) for trial in complete]
+    # A point proposed again reused its twin's student (pareto.py): one student, listed under its first trial.
+    numbers = {trial.number for trial in complete}
+    repeats: dict[int, list[int]] = {}
+    for trial in complete:
+        if trial.user_attrs.get("same_as_trial") in numbers:
+            repeats.setdefault(trial.user_attrs["same_as_trial"], []).append(trial.number)
+    students = [
+        _student(client, trial, trial.number in on_front, spec, splits, repeats.get(trial.number, []))
+        for trial in complete
+        if trial.user_attrs.get("same_as_trial") not in numbers
+    ]
     teacher_point = Point(
         name="teacher",
         params={},
         parameters=count_parameters(teacher),
         flops=count_flops(teacher),
-        latency_ms=_time(teacher, teacher_config, spec, splits),
+        latency_ms=_teacher_latency(teacher, teacher_config, spec, splits),
         val_acc=None,
         test_acc=accuracy(teacher, splits.test_images, splits.test_labels, 500, torch.device("cpu"), None),
         int8_test_acc=None,

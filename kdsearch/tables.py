@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,11 +264,16 @@ def _ratio(a: Any, b: Any) -> float | None:
 def timing_contention(metrics: dict[str, float]) -> float:
     """The most cores other processes kept busy during a run's latency timings; inf where not recorded."""
     others = [
-        metrics[key] for key in ("latency_ms_teacher_other_cores", "latency_ms_student_other_cores") if key in metrics
+        metrics[f"latency_ms_{who}_{onnx}other_cores"]
+        for who in ("teacher", "student")
+        for onnx in ("", "onnx_")
+        if f"latency_ms_{who}_{onnx}other_cores" in metrics
     ]
     return max(others) if others else math.inf
 
 
+# Metric infix (deploy.onnx_latency_metrics) -> the row's words; torch eager's metrics have none.
+LATENCY_ROWS = {"": "torch eager", "onnx_fp32": "ONNX Runtime fp32", "onnx_int8": "ONNX Runtime int8"}
 NO_RATIOS = {"teacher/student reported": None, "teacher/student measured": None}  # rows a ratio means nothing for
 
 
@@ -304,9 +310,12 @@ def _deployment_records(measured: Deployment, reported: dict[tuple[str, str], fl
             _megabytes(m.get("student_size_bytes")),
         ),
     ]
-    for batch in sorted(int(key.rsplit("_b", 1)[1]) for key in m if key.startswith("latency_ms_teacher_b")):
-        teacher, student = m.get(f"latency_ms_teacher_b{batch}"), m.get(f"latency_ms_student_b{batch}")
-        records.append(_side_by_side(f"latency, batch {batch} (ms)", None, teacher, None, student))
+    for runtime, label in LATENCY_ROWS.items():
+        prefix = "latency_ms_teacher_" + (f"{runtime}_" if runtime else "")
+        for batch in sorted(int(key.removeprefix(prefix + "b")) for key in m if re.fullmatch(prefix + r"b\d+", key)):
+            teacher = m.get(f"{prefix}b{batch}")
+            student = m.get(prefix.replace("teacher", "student") + f"b{batch}")
+            records.append(_side_by_side(f"latency, {label}, batch {batch} (ms)", None, teacher, None, student))
     records.append(
         _side_by_side(
             "latency per batch, batch size not stated (ms)",
@@ -329,12 +338,15 @@ def _deployment_records(measured: Deployment, reported: dict[tuple[str, str], fl
 def _deployment_notes(measured: Deployment) -> list[str]:
     threads = measured.metrics.get("latency_threads")
     notes = [
-        f"measured: {measured.dataset}; student = {measured.student_source}. Latency: fp32, eval mode, median of "
-        f"timed repeats after warm-up on {measured.device}" + (f", {_threads(threads)}." if threads else "."),
+        f"measured: {measured.dataset}; student = {measured.student_source}. Latency: median of timed repeats "
+        f"after warm-up, torch eager fp32 in eval mode on {measured.device}; ONNX Runtime on the CPU (fp32, and "
+        "int8 quantised statically (QDQ) on training images)" + (f", {_threads(threads)}." if threads else "."),
         "reported: the paper (CIFAR-10, NVIDIA RTX 3090; Table 4 gives latency per batch without the batch size, "
         "and the KD & IG student's test accuracy from Table 3).",
         "teacher/student: the compression factor for parameters, the speed-up for latency.",
     ]
+    if not any(key.startswith("latency_ms_teacher_onnx_") for key in measured.metrics):
+        notes.append("ONNX Runtime latencies were not measured in this study (its latency.onnx_runtimes is empty).")
     contention = timing_contention(measured.metrics)
     if math.isinf(contention):
         notes.append(

@@ -25,6 +25,7 @@ from kdsearch.config import (
     to_dict,
 )
 from kdsearch.data import Splits
+from kdsearch.deploy import CALIBRATION_IMAGES, onnx_latency_metrics
 from kdsearch.inference import accuracy, predict_logits
 from kdsearch.latency import LatencyConfig, measure_latency
 from kdsearch.models import (
@@ -97,9 +98,15 @@ def cached_teacher_logits(teacher: CifarClassifier, splits: Splits, cache_dir: s
 
 
 def teacher_metrics(
-    teacher: CifarClassifier, splits: Splits, device: torch.device, latency: LatencyConfig
+    teacher: CifarClassifier,
+    architecture: ModelConfig,
+    splits: Splits,
+    device: torch.device,
+    latency: LatencyConfig,
+    cache_dir: str | Path,
 ) -> dict[str, float]:
-    """Test accuracy and costs of the teacher, as every trial's run records them."""
+    """Test accuracy and costs of the teacher (built as ``architecture``), as every trial's run records them."""
+    calibration = splits.train_images[:CALIBRATION_IMAGES]
     return {
         # fp32, like `kdsearch eval`: the teacher's accuracy should not depend on the autocast.
         "teacher_test_acc": accuracy(teacher, splits.test_images, splits.test_labels, 500, device, None),
@@ -107,4 +114,5 @@ def teacher_metrics(
         "teacher_size_bytes": float(size_on_disk_bytes(teacher)),
         "teacher_flops": float(count_flops(teacher)),
         **measure_latency(teacher, device, latency, "latency_ms_teacher"),
+        **onnx_latency_metrics(teacher, architecture, latency, calibration, cache_dir, "latency_ms_teacher"),
     }

@@ -18,8 +18,9 @@ from typing import Any
 import optuna
 import torch
 
-from kdsearch.config import ModelConfig, TeacherLogits, TrainConfig, flatten, to_dict
+from kdsearch.config import ModelConfig, TeacherLogits, TrainConfig, flatten, replace, to_dict
 from kdsearch.data import Splits, load_splits
+from kdsearch.deploy import CALIBRATION_IMAGES, onnx_latency_metrics
 from kdsearch.device import resolve_device
 from kdsearch.latency import LatencyConfig, measure_latency
 from kdsearch.models import CifarClassifier, count_flops, count_parameters, save_checkpoint, size_on_disk_bytes
@@ -40,6 +41,7 @@ class Prepared:
     device: torch.device
     teacher_metrics: dict[str, float]
     latency: LatencyConfig
+    cache_dir: str  # where ONNX latencies are cached per architecture
     _student_costs: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -56,6 +58,12 @@ class Prepared:
                 "student_size_bytes": float(size_on_disk_bytes(model)),
             }
             costs.update(measure_latency(model, self.device, self.latency, "latency_ms_student"))
+            calibration = self.splits.train_images[:CALIBRATION_IMAGES]
+            costs.update(
+                onnx_latency_metrics(
+                    model, architecture, self.latency, calibration, self.cache_dir, "latency_ms_student"
+                )
+            )
             self._student_costs[key] = costs
         costs = dict(self._student_costs[key])
         costs["compression_factor"] = self.teacher_metrics["teacher_params"] / costs["student_params"]
@@ -91,8 +99,9 @@ def prepare(spec: StudySpec, configs: list[TrainConfig], progress: bool = True) 
         logits=any(config.kd.alpha > 0 and config.kd.teacher_logits == TeacherLogits.CACHED for config in configs),
         teacher=True,
     )
-    metrics = teacher_metrics(inputs.teacher, splits, device, spec.latency)
-    return Prepared(inputs, device, metrics, spec.latency)
+    teacher_architecture = replace(base.teacher, num_classes=splits.num_classes)
+    metrics = teacher_metrics(inputs.teacher, teacher_architecture, splits, device, spec.latency, base.cache_dir)
+    return Prepared(inputs, device, metrics, spec.latency, base.cache_dir)
 
 
 # --- one tracked trial ------------------------------------------------------------------------

@@ -54,6 +54,31 @@ def test_a_second_latency_request_for_an_architecture_is_not_timed_again(tmp_pat
     assert again.latency_ms == first.latency_ms > 0
 
 
+def test_onnx_latency_metrics_export_and_quantise_each_model_once(tmp_path, monkeypatch):
+    calls = []
+    for name in ("export_onnx", "quantize_int8"):
+        real = getattr(deploy, name)
+        monkeypatch.setattr(
+            deploy, name, lambda *args, _real=real, _name=name, **kw: calls.append(_name) or _real(*args, **kw)
+        )
+    model = build_model(ModelConfig(arch="tiny_cnn")).eval()
+    latency = LatencyConfig(warmup=0, repeats=1, batch_sizes=(1, 4))
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    metrics = deploy.onnx_latency_metrics(
+        model, ModelConfig(arch="tiny_cnn"), latency, images, tmp_path, "latency_ms_x"
+    )
+    assert calls == ["export_onnx", "quantize_int8"]
+    timed = {f"latency_ms_x_onnx_{precision}_b{batch}" for precision in ("fp32", "int8") for batch in (1, 4)}
+    assert timed <= set(metrics) and all(metrics[key] > 0 for key in timed)
+    assert set(metrics) - timed <= {"latency_ms_x_onnx_other_cores"}
+
+
+def test_latency_onnx_runtimes_are_checked():
+    assert LatencyConfig(onnx_runtimes=[]).onnx_runtimes == ()
+    with pytest.raises(ConfigError, match="latency onnx_runtimes must be among onnx-fp32, onnx-int8 but got torch"):
+        LatencyConfig(onnx_runtimes=["torch"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -58,7 +58,8 @@ def stores(tmp_path_factory, _mlflow_template, tiny_teacher_checkpoint) -> dict:
     common = ["--storage", stores["storage"], "--tracking-uri", stores["tracking"], "--cache-dir", stores["cache"]]
     common += ["--teacher-checkpoint", tiny_teacher_checkpoint]
     common += ["--set", "latency.repeats=1", "--set", "latency.warmup=0", "--no-progress"]
-    assert main(["study", "grid", "--study", str(SMOKE), "--study-name", "grid", *common]) == 0
+    onnx = ["--set", "latency.onnx_runtimes=[onnx-fp32,onnx-int8]"]  # the ablation keeps smoke.yaml's torch only
+    assert main(["study", "grid", "--study", str(SMOKE), "--study-name", "grid", *common, *onnx]) == 0
     ablate = ["ablate", "--study", str(SMOKE), "--study-name", "ablation", "--seeds", "2", "--agreement-images", "10"]
     assert main([*ablate, *common]) == 0
     return stores
@@ -204,10 +205,17 @@ def test_deployment_table_numbers_are_mlflows(stores, grid_report):
         assert_shows(rows["FLOPs per image"][f"{who} measured"], metrics[f"{who}_flops"])
         assert_shows(rows["size on disk, state dict (MB)"][f"{who} measured"], metrics[f"{who}_size_bytes"] / 1e6)
         for batch in (1, 128):
-            assert_shows(rows[f"latency, batch {batch} (ms)"][f"{who} measured"], metrics[f"latency_ms_{who}_b{batch}"])
+            for runtime, label in (
+                ("", "torch eager"),
+                ("onnx_fp32_", "ONNX Runtime fp32"),
+                ("onnx_int8_", "ONNX Runtime int8"),
+            ):
+                metric = metrics[f"latency_ms_{who}_{runtime}b{batch}"]
+                assert_shows(rows[f"latency, {label}, batch {batch} (ms)"][f"{who} measured"], metric)
     assert_shows(rows["parameters"]["teacher/student measured"], metrics["compression_factor"])
-    speedup = metrics["latency_ms_teacher_b128"] / metrics["latency_ms_student_b128"]
-    assert_shows(rows["latency, batch 128 (ms)"]["teacher/student measured"], speedup)
+    for runtime, label in (("", "torch eager"), ("onnx_int8_", "ONNX Runtime int8")):
+        speedup = metrics[f"latency_ms_teacher_{runtime}b128"] / metrics[f"latency_ms_student_{runtime}b128"]
+        assert_shows(rows[f"latency, {label}, batch 128 (ms)"]["teacher/student measured"], speedup)
     assert_shows(rows["test accuracy (%)"]["teacher measured"], metrics["teacher_test_acc"])
     assert_shows(rows["test accuracy (%)"]["student measured"], best.user_attrs["test_acc"])
     # The paper's figures, labelled reported: Table 4 and its set-up.
@@ -432,7 +440,7 @@ def test_deployment_table_labels_reported_and_measured():
     table = deployment_table(measured, {("teacher", "params"): 2236682, ("student", "params"): 543498})
     rows = {row["quantity"]: row for row in markdown_rows(table.markdown())}
     assert rows["dataset"]["teacher measured"] == "CIFAR-10 (JPEG q75 copy)" and "JPEG q75" in table.title
-    assert rows["latency, batch 1 (ms)"]["teacher/student measured"] == "4.00"
+    assert rows["latency, torch eager, batch 1 (ms)"]["teacher/student measured"] == "4.00"
     assert (
         rows["parameters"]["teacher reported"] == "2,236,682" and rows["parameters"]["teacher measured"] == "2,000,000"
     )
@@ -482,3 +490,10 @@ def test_a_cdn_report_leaves_plotly_js_out_and_links_the_cdn(stores, tmp_path):
     assert plotly_json(out / "figures" / "compression_accuracy.html")["data"]
     assert _report(stores, "--study", "grid", tmp_path / "bad", "--plotly-js", "web") == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_deployment_table_without_onnx_timings_says_so(ablation_report):
+    table = (ablation_report / "tables" / "deployment.md").read_text()
+    rows = {row["quantity"] for row in markdown_rows(table)}
+    assert "latency, torch eager, batch 1 (ms)" in rows and not any("ONNX" in row for row in rows)
+    assert "ONNX Runtime latencies were not measured in this study" in table
