@@ -289,8 +289,9 @@ def find_study(storage_url: str, study_name: str | None) -> optuna.Study:
 
 
 def enqueue_missing(handle: StudyHandle, points: list[dict[str, Any]]) -> int:
-    """Queue the points without a live trial (failed ones are queued again); returns how many."""
-    live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    """Queue the points without a decided or live trial (failed ones are queued again); returns how many.
+    A pruned point is decided: running it again would only be pruned again."""
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     covered = {point_key(trial) for trial in handle.trials(live)}
     missing = [point for point in points if json.dumps(point, sort_keys=True) not in covered]
     for point in missing:

@@ -131,12 +131,16 @@ def test_smoke_pareto_study_has_a_front_and_a_report(tmp_path, shared_cache, cap
 def test_an_architecture_slower_than_the_constraint_is_timed_but_not_trained(tmp_path, shared_cache):
     args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
     args += ["--set", "latency.repeats=2", "--set", "pareto.trials=2", "--latency", "torch", "--max-latency-ms", "1e-6"]
+    args += ["--set", "pareto.enqueue=[{student_drop: 1, prune_ratio: 0.5, alpha: 0.5}]"]
     assert main(args) == 0
     storage = f"sqlite:///{tmp_path}/studies.db"
     [summary] = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     assert all("run_id" not in t.user_attrs and t.user_attrs["latency_ms"] > 1e-6 for t in trials)
+    # Reopened, the study is done: the enqueued point was decided (pruned), not lost, so it is not queued again.
+    assert main(args) == 0
+    assert len(optuna.load_study(study_name=summary.study_name, storage=storage).trials) == 2
 
 
 @pytest.mark.slow
