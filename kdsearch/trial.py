@@ -21,7 +21,7 @@ import torch
 from kdsearch.config import ModelConfig, TeacherLogits, TrainConfig, flatten, replace, to_dict
 from kdsearch.data import Splits, load_splits
 from kdsearch.deploy import CALIBRATION_IMAGES, onnx_latency_metrics
-from kdsearch.device import resolve_device
+from kdsearch.device import resolve_device, resolve_precision
 from kdsearch.latency import LatencyConfig, measure_latency
 from kdsearch.models import CifarClassifier, count_flops, count_parameters, save_checkpoint, size_on_disk_bytes
 from kdsearch.studyfile import StudySpec, teacher_recipe_config
@@ -29,6 +29,8 @@ from kdsearch.teacher import teacher_metrics, trained_teacher_fields
 from kdsearch.tensor_cache import TensorCache, content_key
 from kdsearch.tracking import Tracker, run_tags
 from kdsearch.train import TrainInputs, TrainResult, prepare_inputs, train
+
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # autocast dtype -> tag
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,8 @@ class TrialRunner:
             **run_tags(self.prepared.device),
             "optuna.study": trial.study.study_name,
             "optuna.trial": str(trial.number),
+            # precision "auto" differs between machines (bf16 only where the CPU runs it natively).
+            "precision_resolved": PRECISION_NAMES[resolve_precision(config.precision, self.prepared.device)],
         }
         run_id = self.tracker.start_run(self.experiment, run_name or f"trial-{trial.number}", self.parent_run, tags)
         trial.set_user_attr("run_id", run_id)

@@ -5,10 +5,12 @@ import time
 
 import optuna
 import pytest
+import torch
 from fixtures_study import SMOKE
 from optuna.trial import TrialState
 
 from kdsearch.cli import main
+from kdsearch.device import resolve_precision
 from kdsearch.errors import ConfigError, StudyError
 from kdsearch.kinds import STUDY_KINDS
 from kdsearch.search import GRID, PRUNERS, TPE
@@ -16,6 +18,7 @@ from kdsearch.study import claim_waiting, join_study, open_study, run_study, stu
 from kdsearch.study_db import HeartbeatConfig, check_database, database_url
 from kdsearch.studyfile import Pruner, load_study
 from kdsearch.tracking import MemoryTracker
+from kdsearch.trial import PRECISION_NAMES
 
 pytest_plugins = ["fixtures_study"]
 
@@ -77,6 +80,8 @@ def test_smoke_grid_end_to_end_and_rerun_adds_nothing(tmp_path, mlflow_uri, shar
         assert RUN_PARAMS <= set(run.data.params), RUN_PARAMS - set(run.data.params)
         assert RUN_METRICS <= set(run.data.metrics), RUN_METRICS - set(run.data.metrics)
         assert {"git_commit", "device", "torch_version"} <= set(run.data.tags)
+        resolved = resolve_precision(run.data.params["precision"], torch.device("cpu"))  # "auto" made concrete
+        assert run.data.tags["precision_resolved"] == PRECISION_NAMES[resolved]
         assert run.data.params["data.name"] == "synthetic" and run.data.params["data.train_images"] == "300"
         assert run.data.metrics["compression_factor"] > 1
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "model.pt"}
