@@ -7,11 +7,11 @@ ONNX Runtime fp32 and int8, batch 1 and 128, 1 and 2 threads.
 The architectures are built by kdsearch (random weights: latency depends on the architecture, not on
 the weights; int8 is calibrated on random images for the same reason): the teacher (MobileNetV2 CIFAR,
 2,236,682 parameters), the paper's student (its last 5 blocks removed) and the teacher pruned with
-Torch-Pruning at ratios 0.5 and 0.7 (l2 magnitude, channels rounded to multiples of 8), plus any
-student checkpoints given (named by their folder). Each is exported once and timed with
-``kdsearch.deploy._measure``, the function the Pareto study uses, without its cache: warm-up passes, then the median of ``--repeats`` timed passes on one
-fixed batch. Speed-ups are against the teacher in the same runtime, batch and threads, measured in
-this run. Before each timing the script waits (up to ``--max-wait`` s) for a quiet machine and reports
+Torch-Pruning at ratios 0.5 and 0.7 (``--pruned-ratios``; l2 magnitude, channels rounded to multiples
+of 8), plus any student checkpoints given (named by their folder). Each is exported once and timed with
+``kdsearch.deploy._measure``, the function the Pareto study uses, without its cache: warm-up passes,
+then the median of ``--repeats`` timed passes on one fixed batch. Speed-ups are against the teacher in
+the same runtime, batch and threads, measured in this run. Before each timing the script waits (up to ``--max-wait`` s) for a quiet machine and reports
 the cores other processes used during it. The last line is JSON.
 """
 
@@ -32,11 +32,11 @@ from kdsearch.models import build_model, count_flops, count_parameters, load_mod
 from kdsearch.pruning import prune_classifier
 
 
-def models(students: list[str]) -> dict[str, torch.nn.Module]:
+def models(students: list[str], pruned_ratios: list[float]) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     teacher = build_model(ModelConfig()).eval()
     found = {"teacher": teacher, "paper student (drop 5)": build_model(ModelConfig(drop_blocks=5)).eval()}
-    for ratio in (0.5, 0.7):
+    for ratio in pruned_ratios:
         found[f"teacher pruned {ratio:.0%}"] = prune_classifier(teacher, ratio=ratio).eval()
     for path in students:
         found[Path(path).parent.name if Path(path).name == "model.pt" else Path(path).stem] = load_model(path)[0].eval()
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--max-wait", type=float, default=120.0)
+    parser.add_argument("--pruned-ratios", default="0.5,0.7", help="untrained pruned teachers to time ('' for none)")
     parser.add_argument("--students", nargs="*", default=[], help="student checkpoints (kdsearch .pt) to time too")
     args = parser.parse_args()
     latency = LatencyConfig(warmup=args.warmup, repeats=args.repeats)
@@ -58,7 +59,7 @@ def main() -> None:
     info = machine()
     header("deployment latency (bench/deploy_latency.py)", info)
     rows = []
-    built = models(args.students)
+    built = models(args.students, [float(r) for r in args.pruned_ratios.split(",") if r])
     scratch = tempfile.TemporaryDirectory()
     exported = {
         name: Exported(model, calibration, Path(scratch.name) / str(i)) for i, (name, model) in enumerate(built.items())
