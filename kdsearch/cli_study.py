@@ -347,6 +347,7 @@ def status_command(
         typer.echo(
             f"  front: trial {trial['trial']}  val_acc {trial['val_acc']:.2f}  latency {trial['latency_ms']:.3f} ms"
             f"  test_acc {trial['test_acc']}  {trial['params']}"
+            + (f"  (the student of trial {trial['same_as_trial']})" if "same_as_trial" in trial else "")
         )
 
 

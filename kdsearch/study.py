@@ -543,4 +543,6 @@ def describe_trial(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     }
     if len(trial.values) > 1:
         described["latency_ms"] = trial.values[1]
+    if "same_as_trial" in trial.user_attrs:  # a Pareto point proposed again: its twin's student
+        described["same_as_trial"] = trial.user_attrs["same_as_trial"]
     return described

@@ -144,7 +144,7 @@ def test_an_architecture_slower_than_the_constraint_is_timed_but_not_trained(tmp
 
 
 @pytest.mark.slow
-def test_a_point_proposed_again_reuses_its_trained_student(tmp_path, shared_cache, monkeypatch):
+def test_a_point_proposed_again_reuses_its_trained_student(tmp_path, shared_cache, monkeypatch, capsys):
     import kdsearch.trial
 
     trainings = []
@@ -173,3 +173,8 @@ def test_a_point_proposed_again_reuses_its_trained_student(tmp_path, shared_cach
     assert first.params == again.params == point and again.user_attrs["same_as_trial"] == 0
     assert again.values == first.values and again.user_attrs["run_id"] == first.user_attrs["run_id"]
     assert trainings == [0.5]
+    capsys.readouterr()
+    assert main(["study", "status", "--workdir", str(tmp_path)]) == 0
+    fronts = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("front:")]
+    assert len(fronts) == 2 and fronts[1].endswith("(the student of trial 0)")
+    assert not fronts[0].endswith(")")
