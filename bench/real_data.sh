@@ -51,8 +51,9 @@ at-gamma)
     ;;
 ablate-at)
     # ARMS=baseline,kd,at,kd_at runs the arms without the IG overlay first: they need no IG cache (its
-    # 10,000 maps take ~30 min on 2 quiet threads, 2 h on one shared core). Run it twice side by side (two
-    # workers) to use both cores; a later run with the default arms adds the rest to the same study.
+    # 10,000 maps took 27.5 min on 2 quiet threads of the Intel machine; on one shared AVX2 core, 1,024
+    # took 14 min). Run it twice side by side (two workers) to use both cores; a later run with the
+    # default arms adds the rest to the same study.
     $KDSEARCH ablate --study studies/cifar10-ablation-teacher-init.yaml \
         --arms "${ARMS:-baseline,kd,ig,kd_ig,ig_shuffled,at,ig_at,kd_at,kd_ig_at}" \
         --gamma "${GAMMA:?give GAMMA, the value at-gamma chose}" --seeds "${SEEDS:-3}" \
