@@ -25,6 +25,8 @@ import torch
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from kdsearch.tables import REFERENCE_AT_ACCURACY
+
 log = logging.getLogger(__name__)
 
 # Debian's real binary first: its /usr/bin/chromium launcher is a shell script that can print
@@ -195,7 +197,10 @@ def ablation_bars(table, reported: dict[str, float], progress: str = "") -> go.F
                 y=[value for _, value in paper],
                 mode="markers",
                 marker={"symbol": "diamond", "size": 12, "color": PAPER_COLOUR},
-                name="reported (paper)",
+                # The paper has no AT arms: their values are the reference implementation's saved students.
+                name="reported (paper)"
+                if not any(arm in REFERENCE_AT_ACCURACY for arm, _ in paper)
+                else "reported (paper; AT arms: reference code)",
             )
         )
     if table.teacher_test_acc is not None:

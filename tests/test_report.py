@@ -333,6 +333,17 @@ def test_an_arm_with_one_seed_gets_no_interval_bar():
     assert list(intervals.x) == ["baseline"] and list(intervals.error_y.array) == [2.0]
 
 
+def test_the_legend_says_where_the_at_arms_reported_values_come_from():
+    def row(arm):
+        return ArmRow(arm, 1, 60.0, math.nan, (math.nan, math.nan), 0.0, math.nan, math.nan, math.nan)
+
+    paper_only = AblationTable(87.0, [row("baseline"), row("kd")], [], "t")
+    with_at = AblationTable(87.0, [row("baseline"), row("at")], [], "t")
+    reported = {"baseline": 91.43, "kd": 92.29, "at": 91.58}
+    assert ablation_bars(paper_only, reported).data[2].name == "reported (paper)"
+    assert ablation_bars(with_at, reported).data[2].name == "reported (paper; AT arms: reference code)"
+
+
 # --- a study still running, on another machine ------------------------------------------------
 
 
