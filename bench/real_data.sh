@@ -36,7 +36,7 @@ ablate)
     ;;
 ablate-teacher-init)
     # A cheaper, less noisy candidate budget (see the study file); seed-major, so it can stop anywhere.
-    $KDSEARCH ablate --study studies/cifar10-ablation-teacher-init.yaml --extra-arms ig_shuffled --seeds "${SEEDS:-6}" \
+    $KDSEARCH ablate --study studies/cifar10-ablation-teacher-init.yaml --extra-arms ig_shuffled --seeds "${SEEDS:-3}" \
         --workdir runs/cifar10-ablation --study-name cifar10-ablation-teacher-init --no-progress
     ;;
 at-gamma)
@@ -53,7 +53,8 @@ ablate-at)
     # ARMS=baseline,kd,at,kd_at runs the arms without the IG overlay first: they need no IG cache (its
     # 10,000 maps took 27.5 min on 2 quiet threads of the Intel machine; on one shared AVX2 core, 1,024
     # took 14 min). Run it twice side by side (two workers) to use both cores; a later run with the
-    # default arms adds the rest to the same study.
+    # default arms adds the rest to the same study. Measured per run, two at a time: 10-11 min in bf16 on
+    # the Intel machine, 25-31 min in fp32 on an AVX2-only AMD EPYC (BENCHMARKS.md).
     $KDSEARCH ablate --study studies/cifar10-ablation-teacher-init.yaml \
         --arms "${ARMS:-baseline,kd,ig,kd_ig,ig_shuffled,at,ig_at,kd_at,kd_ig_at}" \
         --gamma "${GAMMA:?give GAMMA, the value at-gamma chose}" --seeds "${SEEDS:-3}" \
@@ -66,8 +67,10 @@ reports)
     $KDSEARCH report --study cpu-quick-grid --workdir runs/cifar10-grid --out studies/results/cpu-quick-grid --plotly-js cdn
     $KDSEARCH report --study cpu-quick-tpe --workdir runs/cifar10-grid --out studies/results/cpu-quick-tpe --plotly-js cdn
     $KDSEARCH report --ablation cifar10-ablation --workdir runs/cifar10-ablation --out studies/results/cifar10-ablation --plotly-js cdn
+    # The teacher-init study as grown with the AT arms (ablate-at); studies/results/cifar10-ablation-teacher-init
+    # is the earlier bf16 run of its first arms, kept as it ran.
     $KDSEARCH report --ablation cifar10-ablation-teacher-init --workdir runs/cifar10-ablation \
-        --out studies/results/cifar10-ablation-teacher-init --plotly-js cdn
+        --out studies/results/cifar10-ablation-teacher-init-at --plotly-js cdn
     $KDSEARCH report --study cifar10-pareto-pareto-d4e0f54e --workdir runs/cifar10-pareto \
         --out studies/results/cifar10-pareto --plotly-js cdn
     ;;
