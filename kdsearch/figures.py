@@ -198,9 +198,9 @@ def ablation_bars(table, reported: dict[str, float], progress: str = "") -> go.F
                 mode="markers",
                 marker={"symbol": "diamond", "size": 12, "color": PAPER_COLOUR},
                 # The paper has no AT arms: their values are the reference implementation's saved students.
-                name="reported (paper)"
-                if not any(arm in REFERENCE_AT_ACCURACY for arm, _ in paper)
-                else "reported (paper; AT arms: reference code)",
+                name="reported (paper; AT arms: reference code)"
+                if any(arm in REFERENCE_AT_ACCURACY for arm, _ in paper)
+                else "reported (paper)",
             )
         )
     if table.teacher_test_acc is not None:
