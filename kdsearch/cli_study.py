@@ -1,4 +1,4 @@
-"""The ``study`` commands (grid, tpe, worker, status, best) and ``ablate``: thin, each builds a spec
+"""The ``study`` commands (grid, tpe, pareto, worker, status, defer, best) and ``ablate``: thin, each builds a spec
 from a study file plus flags and calls one library function.
 
 Everything a command needs is validated, and the study storage and tracking store are checked, before
@@ -343,12 +343,48 @@ def status_command(
         typer.echo(
             f"  best: trial {best['trial']}  val_acc {best['val_acc']:.2f}  test_acc {best['test_acc']}  {best['params']}"
         )
+    for deferred in report["deferred"]:
+        typer.echo(f"  deferred: trial {deferred['trial']}  {_point(deferred['point'])}  ({deferred['reason']})")
     for trial in report["front"] or []:
         typer.echo(
             f"  front: trial {trial['trial']}  val_acc {trial['val_acc']:.2f}  latency {trial['latency_ms']:.3f} ms"
             f"  test_acc {trial['test_acc']}  {trial['params']}"
             + (f"  (the student of trial {trial['same_as_trial']})" if "same_as_trial" in trial else "")
         )
+
+
+@study_app.command("defer")
+def defer_command(
+    where: Annotated[
+        list[str],
+        typer.Option(
+            "--where",
+            help="KEY=V1,V2 on the point's params, e.g. arm=kd,kd_at or seed=1 (repeatable: every key must match).",
+        ),
+    ],
+    reason: Annotated[str, typer.Option("--reason", help="Why; kept on the trials and shown by status and report.")],
+    study_name: Annotated[str | None, typer.Option("--study-name", help="Default: the only study.")] = None,
+    storage: Storage = None,
+    workdir: Workdir = Path("."),
+) -> None:
+    """Take queued trials out of the queue, so that workers run the others first. Running the study's
+    command again (ablate, study grid) queues them again; `study worker` leaves them out."""
+    from kdsearch.study import defer_queued
+    from kdsearch.study_db import default_storage
+    from kdsearch.studyfile import parse_value
+
+    matches: dict[str, list[Any]] = {}
+    for item in where:
+        key, separator, values = item.partition("=")
+        if not separator or not key.strip() or not values.strip():
+            raise ConfigError(f"--where takes KEY=V1,V2 but got {item!r}")
+        matches[key.strip()] = [parse_value(value.strip()) for value in values.split(",")]
+    deferred = defer_queued(storage or default_storage(workdir), study_name, matches, reason)
+    typer.echo(f"deferred {len(deferred)} queued trial(s): " + "; ".join(_point(point) for point in deferred))
+
+
+def _point(point: dict[str, Any]) -> str:
+    return " ".join(f"{key}={value}" for key, value in point.items())
 
 
 @study_app.command("best")

@@ -36,7 +36,7 @@ from kdsearch.errors import ConfigError, KdsearchError, StudyError
 from kdsearch.figures import Figure, Line
 from kdsearch.kinds import STUDY_KINDS
 from kdsearch.pareto_report import front_figure, front_table, optuna_front, pareto_result
-from kdsearch.study import ATTR, best_trial, find_study
+from kdsearch.study import ATTR, DEFERRED, best_trial, find_study, outstanding_deferred
 from kdsearch.study_db import database_url
 from kdsearch.studyfile import apply_overrides, build_spec
 from kdsearch.tables import Deployment, Table
@@ -162,14 +162,19 @@ def progress(source: Source) -> tuple[bool, str]:
     """(partial?, "3 of 4 grid points complete; 1 running, 0 queued")."""
 
     done = STUDY_KINDS[source.kind].done(source.study)
-    states = [trial.state for trial in source.study.get_trials(deepcopy=False)]
+    trials = source.study.get_trials(deepcopy=False)
+    states = [trial.state for trial in trials]
     running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
-    failed = states.count(TrialState.FAIL)
+    deferred = outstanding_deferred(source.study)
+    failed = sum(trial.state == TrialState.FAIL and DEFERRED not in trial.user_attrs for trial in trials)
     verb = "finished (complete or pruned)" if source.kind == "tpe" else "complete"
     text = f"{done} of {source.total} {STUDY_KINDS[source.kind].unit} {verb}"
     partial = done < source.total or running > 0 or queued > 0
     if partial:
         text = f"partial: {text}; {running} running, {queued} queued"
+    if deferred:
+        reasons = sorted({trial.user_attrs[DEFERRED] for trial in deferred})
+        text += f"; {len(deferred)} deferred (taken out of the queue: {'; '.join(reasons)})"
     if failed:
         text += f"; {failed} failed trial(s) (each queued again)"
     return partial, text

@@ -38,7 +38,7 @@ import optuna
 from optuna.trial import TrialState
 
 from kdsearch.config import TrainConfig
-from kdsearch.errors import StudyError, TrainingDiverged
+from kdsearch.errors import ConfigError, StudyError, TrainingDiverged
 from kdsearch.study_db import HeartbeatConfig, check_database, database_url, open_storage
 from kdsearch.studyfile import StudySpec, apply_overrides, build_spec
 from kdsearch.tensor_cache import content_key
@@ -299,6 +299,61 @@ def enqueue_missing(handle: StudyHandle, points: list[dict[str, Any]]) -> int:
     return len(missing)
 
 
+DEFERRED = "deferred"  # user attribute of a queued trial taken out of the queue: why
+
+
+def defer_queued(storage_url: str, study_name: str | None, where: Mapping[str, list[Any]], reason: str) -> list[dict]:
+    """Take the queued trials whose point matches ``where`` (each key one of its listed values) out of
+    the queue, recording ``reason``; returns their points. Checks everything before changing anything.
+
+    Optuna cannot dequeue, so each trial is claimed as a worker claims one (a trial a worker took
+    meanwhile is left running) and failed with the reason in its ``deferred`` user attribute. Workers
+    (``study worker``) then leave the point out; running the study's own command again (``ablate``,
+    ``study grid``) queues it again, as it does any failed point.
+    """
+    if not reason.strip():
+        raise ConfigError("say why the trials are deferred (--reason)")
+    study = find_study(storage_url, study_name)
+    trials = study.get_trials(deepcopy=False)
+    keys = {key for trial in trials for key in json.loads(point_key(trial))}
+    unknown = sorted(set(where) - keys)
+    if not where or unknown:
+        raise ConfigError(
+            f"study {study.study_name}'s points have {sorted(keys)}; match on those"
+            + (f" (not {', '.join(unknown)})" if unknown else "")
+        )
+    matched = [
+        trial
+        for trial in trials
+        if trial.state == TrialState.WAITING
+        and all(json.loads(point_key(trial)).get(key) in values for key, values in where.items())
+    ]
+    if not matched:
+        raise StudyError(f"no queued trial of study {study.study_name} matches {dict(where)}")
+    storage = optuna.storages.RDBStorage(database_url(storage_url))
+    study_id = storage.get_study_id_from_name(study.study_name)
+    deferred = []
+    for trial in matched:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        try:
+            if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                continue  # a worker took it since we listed the queue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        storage.set_trial_user_attr(trial_id, DEFERRED, reason)
+        storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        deferred.append(json.loads(point_key(trial)))
+    return deferred
+
+
+def outstanding_deferred(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Deferred trials whose point has not been queued again or run since."""
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    covered = {point_key(trial) for trial in study.get_trials(deepcopy=False, states=live)}
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return [trial for trial in failed if DEFERRED in trial.user_attrs and point_key(trial) not in covered]
+
+
 # --- the worker loop --------------------------------------------------------------------------
 
 
@@ -528,6 +583,10 @@ def status(study: optuna.Study, kind: StudyKind) -> dict[str, Any]:
         "total": stored.get("total"),
         "done": kind.done(study),
         "states": {state.name: counts.get(state.name, 0) for state in TrialState},
+        "deferred": [
+            {"trial": trial.number, "point": json.loads(point_key(trial)), "reason": trial.user_attrs[DEFERRED]}
+            for trial in outstanding_deferred(study)
+        ],
         "best": describe_trial(best) if best is not None else None,
         "front": [describe_trial(trial) for trial in front(study)] if len(study.directions) > 1 else None,
     }

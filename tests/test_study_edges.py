@@ -8,13 +8,14 @@ import shutil
 import optuna
 import pytest
 from fixtures_study import SMOKE
+from optuna.trial import TrialState
 
 from kdsearch.ablation import AblationTable, ArmRow
 from kdsearch.cli import main
 from kdsearch.config import DataConfig, ModelConfig
 from kdsearch.errors import StudyError
 from kdsearch.search import GRID
-from kdsearch.study import check_study_name, open_study
+from kdsearch.study import DEFERRED, check_study_name, claim_waiting, defer_queued, open_study, point_key
 from kdsearch.study_db import HeartbeatConfig
 from kdsearch.studyfile import load_study
 from kdsearch.tables import ablation_tables
@@ -112,3 +113,77 @@ def test_ablate_from_an_ablation_is_refused(tmp_path, capsys):
     assert main(args) == 2
     assert "did not search t, alpha, p" in _error(capsys)
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies.db") == ["an-ablation"]  # nothing new
+
+
+# --- deferring queued trials --------------------------------------------------------------------
+
+
+def _queued_grid(tmp_path, name="queue"):
+    handle = open_study(GRID, load_study(SMOKE), f"sqlite:///{tmp_path}/studies.db", HeartbeatConfig(), name)
+    return handle
+
+
+def _status(tmp_path, capsys, name="queue") -> dict:
+    capsys.readouterr()
+    assert main(["study", "status", "--workdir", str(tmp_path), "--study-name", name, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_defer_takes_matching_queued_trials_out_and_the_studys_command_queues_them_again(tmp_path, capsys):
+    handle = _queued_grid(tmp_path)
+    taken = claim_waiting(handle)  # a worker runs t=1, alpha=0.1 now: it must stay running
+    assert json.loads(point_key(handle.study.trials[taken.number])) == {"alpha": 0.1, "p": 0.5, "t": 1.0}
+    args = ["study", "defer", "--workdir", str(tmp_path), "--study-name", "queue", "--where", "t=1,3"]
+    assert main([*args, "--reason", "the t=4 points first"]) == 0
+    assert "deferred 1 queued trial(s): alpha=0.5 p=0.5 t=1.0" in capsys.readouterr().out
+    waiting = [json.loads(point_key(trial))["t"] for trial in handle.trials() if trial.state == TrialState.WAITING]
+    assert waiting == [4.0, 4.0]
+    deferred = [trial for trial in handle.trials() if trial.state == TrialState.FAIL]
+    assert [trial.user_attrs[DEFERRED] for trial in deferred] == ["the t=4 points first"]
+    assert handle.study.trials[taken.number].state == TrialState.RUNNING
+    status = _status(tmp_path, capsys)
+    assert status["deferred"] == [
+        {"trial": deferred[0].number, "point": {"alpha": 0.5, "p": 0.5, "t": 1.0}, "reason": "the t=4 points first"}
+    ]
+    assert main(["study", "status", "--workdir", str(tmp_path), "--study-name", "queue"]) == 0
+    text = capsys.readouterr().out
+    assert f"deferred: trial {deferred[0].number}  alpha=0.5 p=0.5 t=1.0  (the t=4 points first)" in text
+    # Workers joining the study run the queue as it is; opening it with its command queues the point again.
+    reopened = _queued_grid(tmp_path)
+    assert [trial.state for trial in reopened.trials()].count(TrialState.WAITING) == 3
+    assert _status(tmp_path, capsys)["deferred"] == []
+
+
+@pytest.mark.parametrize(
+    ("where", "reason", "message"),
+    [
+        (["t=4", "beta=1"], "why", "points have ['alpha', 'p', 't']; match on those (not beta)"),
+        (["t=7"], "why", "no queued trial of study queue matches {'t': [7]}"),
+        (["t"], "why", "--where takes KEY=V1,V2 but got 't'"),
+        (["t=4"], " ", "say why the trials are deferred (--reason)"),
+    ],
+)
+def test_a_defer_that_matches_nothing_or_gives_no_reason_is_one_line_exit_2_and_changes_nothing(
+    where, reason, message, tmp_path, capsys
+):
+    handle = _queued_grid(tmp_path)
+    args = ["study", "defer", "--workdir", str(tmp_path), "--study-name", "queue", "--reason", reason]
+    assert main([*args, *[arg for item in where for arg in ("--where", item)]]) == 2
+    assert message in _error(capsys)
+    assert {trial.state for trial in handle.trials()} == {TrialState.WAITING}
+
+
+def test_a_report_says_which_points_are_deferred_and_does_not_count_them_as_failed(tmp_path, _mlflow_template):
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(_mlflow_template, tmp_path / "mlruns" / "mlflow.db")
+    handle = _queued_grid(tmp_path)
+    handle.study.tell(claim_waiting(handle), state=TrialState.FAIL)  # a real failure
+    defer_queued(f"sqlite:///{tmp_path}/studies.db", "queue", {"t": [4.0], "alpha": [0.5]}, "later")
+    out = tmp_path / "report"
+    args = ["report", "--study", "queue", "--workdir", str(tmp_path), "--out", str(out), "--no-ig"]
+    assert main(args) == 0
+    progress = json.loads((out / "report.json").read_text())["progress"]
+    assert progress == (
+        "partial: 0 of 4 grid points complete; 0 running, 2 queued; 1 deferred (taken out of the queue: later); "
+        "1 failed trial(s) (each queued again)"
+    )
