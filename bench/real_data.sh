@@ -54,7 +54,11 @@ ablate-at)
     # 10,000 maps took 27.5 min on 2 quiet threads of the Intel machine; on one shared AVX2 core, 1,024
     # took 14 min). Run it twice side by side (two workers) to use both cores; a later run with the
     # default arms adds the rest to the same study. Measured per run, two at a time: 10-11 min in bf16 on
-    # the Intel machine, 22-31 min in fp32 on an AVX2-only AMD EPYC (BENCHMARKS.md).
+    # the Intel machine, 22-31 min in fp32 on an AVX2-only AMD EPYC (BENCHMARKS.md). Opening the study
+    # queues every missing point again, deferred ones included: to run some arms first, take the others
+    # out once both workers have started, e.g.
+    #   .venv/bin/kdsearch study defer --workdir runs/cifar10-ablation --study-name cifar10-ablation-teacher-init \
+    #       --where arm=kd,kd_at,kd_ig --reason "ig_at and kd_ig_at first"
     $KDSEARCH ablate --study studies/cifar10-ablation-teacher-init.yaml \
         --arms "${ARMS:-baseline,kd,ig,kd_ig,ig_shuffled,at,ig_at,kd_at,kd_ig_at}" \
         --gamma "${GAMMA:?give GAMMA, the value at-gamma chose}" --seeds "${SEEDS:-3}" \
