@@ -1,5 +1,5 @@
-"""The ``study`` commands (grid, tpe, pareto, worker, status, defer, best) and ``ablate``: thin, each builds a spec
-from a study file plus flags and calls one library function.
+"""The ``study`` commands (grid, tpe, pareto, worker, status, defer, best) and ``ablate``: thin, each
+builds a spec from a study file plus flags and calls one library function.
 
 Everything a command needs is validated, and the study storage and tracking store are checked, before
 anything is written: a bad flag leaves no studies.db and no mlruns/ behind.
