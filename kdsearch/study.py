@@ -347,11 +347,14 @@ def defer_queued(storage_url: str, study_name: str | None, where: Mapping[str, l
 
 
 def outstanding_deferred(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Deferred trials whose point has not been queued again or run since."""
+    """The latest deferral of each point that has not been queued again or run since."""
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     covered = {point_key(trial) for trial in study.get_trials(deepcopy=False, states=live)}
-    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    return [trial for trial in failed if DEFERRED in trial.user_attrs and point_key(trial) not in covered]
+    latest = {}  # a point deferred, queued again and deferred again counts once, with its last reason
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if DEFERRED in trial.user_attrs and point_key(trial) not in covered:
+            latest[point_key(trial)] = trial
+    return sorted(latest.values(), key=lambda trial: trial.number)
 
 
 # --- the worker loop --------------------------------------------------------------------------

@@ -152,6 +152,14 @@ def test_defer_takes_matching_queued_trials_out_and_the_studys_command_queues_th
     reopened = _queued_grid(tmp_path)
     assert [trial.state for trial in reopened.trials()].count(TrialState.WAITING) == 3
     assert _status(tmp_path, capsys)["deferred"] == []
+    # Deferred again, the point is listed once, with its latest reason.
+    args = ["study", "defer", "--workdir", str(tmp_path), "--study-name", "queue", "--where", "alpha=0.5"]
+    assert main([*args, "--reason", "again"]) == 0
+    again = _status(tmp_path, capsys)["deferred"]
+    assert [(entry["point"], entry["reason"]) for entry in again] == [
+        ({"alpha": 0.5, "p": 0.5, "t": 4.0}, "again"),  # in trial order: this one was queued first
+        ({"alpha": 0.5, "p": 0.5, "t": 1.0}, "again"),
+    ]
 
 
 @pytest.mark.parametrize(
