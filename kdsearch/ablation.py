@@ -73,12 +73,15 @@ ARMS: dict[Arm, ArmTerms] = {
     Arm.KD_AT: ArmTerms(kd=True, ig=False, at=True),
     Arm.KD_IG_AT: ArmTerms(kd=True, ig=True, at=True),
 }
-# Paired comparisons beyond "each arm vs baseline", made when both arms ran.
+# Paired comparisons beyond "each arm vs baseline", made when both arms ran: what the IG overlay adds
+# (with and without AT), and what AT adds to KD.
 COMPARISONS = (
     (Arm.KD_IG, Arm.KD),
     (Arm.KD_IG, Arm.IG_SHUFFLED),
     (Arm.KD_AT, Arm.KD),
     (Arm.KD_IG_AT, Arm.KD_IG),
+    (Arm.IG_AT, Arm.AT),
+    (Arm.KD_IG_AT, Arm.KD_AT),
 )
 
 SEED_RANGE = (0, 2**31 - 1)  # a fixed distribution: Optuna rejects categorical choices that change

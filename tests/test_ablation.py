@@ -134,6 +134,22 @@ def test_table3_statistics_are_paired_over_seeds():
     assert "92.30 ± 0.10" in text
 
 
+def test_the_at_arms_are_compared_with_and_without_the_ig_overlay():
+    results = {
+        "baseline": [82.3, 82.5, 82.2],
+        "at": [83.2, 83.1, 83.2],
+        "kd_at": [83.3, 83.2, 83.2],
+        "ig_at": [83.1, 83.2, 83.0],
+        "kd_ig_at": [83.2, 83.1, 83.3],
+    }
+    table = ablation_table(_fake_ablation(results))
+    extra = {(c.arm, c.reference): c for c in table.comparisons if c.reference != "baseline"}
+    assert list(extra) == [("ig_at", "at"), ("kd_ig_at", "kd_at")]  # kd and kd_ig did not run
+    assert extra[("ig_at", "at")].n == 3 and extra[("ig_at", "at")].delta == pytest.approx(-0.2 / 3)
+    assert extra[("kd_ig_at", "kd_at")].delta == pytest.approx(0.0, abs=1e-9)
+    assert "ig_at vs at" in table.format()
+
+
 def test_table_with_one_seed_has_no_spread_and_no_p_values():
     table = ablation_table(_fake_ablation({"baseline": [90.0], "kd": [91.0]}))
     kd = table.rows[1]
