@@ -335,11 +335,8 @@ def defer_queued(storage_url: str, study_name: str | None, where: Mapping[str, l
     deferred = []
     for trial in matched:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        try:
-            if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                continue  # a worker took it since we listed the queue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
+        if not _take(storage, trial_id):
+            continue  # a worker took it since we listed the queue
         storage.set_trial_user_attr(trial_id, DEFERRED, reason)
         storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
         deferred.append(json.loads(point_key(trial)))
@@ -366,14 +363,19 @@ def claim_waiting(handle: StudyHandle) -> optuna.Trial | None:
     study_id = storage.get_study_id_from_name(study.study_name)
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                # At once, so that even a worker dying right now leaves a trial that can go stale.
-                storage.record_heartbeat(trial_id)
-                return optuna.Trial(study, trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker took and finished it since we listed the queue
+        if _take(storage, trial_id):
+            # At once, so that even a worker dying right now leaves a trial that can go stale.
+            storage.record_heartbeat(trial_id)
+            return optuna.Trial(study, trial_id)
     return None
+
+
+def _take(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
+    """WAITING → RUNNING, atomic in the storage; False when another process took the trial first."""
+    try:
+        return storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # taken and finished since the queue was listed
 
 
 def next_trial(handle: StudyHandle) -> optuna.Trial | None:
