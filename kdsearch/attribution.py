@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from kdsearch.config import IGBaseline, IGConfig, replace, to_dict
+from kdsearch.cpu_share import machine_share
 from kdsearch.data import Splits
 from kdsearch.device import resolve_precision
 from kdsearch.models import CifarClassifier, fold_batchnorm, weights_hash
@@ -109,16 +110,17 @@ def ig_in_calls(
     """``integrated_gradients`` over uint8 ``images`` in calls of ``config.images_per_call``, on the
     model's device; (maps (N, H, W) float32, relative completeness errors (N,)) on the CPU."""
     device = next(model.parameters()).device
-    maps, errors = [], []
+    maps, errors, share = [], [], machine_share()
     for start in range(0, len(labels), config.images_per_call):
         batch = images[start : start + config.images_per_call].to(device).float().div_(255)
-        batch_maps, batch_errors = integrated_gradients(
-            model,
-            batch.contiguous(memory_format=torch.channels_last),
-            labels[start : start + config.images_per_call].to(device),
-            baseline,
-            config,
-        )
+        with share.step():
+            batch_maps, batch_errors = integrated_gradients(
+                model,
+                batch.contiguous(memory_format=torch.channels_last),
+                labels[start : start + config.images_per_call].to(device),
+                baseline,
+                config,
+            )
         maps.append(batch_maps.cpu())
         errors.append(batch_errors.cpu())
         if on_call is not None:

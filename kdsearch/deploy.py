@@ -23,6 +23,7 @@ from filelock import FileLock
 from torch import nn
 
 from kdsearch.config import ModelConfig, Runtime, to_dict
+from kdsearch.cpu_share import machine_share
 from kdsearch.latency import LatencyConfig, OtherProcesses, latency_ms
 from kdsearch.onnx_runtime import export_onnx, onnx_latency_ms, quantize_int8, session
 from kdsearch.tensor_cache import content_key
@@ -113,7 +114,7 @@ def runtime_latency(
             exported = Exported(model, calibration, stack.enter_context(tempfile.TemporaryDirectory()))
         if runtime != Runtime.TORCH:
             exported.path(runtime)  # the export is not part of the timing
-        with OtherProcesses() as others:
+        with machine_share().timing(), OtherProcesses() as others:
             value = _measure(exported, runtime, batch, threads, latency)
     if others.cores is not None and others.cores < BUSY_CORES:
         path.parent.mkdir(parents=True, exist_ok=True)

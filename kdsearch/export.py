@@ -327,12 +327,13 @@ def _describe_source(source: Source) -> dict[str, Any]:
 def _latency(config: ExportConfig, files: dict[str, Path]) -> dict[str, Any]:
     """Median ms per batch size of each file on ``config.threads`` threads, with the other processes'
     cores meanwhile (a busy machine inflates the times)."""
+    from kdsearch.cpu_share import machine_share
     from kdsearch.latency import OtherProcesses
     from kdsearch.onnx_runtime import onnx_latency_ms, session
     from kdsearch.tracking import device_name
 
     milliseconds = {}
-    with OtherProcesses() as others:
+    with machine_share().timing(), OtherProcesses() as others:
         for runtime, path in files.items():
             runner = session(path, config.threads)
             milliseconds[runtime] = {

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from kdsearch.cpu_share import machine_share
 from kdsearch.device import autocast_context
 
 
@@ -17,10 +18,10 @@ def predict_logits(
     """Logits (float32, on CPU) for uint8 images (N, 3, H, W); ``dtype`` is the autocast, None for fp32."""
     was_training = model.training
     model.eval()
-    outputs = []
+    outputs, share = [], machine_share()
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device).float().div_(255)
-        with autocast_context(device, dtype):
+        with share.step(), autocast_context(device, dtype):
             outputs.append(model(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)

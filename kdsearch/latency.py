@@ -3,8 +3,9 @@
 Measured in fp32, eval mode, without gradients, on channels_last input (the layout training uses),
 on random 32x32 images: the latency of the architecture, not of particular weights. The median
 resists the odd slow repeat that another process on a shared CPU causes, but not a neighbour that
-keeps the cores busy throughout (a second study worker): so the CPU that other processes used during
-the timing is measured too, and reports flag latencies taken on a busy machine.
+keeps the cores busy throughout: so other kdsearch processes (a second study worker) pause their steps
+during a timing (``cpu_share``), the CPU that other processes used during the timing is measured too,
+and reports flag latencies taken on a busy machine.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from kdsearch.config import Runtime, check_field_types
+from kdsearch.cpu_share import machine_share
 from kdsearch.errors import ConfigError
 
 
@@ -107,7 +109,7 @@ def latency_ms(model: nn.Module, batch_size: int, device: torch.device, config: 
 def measure_latency(model: nn.Module, device: torch.device, config: LatencyConfig, prefix: str) -> dict[str, float]:
     """{"<prefix>_b1": ms, "<prefix>_b128": ms, ..., "latency_threads": n} for the configured batch sizes,
     and "<prefix>_other_cores": the cores other processes kept busy meanwhile (where measurable)."""
-    with OtherProcesses() as others:
+    with machine_share().timing(), OtherProcesses() as others:
         metrics = {f"{prefix}_b{size}": latency_ms(model, size, device, config) for size in config.batch_sizes}
     metrics["latency_threads"] = float(torch.get_num_threads())
     if others.cores is not None:

@@ -25,6 +25,7 @@ from kdsearch.attention import FeatureTaps, at_loss, check_pairs, default_pairs
 from kdsearch.attribution import ig_maps
 from kdsearch.augment import BatchRecipe, training_batch
 from kdsearch.config import ModelConfig, OptimConfig, StudentInit, TeacherLogits, TrainConfig, replace, to_dict
+from kdsearch.cpu_share import machine_share
 from kdsearch.data import Splits, load_splits
 from kdsearch.device import autocast_context, resolve_device, resolve_precision
 from kdsearch.errors import CheckpointError, TrainingDiverged
@@ -308,24 +309,26 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> tuple[float, float]:
         leave=False,
         disable=not progress,
     )
+    share = machine_share()
     with _attention_taps(run) as taps:
         for step in steps:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
-            images = training_batch(
-                run.train_images, index, run.inputs.ig_maps, run.recipe, generator, overlay_generator
-            )
-            with autocast_context(run.device, run.dtype):
-                logits = run.student(images)
-                soft_targets = _soft_targets(run, images, index)
-            loss = _loss(run, logits, soft_targets, run.train_labels[index], taps)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
-            run.optimizer.zero_grad(set_to_none=True)
-            run.scaler.scale(loss).backward()
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-            run.scheduler.step()
-            epoch_loss += loss.item() * len(index)
+            with share.step():
+                images = training_batch(
+                    run.train_images, index, run.inputs.ig_maps, run.recipe, generator, overlay_generator
+                )
+                with autocast_context(run.device, run.dtype):
+                    logits = run.student(images)
+                    soft_targets = _soft_targets(run, images, index)
+                loss = _loss(run, logits, soft_targets, run.train_labels[index], taps)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+                run.optimizer.zero_grad(set_to_none=True)
+                run.scaler.scale(loss).backward()
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+                run.scheduler.step()
+                epoch_loss += loss.item() * len(index)
     return epoch_loss / count, time.perf_counter() - start
 
 
