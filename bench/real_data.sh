@@ -8,6 +8,7 @@
 #   bench/real_data.sh ablate-teacher-init  # the same arms, student started from the teacher's blocks, 3 epochs
 #   bench/real_data.sh at-gamma   # gamma of the AT arms chosen on validation accuracy (kd_at, 3 values)
 #   bench/real_data.sh ablate-at  # the teacher-init ablation grown with the four AT arms (GAMMA=the chosen one, ARMS=…)
+#   bench/real_data.sh ablate-at-bf16  # the AT arms, kd_ig and baseline at 3 seeds, afresh, in a study of its own
 #   bench/real_data.sh pareto     # the accuracy x latency study (24 trials) of issue 12
 #   bench/real_data.sh reports # reports of the grid, TPE and ablation into studies/results/
 #
@@ -64,6 +65,16 @@ ablate-at)
         --gamma "${GAMMA:?give GAMMA, the value at-gamma chose}" --seeds "${SEEDS:-3}" \
         --workdir runs/cifar10-ablation --study-name cifar10-ablation-teacher-init --no-progress
     ;;
+ablate-at-bf16)
+    # The ablate-at study lived on an AMD machine's disk (fp32, 22-31 min a run) and was lost with it
+    # before its AT arms had 3 seeds each; its report stays as it ran. This runs the arms the AT
+    # comparisons need afresh, on one machine and one precision, under a study name of its own. gamma 10
+    # is at-gamma's choice (highest validation accuracy of kd_at), not chosen again here. Needs the IG
+    # cache (ig_at, kd_ig_at, kd_ig): compute it first with `kdsearch ig compute` (THREADS=2, 27.5 min).
+    $KDSEARCH ablate --study studies/cifar10-ablation-teacher-init.yaml \
+        --arms "${ARMS:-baseline,at,kd_at,ig_at,kd_ig_at,kd_ig}" --gamma "${GAMMA:-10}" --seeds "${SEEDS:-3}" \
+        --workdir runs/cifar10-ablation --study-name cifar10-ablation-teacher-init-bf16-at --no-progress
+    ;;
 pareto)
     $KDSEARCH study pareto --study studies/cifar10-pareto.yaml --workdir runs/cifar10-pareto --no-progress
     ;;
@@ -75,11 +86,13 @@ reports)
     # is the earlier bf16 run of its first arms, kept as it ran.
     $KDSEARCH report --ablation cifar10-ablation-teacher-init --workdir runs/cifar10-ablation \
         --out studies/results/cifar10-ablation-teacher-init-at --plotly-js cdn
+    $KDSEARCH report --ablation cifar10-ablation-teacher-init-bf16-at --workdir runs/cifar10-ablation \
+        --out studies/results/cifar10-ablation-teacher-init-bf16-at --plotly-js cdn
     $KDSEARCH report --study cifar10-pareto-pareto-d4e0f54e --workdir runs/cifar10-pareto \
         --out studies/results/cifar10-pareto --plotly-js cdn
     ;;
 *)
-    echo "usage: bench/real_data.sh grid|noise|ablate|ablate-teacher-init|at-gamma|ablate-at|pareto|reports" >&2
+    echo "usage: bench/real_data.sh grid|noise|ablate|ablate-teacher-init|at-gamma|ablate-at|ablate-at-bf16|pareto|reports" >&2
     exit 2
     ;;
 esac
