@@ -356,8 +356,8 @@ def _deployment_notes(measured: Deployment) -> list[str]:
     elif contention >= BUSY_MACHINE_CORES:
         notes.append(
             f"Not a clean timing: other processes kept up to {contention:.2f} cores busy while these latencies "
-            "were measured (e.g. a second study worker); time the models on a quiet machine instead "
-            "(bench/latency.py)."
+            "were measured (a process outside kdsearch, or a study worker logged before kdsearch paused its other "
+            "workers during timings); time the models on a quiet machine instead (bench/latency.py)."
         )
     return notes
 
