@@ -26,7 +26,7 @@ from common import Timer, header, machine  # noqa: E402
 
 COMMANDS = [[], ["study", "grid"], ["ablate"], ["train"], ["report"]]
 PROBE = (
-    "import sys; from kdsearch.cli import main; code = main({args!r}); "
+    "import sys; from kdsearch.cli.main import main; code = main({args!r}); "
     "print('torch imported' if 'torch' in sys.modules else 'torch not imported', file=sys.stderr)"
 )
 

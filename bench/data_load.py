@@ -12,7 +12,7 @@ import tempfile
 import time
 
 from kdsearch.config import DataConfig
-from kdsearch.data import load_splits
+from kdsearch.data.datasets import load_splits
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ the weights; int8 is calibrated on random images for the same reason): the teach
 2,236,682 parameters), the paper's student (its last 5 blocks removed) and the teacher pruned with
 Torch-Pruning at ratios 0.5 and 0.7 (``--pruned-ratios``; l2 magnitude, channels rounded to multiples
 of 8), plus any student checkpoints given (named by their folder). Each is exported once and timed with
-``kdsearch.deploy._measure``, the function the Pareto study uses, without its cache: warm-up passes,
+``kdsearch.runtime.timing._measure``, the function the Pareto study uses, without its cache: warm-up passes,
 then the median of ``--repeats`` timed passes on one fixed batch. Speed-ups are against the teacher in
 the same runtime, batch and threads, measured in this run. Before each timing the script waits (up to ``--max-wait`` s) for a quiet machine and reports
 the cores other processes used during it. The last line is JSON.
@@ -26,10 +26,10 @@ import torch
 from common import QUIET_CORES, header, machine, wait_quiet
 
 from kdsearch.config import ModelConfig, Runtime
-from kdsearch.deploy import Exported, _measure
-from kdsearch.latency import LatencyConfig, OtherProcesses
-from kdsearch.models import build_model, count_flops, count_parameters, load_model
-from kdsearch.pruning import prune_classifier
+from kdsearch.models.classifiers import build_model, count_flops, count_parameters, load_model
+from kdsearch.models.pruning import prune_classifier
+from kdsearch.runtime.latency import LatencyConfig, OtherProcesses
+from kdsearch.runtime.timing import Exported, _measure
 
 
 def models(students: list[str], pruned_ratios: list[float]) -> dict[str, torch.nn.Module]:

@@ -108,9 +108,9 @@ check train_amp <<'PY'
 # A tiny teacher, then KD+IG students in fp32, bf16 and fp16 autocast (fp16 with its GradScaler) on CUDA.
 import math, os
 from kdsearch.config import DataConfig, KDConfig, ModelConfig, OverlayConfig, TrainConfig, replace
-from kdsearch.models import save_checkpoint
-from kdsearch.teacher import TeacherRecipe, recipe_config
-from kdsearch.train import train
+from kdsearch.models.classifiers import save_checkpoint
+from kdsearch.distill.teacher import TeacherRecipe, recipe_config
+from kdsearch.distill.train import train
 
 work = os.environ["GPU_CHECK_WORK"]
 data = DataConfig(dataset="synthetic", synthetic_size=2000, val_size=400)
@@ -139,10 +139,10 @@ PY
 check ig_cuda <<'PY'
 # The tiny teacher's IG cache on CUDA (fp32 and auto = bf16) against the same maps computed on the CPU.
 import os, torch
-from kdsearch.attribution import ig_maps
+from kdsearch.distill.attribution import ig_maps
 from kdsearch.config import DataConfig, IGConfig, ModelConfig
-from kdsearch.data import load_splits
-from kdsearch.models import load_model
+from kdsearch.data.datasets import load_splits
+from kdsearch.models.classifiers import load_model
 
 work = os.environ["GPU_CHECK_WORK"]
 splits = load_splits(DataConfig(dataset="synthetic", synthetic_size=2000, val_size=400))
@@ -174,8 +174,8 @@ check latency_cuda <<'PY'
 # the launches alone).
 import statistics, torch
 from kdsearch.config import ModelConfig
-from kdsearch.latency import LatencyConfig, measure_latency
-from kdsearch.models import build_model
+from kdsearch.runtime.latency import LatencyConfig, measure_latency
+from kdsearch.models.classifiers import build_model
 
 device = torch.device("cuda")
 student = build_model(ModelConfig(drop_blocks=5)).eval()
@@ -207,10 +207,10 @@ check ig_cache <<'PY'
 # same img/s, but maps of random weights to compare are meaningless).
 import os, time, torch
 from pathlib import Path
-from kdsearch.attribution import BASELINES, ig_in_calls, ig_maps, resolve_ig_precision
+from kdsearch.distill.attribution import BASELINES, ig_in_calls, ig_maps, resolve_ig_precision
 from kdsearch.config import DataConfig, IGConfig, ModelConfig, default_cache_dir
-from kdsearch.data import load_splits
-from kdsearch.models import build_model, fold_batchnorm, load_model
+from kdsearch.data.datasets import load_splits
+from kdsearch.models.classifiers import build_model, fold_batchnorm, load_model
 
 pack = Path(os.environ["GPU_CHECK_PACK"])
 real = (pack / "data" / "train").is_dir() and (pack / "teacher.pt").is_file()
@@ -250,7 +250,7 @@ check real_kd_ig <<'PY'
 import os, sys
 from pathlib import Path
 from kdsearch.config import DataConfig, KDConfig, ModelConfig, OverlayConfig, TrainConfig
-from kdsearch.train import train
+from kdsearch.distill.train import train
 
 pack = Path(os.environ["GPU_CHECK_PACK"])
 if not ((pack / "data" / "train").is_dir() and (pack / "teacher.pt").is_file()):

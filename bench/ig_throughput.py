@@ -8,7 +8,7 @@ CIFAR-10 (JPEG q75 copy) training split (val_size 5000), in index order:
 - reference: ``captum.attr.IntegratedGradients(teacher).attribute`` with n_steps=50 gausslegendre,
   8 images per call, internal_batch_size=None, fp32, default (NCHW) memory format, teacher parameters
   left with requires_grad=True (as a naive user would), black baseline.
-- kdsearch: ``kdsearch.attribution.ig_maps`` end to end (it prepares its own teacher copy: BatchNorm
+- kdsearch: ``kdsearch.distill.attribution.ig_maps`` end to end (it prepares its own teacher copy: BatchNorm
   folded, parameters frozen, channels_last; calls ``integrated_gradients`` ``images_per_call`` images at
   a time; writes and reads back the cache) on a split holding only these images, into a fresh
   temporary cache directory, with IGConfig's images_per_call, at each
@@ -42,10 +42,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from common import QUIET_CORES, TEACHER, Timer, cache_dir, data_config, header, load1, machine, wait_quiet
 
-from kdsearch.attribution import MIN_OUTPUT_DIFFERENCE, ig_maps
 from kdsearch.config import IGConfig, ModelConfig
-from kdsearch.data import Splits, load_splits
-from kdsearch.models import load_model
+from kdsearch.data.datasets import Splits, load_splits
+from kdsearch.distill.attribution import MIN_OUTPUT_DIFFERENCE, ig_maps
+from kdsearch.models.classifiers import load_model
 
 METHODS = {"gl": "gausslegendre", "rt": "riemann_trapezoid", "rl": "riemann_left", "rm": "riemann_middle"}
 DEFAULT_SETTINGS = (
@@ -129,7 +129,7 @@ def reference_ig(teacher, images, labels, n_steps: int, per_call: int) -> tuple[
 
 
 def kdsearch_ig(teacher, splits: Splits, images, labels, config: IGConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kdsearch.attribution.ig_maps`` end to end (teacher preparation, chunks, cache write and read
+    """``kdsearch.distill.attribution.ig_maps`` end to end (teacher preparation, chunks, cache write and read
     back) on a split holding only ``images``, into a fresh cache directory so nothing is reused."""
     subset = dataclasses.replace(
         splits,

@@ -3,10 +3,10 @@
     .venv/bin/python bench/latency.py 2>&1 | tee bench/out/latency.txt
 
 The models are the MobileNetV2 CIFAR teacher (2,236,682 parameters) and the paper's student (last 5
-feature blocks removed, 543,498), built by kdsearch and measured with ``kdsearch.latency.latency_ms``
+feature blocks removed, 543,498), built by kdsearch and measured with ``kdsearch.runtime.latency.latency_ms``
 (the function studies log with): fp32, eval mode, no gradients, channels_last input, untimed warm-up
 passes, then the median of ``--repeats`` timed passes. Each model is measured as trained (BatchNorm
-layers kept) and with BatchNorm folded into the convolutions (``kdsearch.models.fold_batchnorm``,
+layers kept) and with BatchNorm folded into the convolutions (``kdsearch.models.classifiers.fold_batchnorm``,
 what a deployment would run). Latency depends on the architecture, not on the weights, so random
 weights are used. Ratios (student speed-up over the teacher) are within the same thread count and
 batch size, measured in this run. Before each timing the script waits for a quiet machine and
@@ -21,8 +21,15 @@ import json
 import torch
 from common import header, machine, wait_quiet
 
-from kdsearch.latency import LatencyConfig, OtherProcesses, latency_ms
-from kdsearch.models import ModelConfig, build_model, count_flops, count_parameters, fold_batchnorm, size_on_disk_bytes
+from kdsearch.models.classifiers import (
+    ModelConfig,
+    build_model,
+    count_flops,
+    count_parameters,
+    fold_batchnorm,
+    size_on_disk_bytes,
+)
+from kdsearch.runtime.latency import LatencyConfig, OtherProcesses, latency_ms
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Latency beside a training worker: what a second study worker does to a timing, with and without
-``kdsearch.cpu_share`` (other kdsearch processes pause their steps while one times).
+``kdsearch.infra.cpu_share`` (other kdsearch processes pause their steps while one times).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/latency_contention.py 2>&1 | tee bench/out/latency_contention.txt
 
@@ -26,13 +26,13 @@ import tempfile
 import torch
 from common import TEACHER, header, machine, other_cores, wait_quiet
 
-from kdsearch.latency import LatencyConfig, OtherProcesses, latency_ms, measure_latency
-from kdsearch.models import ModelConfig, build_model
+from kdsearch.models.classifiers import ModelConfig, build_model
+from kdsearch.runtime.latency import LatencyConfig, OtherProcesses, latency_ms, measure_latency
 
 NEIGHBOUR = """
 import sys
 from kdsearch.config import DataConfig, KDConfig, ModelConfig, OverlayConfig, TrainConfig
-from kdsearch.train import prepare_inputs, train
+from kdsearch.distill.train import prepare_inputs, train
 teacher = ModelConfig(arch="mobilenetv2_cifar")
 config = TrainConfig(
     data=DataConfig(dataset="synthetic", synthetic_size=2000, val_size=100),

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 from mlflow.tracking import MlflowClient
 
-from kdsearch.study import front
+from kdsearch.search.study import front
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ ablate-teacher-init)
     ;;
 at-gamma)
     # kd_at at the ablation's budget with gamma in {0.01, 0.1, 1, 10} (the reference's 0.8 is about
-    # 0.005-0.0125 on this loss's scale, kdsearch/attention.py), then 100 in a study of its own (a grid's
+    # 0.005-0.0125 on this loss's scale, kdsearch/distill/attention.py), then 100 in a study of its own (a grid's
     # space is fixed) because the best validation accuracy sat at the top end: the gamma of the highest
     # *validation* accuracy is used.
     $KDSEARCH study grid --study studies/cifar10-ablation-teacher-init.yaml --t 2.5 --alpha 0.01 --p 0 \

@@ -33,12 +33,12 @@ def main() -> None:
     import optuna
     from mlflow import MlflowClient
 
-    from kdsearch.search import GRID
-    from kdsearch.study import open_study, run_study
-    from kdsearch.study_db import HeartbeatConfig
-    from kdsearch.studyfile import load_study
-    from kdsearch.tracking import MlflowTracker, device_name
-    from kdsearch.trial import prepare
+    from kdsearch.search.optuna_storage import HeartbeatConfig
+    from kdsearch.search.study import open_study, run_study
+    from kdsearch.search.studyfile import load_study
+    from kdsearch.search.trial import prepare
+    from kdsearch.search.tune import GRID
+    from kdsearch.track.tracking import MlflowTracker, device_name
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as scratch:

@@ -1,4 +1,4 @@
-"""KD + IG training-step throughput of the paper's student: kdsearch.train vs a reference-style pipeline.
+"""KD + IG training-step throughput of the paper's student: kdsearch.distill.train vs a reference-style pipeline.
 
     .venv/bin/python bench/train_throughput.py --train-subset 2000 2>&1 | tee bench/out/train_throughput.txt
 
@@ -6,7 +6,7 @@ Same run, same machine, same images (a stratified ``--train-subset`` of the CIFA
 training split, val_size 5000), one epoch, batch 64, student MobileNetV2 with drop_blocks=5 (543,498
 parameters), online teacher, alpha=0.01, T=2.5, p=0.1, Adam lr 1e-3:
 
-- kdsearch: ``kdsearch.train.train(TrainConfig(...), progress=False)``; images/s is
+- kdsearch: ``kdsearch.distill.train.train(TrainConfig(...), progress=False)``; images/s is
   ``TrainResult.images_per_s`` (training steps only, not setup or evaluation). Measured with the
   defaults (precision auto, i.e. bf16 autocast on a CPU with native bf16, channels_last) and with
   precision fp32 / channels_last off, to show where the speed comes from.
@@ -56,14 +56,14 @@ from common import (
 )
 from PIL import Image
 
-import kdsearch.train
-from kdsearch.attribution import ig_maps
+import kdsearch.distill.train
 from kdsearch.config import IGConfig, KDConfig, ModelConfig, OptimConfig, OverlayConfig, TrainConfig
-from kdsearch.data import Splits, load_splits
-from kdsearch.device import autocast_context, resolve_precision
-from kdsearch.losses import kd_loss
-from kdsearch.models import build_model, count_parameters, fold_batchnorm, load_model
-from kdsearch.train import train
+from kdsearch.data.datasets import Splits, load_splits
+from kdsearch.distill.attribution import ig_maps
+from kdsearch.distill.losses import kd_loss
+from kdsearch.distill.train import train
+from kdsearch.infra.device import autocast_context, resolve_precision
+from kdsearch.models.classifiers import build_model, count_parameters, fold_batchnorm, load_model
 
 ALPHA, TEMPERATURE, P = 0.01, 2.5, 0.1
 BATCH, LR = 64, 1e-3
@@ -217,7 +217,7 @@ class StepWindow:
 
     def __enter__(self) -> StepWindow:
         self.start = self.stop = None
-        self._crop, self._accuracy = kdsearch.train.training_batch, kdsearch.train.accuracy
+        self._crop, self._accuracy = kdsearch.distill.train.training_batch, kdsearch.distill.train.accuracy
 
         def crop(*args, **kwargs):
             if self.start is None:
@@ -229,13 +229,13 @@ class StepWindow:
                 self.stop = cpu_reading()
             return self._accuracy(*args, **kwargs)
 
-        kdsearch.train.training_batch, kdsearch.train.accuracy = crop, accuracy
+        kdsearch.distill.train.training_batch, kdsearch.distill.train.accuracy = crop, accuracy
         return self
 
     def __exit__(self, *exc) -> None:
-        kdsearch.train.training_batch, kdsearch.train.accuracy = self._crop, self._accuracy
+        kdsearch.distill.train.training_batch, kdsearch.distill.train.accuracy = self._crop, self._accuracy
         if self.start is None or self.stop is None:
-            raise RuntimeError("could not find the training steps inside train(); has kdsearch.train changed?")
+            raise RuntimeError("could not find the training steps inside train(); has kdsearch.distill.train changed?")
         self.others = others_between(self.start, self.stop)
         self.seconds = self.stop[2] - self.start[2]
 

@@ -369,7 +369,7 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Attention transfer (``kdsearch.attention``): gamma times the mean over block pairs of the
+    """Attention transfer (``kdsearch.distill.attention``): gamma times the mean over block pairs of the
     per-sample L2 distance between student and teacher attention maps."""
 
     gamma: float = 0.0  # weight of the AT term; 0 is off (no feature taps, no extra teacher forward)

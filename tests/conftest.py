@@ -1,19 +1,18 @@
-"""Shared fakes: a tiny synthetic dataset, a tiny teacher trained for one epoch, an isolated cache."""
+"""Fixtures of every test: an isolated cache, a tiny teacher trained for one epoch, a student config."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from kdsearch.config import DataConfig, KDConfig, ModelConfig, OverlayConfig, TrainConfig, replace
-from kdsearch.models import save_checkpoint
-from kdsearch.teacher import TeacherRecipe, recipe_config
-from kdsearch.train import train
-
-TINY = ModelConfig(arch="tiny_cnn")
-TINY_STUDENT = ModelConfig(arch="tiny_cnn", drop_blocks=1)
-SYNTHETIC = DataConfig(dataset="synthetic", synthetic_size=400, val_size=100)
-
+from kdsearch.config import KDConfig, OverlayConfig, TrainConfig, replace
+from kdsearch.distill.teacher import TeacherRecipe, recipe_config
+from kdsearch.distill.train import train
+from kdsearch.models.classifiers import save_checkpoint
+from tests.fakes import SYNTHETIC, TINY, TINY_STUDENT
 
 # Fixtures that run whole studies (a grid and an ablation through the CLI): every test using them is slow.
 END_TO_END_FIXTURES = {"stores", "grid_report", "ablation_report"}
@@ -64,3 +63,43 @@ def student_config(tiny_teacher_checkpoint, tmp_path) -> TrainConfig:
         precision="fp32",
         cache_dir=str(tmp_path / "cache"),
     )
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, migrated once: creating its tables takes seconds, copying it does not."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(_mlflow_template, tmp_path) -> str:
+    """A fresh MLflow store of this test: tmp_path/mlruns/mlflow.db."""
+    target = tmp_path / "mlruns" / "mlflow.db"
+    target.parent.mkdir()
+    shutil.copy(_mlflow_template, target)
+    return f"sqlite:///{target}"
+
+
+@pytest.fixture(scope="module")
+def _module_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("study-cache")
+
+
+@pytest.fixture
+def shared_cache(_module_cache, monkeypatch) -> Path:
+    """A cache directory shared by the tests of one module, so the smoke teacher and IG maps are made once.
+
+    Safe because the cache is keyed by content: a test cannot see another's artefact under its own key.
+    """
+    monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(_module_cache))
+    return _module_cache
+
+
+@pytest.fixture
+def smoke_overrides() -> dict:
+    """Study-file overrides for library-level tests: quick latency measurements."""
+    return {"latency.repeats": 1, "latency.warmup": 0, "latency.batch_sizes": [1, 8]}

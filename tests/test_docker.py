@@ -15,7 +15,7 @@ import pytest
 import typer
 import yaml
 
-from kdsearch.cli import app
+from kdsearch.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

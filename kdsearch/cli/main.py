@@ -1,0 +1,447 @@
+"""The ``kdsearch`` command line: thin commands that build a config and call one library function.
+
+Errors a user can fix (bad values, missing files, unreachable services) print one line on stderr and
+exit with code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdsearch.cli.dashboard import register as register_dashboard
+from kdsearch.cli.export import register as register_export
+from kdsearch.cli.options import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_DATA_DIR,
+    DEFAULT_IG,
+    RECIPE,
+    CacheDir,
+    DataDir,
+    DataLabel,
+    Dataset,
+    IGBaseline,
+    IGMethod,
+    IGPrecision,
+    IGSteps,
+    SplitSeed,
+    TeacherCheckpoint,
+    TrainSubset,
+    ValSize,
+    data_config,
+    ig_config,
+    with_options,
+)
+from kdsearch.cli.report import register as register_report
+from kdsearch.cli.study import register
+from kdsearch.errors import KdsearchError
+
+app = typer.Typer(
+    help="Compress image classifiers by knowledge distillation with Integrated Gradients overlays: "
+    "train, search hyperparameters with Optuna, run ablations, track them in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+teacher_app = typer.Typer(help="Train or evaluate a teacher.", no_args_is_help=True)
+ig_app = typer.Typer(
+    help="Integrated Gradients maps of the teacher: compute the cache, look at a map.", no_args_is_help=True
+)
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(ig_app, name="ig")
+register(app)
+register_report(app)
+register_export(app)
+register_dashboard(app)
+
+
+Progress = Annotated[
+    bool, typer.Option("--progress/--no-progress", help="Progress bars (off: one log line per phase).")
+]
+
+
+def _print_json(payload: dict) -> None:
+    typer.echo(json.dumps(_json_safe(payload), indent=2, default=str, allow_nan=False))
+
+
+def _json_safe(value):
+    """``value`` with NaN and infinities as None: JSON has no NaN (a teacher without a validation split
+    has val_acc NaN), and ``json.dumps`` would write a bare ``NaN`` that JSON parsers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _check_teacher_file(path: str | None) -> None:
+    from kdsearch.errors import CheckpointError
+
+    if path is not None and not Path(path).is_file():
+        raise CheckpointError(f"teacher checkpoint {path} does not exist (--teacher-checkpoint)")
+
+
+@app.command("train")
+def train_command(
+    teacher_checkpoint: TeacherCheckpoint = None,
+    temperature: Annotated[float, typer.Option("--t", help="KD temperature T (> 0).")] = 2.5,
+    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the KD term, in [0, 1]; 0 = plain CE.")] = 0.01,
+    p: Annotated[float, typer.Option("--p", help="Probability of the IG overlay, in [0, 1]; 0 = no IG.")] = 0.1,
+    overlay_mode: Annotated[str, typer.Option(help="aligned (each image's own map) | shuffled (control).")] = "aligned",
+    teacher_logits: Annotated[str, typer.Option(help="online (teacher on each augmented batch) | cached.")] = "online",
+    student_drop: Annotated[int, typer.Option(help="Trailing teacher feature blocks removed (5: the paper).")] = 5,
+    student_width: Annotated[float, typer.Option(help="Student channel multiplier.")] = 1.0,
+    student_normalization: Annotated[
+        str, typer.Option(help="Student input normalisation: cifar10 | cifar100 | none.")
+    ] = "cifar10",
+    student_init: Annotated[str, typer.Option(help="random (the paper) | teacher (copy the kept blocks).")] = "random",
+    arch: Annotated[
+        str, typer.Option(help="Architecture of teacher and student: mobilenetv2_cifar | tiny_cnn.")
+    ] = "mobilenetv2_cifar",
+    epochs: Annotated[int, typer.Option(help="Training epochs (the paper: 100).")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (the paper: 1e-3).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, order and augmentation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU) | cpu | cuda[:N].")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast where native) | fp32 | bf16 | fp16.")] = "auto",
+    run_dir: Annotated[Path | None, typer.Option(help="Per-epoch checkpoints and the final model go here.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
+    progress: Progress = True,
+    dataset: Dataset = "cifar10",
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    data_label: DataLabel = None,
+    val_size: ValSize = 5000,
+    train_subset: TrainSubset = None,
+    split_seed: SplitSeed = 0,
+    ig_steps: IGSteps = DEFAULT_IG.n_steps,
+    ig_method: IGMethod = DEFAULT_IG.method,
+    ig_baseline: IGBaseline = DEFAULT_IG.baseline,
+    ig_precision: IGPrecision = DEFAULT_IG.precision,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+) -> None:
+    """Train one student with KD + IG overlay and print its metrics as JSON."""
+    # Long because the signature is the command's option list; the body only builds the config and calls train().
+    from kdsearch.config import KDConfig, ModelConfig, OptimConfig, OverlayConfig, TrainConfig
+    from kdsearch.distill.preflight import check_inputs
+    from kdsearch.distill.train import train
+    from kdsearch.infra.storage import check_writable
+
+    if resume and run_dir is None:
+        raise KdsearchError("--resume needs --run-dir")
+    config = TrainConfig(
+        data=data_config(dataset, data_dir, data_label, val_size, train_subset, split_seed),
+        student=ModelConfig(
+            arch=arch, drop_blocks=student_drop, width_mult=student_width, normalization=student_normalization
+        ),
+        teacher=ModelConfig(arch=arch),
+        teacher_checkpoint=teacher_checkpoint,
+        student_init=student_init,
+        kd=KDConfig(alpha=alpha, temperature=temperature, teacher_logits=teacher_logits),
+        ig=ig_config(ig_steps, ig_method, ig_baseline, ig_precision),
+        overlay=OverlayConfig(p=p, mode=overlay_mode),
+        optim=OptimConfig(lr=lr),
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir,
+    )
+    if config.needs_teacher:
+        _check_teacher_file(teacher_checkpoint)
+    if run_dir is not None:
+        check_writable(run_dir, "--run-dir")
+    check_inputs(config)
+    result = train(config, run_dir=run_dir, resume=resume, progress=progress)
+    _print_json(
+        {
+            "val_acc": result.val_acc,
+            "test_acc": result.test_acc,
+            "train_time_s": round(result.train_time_s, 2),
+            "images_per_s": round(result.images_per_s, 1),
+            "epochs": result.epochs_completed,
+            "checkpoint": result.checkpoint,
+        }
+    )
+
+
+@teacher_app.command("train")
+def teacher_train_command(
+    out: Annotated[Path, typer.Option(help="Where to write the teacher checkpoint.")],
+    arch: Annotated[str, typer.Option(help="mobilenetv2_cifar | tiny_cnn.")] = "mobilenetv2_cifar",
+    epochs: Annotated[int, typer.Option(help="Epochs (the shared teacher's recipe).")] = RECIPE.epochs,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = RECIPE.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak SGD learning rate.")] = RECIPE.lr,
+    seed: Annotated[int, typer.Option(help="Seed.")] = RECIPE.seed,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    run_dir: Annotated[Path | None, typer.Option(help="Per-epoch checkpoints (for --resume).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
+    progress: Progress = True,
+    dataset: Dataset = "cifar10",
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    data_label: DataLabel = None,
+    val_size: ValSize = 0,
+    train_subset: TrainSubset = None,
+    split_seed: SplitSeed = 0,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+) -> None:
+    """Train a teacher with a sound CIFAR recipe (SGD Nesterov, warm-up + linear decay, label smoothing,
+    crop + flip, bf16 autocast on CPU where native) and write its checkpoint."""
+    from kdsearch.config import ModelConfig, TeacherRecipe, replace
+    from kdsearch.distill.preflight import check_inputs
+    from kdsearch.distill.teacher import recipe_config
+    from kdsearch.distill.train import train
+    from kdsearch.errors import NotWritable
+    from kdsearch.infra.storage import check_writable
+    from kdsearch.models.classifiers import save_checkpoint
+
+    if resume and run_dir is None:
+        raise KdsearchError("--resume needs --run-dir")
+    data = data_config(dataset, data_dir, data_label, val_size, train_subset, split_seed)
+    config = replace(
+        recipe_config(data, ModelConfig(arch=arch), TeacherRecipe(epochs, batch_size, lr, seed)),
+        device=device,
+        cache_dir=cache_dir,
+    )
+    if out.is_dir():
+        raise NotWritable(f"--out {out} is a folder; give the checkpoint's file name")
+    check_writable(out.parent, "--out folder")
+    if run_dir is not None:
+        check_writable(run_dir, "--run-dir")
+    check_inputs(config)
+    result = train(config, run_dir=run_dir, resume=resume, progress=progress)
+    save_checkpoint(result.model, replace(config.student, num_classes=result.model.classifier[1].out_features), out)
+    _print_json({"test_acc": result.test_acc, "val_acc": result.val_acc, "checkpoint": out})
+
+
+@app.command("eval")
+@teacher_app.command("eval")
+def eval_command(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint to evaluate (a teacher's or a student's).")],
+    arch: Annotated[
+        str, typer.Option(help="Architecture when the checkpoint is a bare state dict.")
+    ] = "mobilenetv2_cifar",
+    drop_blocks: Annotated[int, typer.Option(help="Feature blocks removed, for a bare student state dict.")] = 0,
+    normalization: Annotated[str, typer.Option(help="Input normalisation for a bare state dict.")] = "cifar10",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    dataset: Dataset = "cifar10",
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    data_label: DataLabel = None,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+) -> None:
+    """Test accuracy (fp32) of any checkpoint, teacher or student, with its parameter count, FLOPs and size.
+
+    A kdsearch checkpoint carries its architecture; a bare state dict (e.g. the reference
+    implementation's students: --drop-blocks 5 --normalization none) is built from the flags, and
+    what is assumed is printed as a warning."""
+    from kdsearch.config import ModelConfig
+    from kdsearch.data.datasets import load_splits
+    from kdsearch.distill.preflight import check_data, check_device
+    from kdsearch.infra.device import resolve_device
+    from kdsearch.infra.storage import check_writable
+    from kdsearch.models.classifiers import (
+        count_flops,
+        count_parameters,
+        load_model,
+        read_checkpoint,
+        size_on_disk_bytes,
+    )
+    from kdsearch.models.inference import accuracy
+
+    data = data_config(dataset, data_dir, data_label, 0, None, 0)
+    check_device(device)
+    check_writable(cache_dir, "--cache-dir")
+    layout = check_data(data, cache_dir)
+    _, stored = read_checkpoint(checkpoint)
+    given = (
+        None
+        if stored
+        else ModelConfig(arch=arch, drop_blocks=drop_blocks, normalization=normalization, num_classes=layout.classes)
+    )
+    if given is not None:
+        # A wrong normalisation does not fail, it silently costs ~40 points: say what is assumed.
+        typer.echo(
+            f"warning: {checkpoint} is a bare state dict: assuming --arch {arch} --drop-blocks {drop_blocks} "
+            f"--normalization {normalization} (a model trained on unnormalised pixels needs --normalization none)",
+            err=True,
+        )
+    model, config = load_model(checkpoint, given)
+    splits = load_splits(data, cache_dir)
+    target = resolve_device(device)
+    model = model.to(target)
+    _print_json(
+        {
+            "checkpoint": checkpoint,
+            "dataset": splits.label,
+            "test_images": len(splits.test_labels),
+            "test_acc": accuracy(model, splits.test_images, splits.test_labels, 500, target, None),
+            "params": count_parameters(model),
+            "flops": count_flops(model),
+            "size_bytes": size_on_disk_bytes(model),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class IGInputs:
+    """What the ``ig`` commands share: the teacher, the training split and the IG settings."""
+
+    teacher_checkpoint: TeacherCheckpoint = None
+    arch: Annotated[str, typer.Option(help="Teacher architecture.")] = "mobilenetv2_cifar"
+    normalization: Annotated[
+        str, typer.Option(help="Input normalisation of the teacher (none: it was trained on raw [0, 1] pixels).")
+    ] = "cifar10"
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto"
+    dataset: Dataset = "cifar10"
+    data_dir: DataDir = DEFAULT_DATA_DIR
+    data_label: DataLabel = None
+    val_size: ValSize = 5000
+    train_subset: TrainSubset = None
+    split_seed: SplitSeed = 0
+    ig_steps: IGSteps = DEFAULT_IG.n_steps
+    ig_method: IGMethod = DEFAULT_IG.method
+    ig_baseline: IGBaseline = DEFAULT_IG.baseline
+    ig_precision: IGPrecision = DEFAULT_IG.precision
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR
+    progress: Progress = True
+
+    def maps(self):
+        """(teacher, splits, IG cache artifact): settings are validated before any data is loaded."""
+        from kdsearch.config import ModelConfig
+        from kdsearch.data.datasets import load_splits
+        from kdsearch.distill.attribution import ig_maps
+        from kdsearch.distill.preflight import check_data, check_device, check_teacher
+        from kdsearch.infra.device import resolve_device
+        from kdsearch.infra.storage import check_writable
+        from kdsearch.models.classifiers import load_model
+
+        settings = ig_config(self.ig_steps, self.ig_method, self.ig_baseline, self.ig_precision)
+        if self.teacher_checkpoint is None:
+            raise KdsearchError("--teacher-checkpoint is required")
+        data = data_config(
+            self.dataset, self.data_dir, self.data_label, self.val_size, self.train_subset, self.split_seed
+        )
+        check_device(self.device)
+        check_writable(self.cache_dir, "--cache-dir")
+        _check_teacher_file(self.teacher_checkpoint)
+        classes = check_data(data, self.cache_dir).classes
+        teacher_config = ModelConfig(arch=self.arch, normalization=self.normalization, num_classes=classes)
+        check_teacher(self.teacher_checkpoint, teacher_config)
+        splits = load_splits(data, self.cache_dir)
+        teacher, _ = load_model(self.teacher_checkpoint, teacher_config)
+        device = resolve_device(self.device)
+        return teacher, splits, ig_maps(teacher, splits, settings, self.cache_dir, device, self.progress)
+
+
+@ig_app.command("compute")
+@with_options(IGInputs, "inputs")
+def ig_compute_command(*, inputs: IGInputs) -> None:
+    """Compute (or find) the IG cache of the training split and print its location and statistics.
+
+    Resumable: an interrupted run continues from its last finished chunk. Concurrent runs compute once.
+    """
+    _, _, artifact = inputs.maps()
+    _print_json(
+        {
+            "cache": artifact.path,
+            **{k: artifact.meta[k] for k in ("images", "completeness_relative_error", "settings")},
+        }
+    )
+
+
+@ig_app.command("show")
+@with_options(IGInputs, "inputs")
+def ig_show_command(
+    index: Annotated[int, typer.Option(help="Position of the image in the training split.")],
+    out: Annotated[Path, typer.Option(help="PNG to write: original | IG map | overlay.")],
+    *,
+    inputs: IGInputs,
+) -> None:
+    """Write a PNG of one training image, its cached IG map and the overlay (computes the cache if needed)."""
+    from torchvision.io import write_png
+
+    from kdsearch.data.datasets import folder_files
+    from kdsearch.distill.attribution import ig_panel
+    from kdsearch.infra.storage import check_writable
+
+    if out.suffix.lower() != ".png":
+        raise KdsearchError(f"--out must end in .png but got {out}")
+    if index < 0:
+        raise KdsearchError(f"--index must be >= 0 but got {index}")
+    check_writable(out.parent, "--out folder")
+    _, splits, artifact = inputs.maps()
+    if index >= len(splits.train_labels):
+        raise KdsearchError(f"--index must be in [0, {len(splits.train_labels) - 1}] but got {index}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_png(ig_panel(splits.train_images[index], artifact.tensors["maps"][index]), str(out))
+    source = int(splits.train_index[index])
+    image = f"image {source} of the dataset's training set"
+    if inputs.dataset == "folder":
+        _, files = folder_files(Path(inputs.data_dir))
+        image = str(files["train"][source][0])
+    typer.echo(
+        f"wrote {out}: training-split image {index} ({image}), class {splits.classes[int(splits.train_labels[index])]}"
+    )
+
+
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 a usage or input error the user can fix)."""
+    # kdsearch's own progress lines; libraries (the ONNX exporter's passes, MLflow) only warnings.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("kdsearch").setLevel(logging.INFO)
+    command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = command.main(args=args, prog_name="kdsearch", standalone_mode=False)
+        if result == INTERRUPTED:
+            # Typer catches Ctrl-C's KeyboardInterrupt itself and returns 130 (no kdsearch command
+            # returns a number), so the handler below sees only an interrupt outside a command.
+            typer.echo(_interrupted(args), err=True)
+        return result if isinstance(result, int) else 0
+    except typer.Exit as exit_:
+        return exit_.exit_code
+    except typer.TyperException as error:  # Typer's usage errors: bad option values, unknown options
+        message = error.format_message() if hasattr(error, "format_message") else str(error)
+        if message:  # empty for a bare `kdsearch`, whose help was already shown
+            typer.echo(f"error: {message}", err=True)
+        return 2
+    except (KdsearchError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        return 2
+    except (KeyboardInterrupt, typer.Abort):
+        typer.echo(_interrupted(args), err=True)
+        return INTERRUPTED
+
+
+def _interrupted(args: list[str]) -> str:
+    """The line for Ctrl-C: what the interrupted command kept, and how to go on from there."""
+    words = [arg for arg in args if not arg.startswith("-")][:2]  # the command, e.g. ["study", "grid"]
+    if words[:1] == ["ablate"] or (words[:1] == ["study"] and words[1:] not in (["status"], ["best"])):
+        return "interrupted: finished trials and per-epoch checkpoints are kept; run the same command again to resume"
+    if words[:1] == ["train"] or words == ["teacher", "train"]:
+        if not any(arg == "--run-dir" or arg.startswith("--run-dir=") for arg in args):
+            return "interrupted: nothing was kept (a run with --run-dir can be resumed)"
+        return "interrupted: the per-epoch checkpoints in --run-dir are kept; run the same command with --resume"
+    if words[:1] == ["ig"]:
+        return "interrupted: finished chunks of the IG cache are kept; run the same command again to resume"
+    if words[:1] == ["ui"]:
+        return "stopped the MLflow UI"
+    return "interrupted"
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Cheap checks of a run's inputs before anything is written: files, data layout, teacher shape, device.
+
+Called by every study kind's ``validate`` (through ``studyfile.check_files``) and by the single-run
+commands, so that bad input fails with one line and exit code 2 before a study, cache or run exists.
+Cheap means listings, image headers and state-dict shapes: no image is decoded and no model is run.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kdsearch.config import DataConfig, ModelConfig, TrainConfig, replace
+from kdsearch.errors import CheckpointError, ConfigError, DataError, NotWritable
+from kdsearch.infra.storage import check_writable
+
+if TYPE_CHECKING:
+    from kdsearch.data.datasets import Layout
+
+# torch, the data sources and the models are imported where used: reading a study file runs
+# ``check_inputs``, and commands such as ``study status`` read study files without needing them.
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """Raise a one-line KdsearchError for inputs ``config`` cannot run with.
+
+    A teacher checkpoint that does not exist is not an error here: a study's teacher trained from its
+    recipe is written there later. Callers given a file check that it exists (``studyfile.check_files``,
+    the ``train`` command).
+    """
+    check_device(config.device)
+    check_writable(config.cache_dir, "cache_dir (--cache-dir)")
+    layout = check_data(config.data, config.cache_dir)
+    check_student(replace(config.student, num_classes=layout.classes))
+    if config.teacher_checkpoint is not None and Path(config.teacher_checkpoint).exists():
+        check_teacher(config.teacher_checkpoint, replace(config.teacher, num_classes=layout.classes))
+
+
+def check_device(name: str) -> None:
+    import torch
+
+    from kdsearch.infra.device import resolve_device
+
+    device = resolve_device(name)  # raises for CUDA where there is none
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_data(config: DataConfig, cache_dir: str | Path) -> Layout:
+    """The source's layout, checked: it can be read (or downloaded), and the validation split and the
+    training subset fit in its training set."""
+    from kdsearch.data.datasets import DATASETS
+
+    layout = DATASETS[config.dataset]().inspect(config, Path(cache_dir))
+    if layout.download is not None:
+        check_download(config.dataset, *layout.download)
+    name = config.data_dir if config.dataset == "folder" else config.dataset
+    if config.val_size >= layout.train_images:
+        raise DataError(
+            f"val_size {config.val_size} (--val-size) must be smaller than the {layout.train_images} training "
+            f"images of {name}"
+        )
+    left = layout.train_images - config.val_size
+    if config.train_subset is not None and config.train_subset > left:
+        raise DataError(
+            f"train_subset {config.train_subset} (--train-subset) exceeds the {left} training images of {name} "
+            f"left after the validation split of {config.val_size}"
+        )
+    if config.train_subset is not None and config.train_subset < layout.classes:
+        raise DataError(
+            f"train_subset {config.train_subset} (--train-subset) is smaller than the {layout.classes} classes "
+            f"of {name}: a stratified subset needs at least one image per class"
+        )
+    return layout
+
+
+def check_download(name: str, url: str, root: Path) -> None:
+    """Fail now where the download that loading ``name`` would start cannot succeed.
+
+    Why a HEAD request rather than the download itself: it answers in well under a second (at once
+    without a network), while the archive (~170 MB) would be fetched before the rest of the inputs were
+    checked, and written even when they are not right. A download that breaks half-way still fails later.
+    """
+    try:
+        check_writable(root, f"{name} download folder")
+    except NotWritable as error:
+        raise DataError(f"{name} is not in {root} and cannot be downloaded: {error}") from None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10):
+            pass
+    except urllib.error.HTTPError as error:
+        if error.code in (404, 410):  # any other answer (e.g. 405 for HEAD) means the server is there
+            raise DataError(f"{name} is not in {root}, and {url} answers {error.code} {error.reason}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise DataError(
+            f"{name} is not in {root} and cannot be downloaded from {url} ({reason}); "
+            "put it there (--data-dir), or use a local copy with --dataset folder --data-dir DIR"
+        ) from None
+
+
+def check_student(config: ModelConfig) -> None:
+    """The student can be built: e.g. its drop_blocks leave at least one feature block."""
+    import torch
+
+    from kdsearch.models.classifiers import build_model
+
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            build_model(config)
+    except ConfigError as error:
+        flag = " (--student-drop)" if "drop_blocks" in str(error) else ""
+        raise ConfigError(f"student: {error}{flag}") from None
+
+
+def check_teacher(path: str | Path, config: ModelConfig) -> None:
+    """The checkpoint's state dict has the keys and shapes of ``config``'s model."""
+    import torch
+
+    from kdsearch.models.classifiers import build_model, check_fits, read_checkpoint
+
+    state, _ = read_checkpoint(path)
+    with torch.device("meta"):
+        model = build_model(config)
+    try:
+        check_fits(model, state, path, config)
+    except CheckpointError as error:
+        raise CheckpointError(f"teacher {error}") from None

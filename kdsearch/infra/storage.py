@@ -1,0 +1,118 @@
+"""Where kdsearch writes: database URLs (a SQLite file by default, PostgreSQL to share) and folders,
+checked before anything is written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from kdsearch.errors import KdsearchError, NotWritable, StudyError
+from kdsearch.infra.urls import sqlite_url
+
+
+def default_storage(workdir: str | Path = ".") -> str:
+    return sqlite_url(Path(workdir) / "studies.db")
+
+
+def database_url(url: str) -> str:
+    """``postgresql://…`` with the PostgreSQL driver that is installed made explicit.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, while kdsearch[postgres] installs
+    psycopg2; naming the driver keeps the URL users write (and MLflow's) working with either.
+    """
+    import importlib.util
+
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme in ("postgresql", "postgres"):
+        driver = "psycopg" if importlib.util.find_spec("psycopg") is not None else "psycopg2"
+        return f"postgresql+{driver}://{rest}"
+    return url
+
+
+# What installs the driver SQLAlchemy asks for, by module name; kdsearch ships an extra for PostgreSQL only.
+DRIVER_PACKAGES = {
+    "psycopg2": "'kdsearch[postgres]'",
+    "psycopg": "'kdsearch[postgres]'",
+    "MySQLdb": "mysqlclient, or use mysql+pymysql://… with pip install pymysql",
+    "pymysql": "pymysql",
+    "mysql": "mysql-connector-python",
+}
+
+
+def check_database(
+    url: str,
+    what: str = "storage",
+    must_exist: bool = False,
+    error: type[KdsearchError] = StudyError,
+    writes: bool | None = None,
+) -> None:
+    """Raise ``error`` unless ``url`` names a database that can be reached. Writes nothing.
+
+    SQLite: its directory must exist (and with ``must_exist`` the file too); the file itself is only
+    created by the first study. ``writes`` (default: when the file need not exist, i.e. for a caller that
+    creates) also requires that SQLite can write there. Servers: one connection is opened and closed.
+    """
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(database_url(url))
+    except sqlalchemy.exc.ArgumentError:
+        raise error(f"{what} {url!r} is not a database URL (sqlite:///FILE or postgresql://…)") from None
+    shown = parsed.render_as_string(hide_password=True)
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise error(f"{what} {shown}: an in-memory database cannot be shared or resumed; name a file")
+        path = Path(parsed.database)
+        if not path.parent.is_dir():
+            raise error(f"{what} {shown}: directory {path.parent} does not exist")
+        if must_exist and not path.is_file():
+            raise error(f"{what} {shown}: no such file (no study has been created there)")
+        if writes if writes is not None else not must_exist:
+            _check_sqlite_writable(path, f"{what} {shown}", error)
+        return
+    connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
+    try:
+        engine = sqlalchemy.create_engine(parsed, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect():
+            pass
+    except ModuleNotFoundError as missing:
+        package = DRIVER_PACKAGES.get(missing.name, missing.name)
+        raise error(
+            f"{what} {shown} needs the {missing.name} driver, which is not installed (pip install {package})"
+        ) from None
+    except Exception as failure:  # drivers raise their own errors: any failure means "cannot use it"
+        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        raise error(f"cannot reach {what} {shown}: {reason}") from None
+
+
+def _check_sqlite_writable(path: Path, what: str, error: type[KdsearchError]) -> None:
+    """SQLite writes the database file and a journal beside it: both need a writable folder."""
+    try:
+        check_writable(path.parent, f"{what}: folder")
+    except NotWritable as failure:
+        raise error(str(failure)) from None
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise error(f"{what}: file {path} is read-only")
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Raise NotWritable unless ``path`` is a folder kdsearch can write in, or can be created as one.
+
+    Tries a nameless temporary file in the nearest existing folder rather than ``os.access``, which
+    answers yes for root on a read-only mount and in folders root may not write (e.g. /sys).
+    """
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise NotWritable(f"{what} {path} {where}, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        if existing == path:
+            raise NotWritable(f"{what} {path} is not writable ({error.strerror})") from None
+        raise NotWritable(f"{what} {path} cannot be created: {existing} is not writable ({error.strerror})") from None

@@ -1,0 +1,42 @@
+"""A model's logits and accuracy on uint8 images, batched, in eval mode."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kdsearch.infra.cpu_share import machine_share
+from kdsearch.infra.device import autocast_context
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Logits (float32, on CPU) for uint8 images (N, 3, H, W); ``dtype`` is the autocast, None for fp32."""
+    was_training = model.training
+    model.eval()
+    outputs, share = [], machine_share()
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device).float().div_(255)
+        with share.step(), autocast_context(device, dtype):
+            outputs.append(model(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> float:
+    """Top-1 accuracy in % (NaN for no images)."""
+    if len(labels) == 0:
+        return math.nan
+    logits = predict_logits(model, images, batch_size, device, dtype)
+    return 100.0 * int((logits.argmax(dim=1) == labels).sum()) / len(labels)

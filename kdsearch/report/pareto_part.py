@@ -1,0 +1,269 @@
+"""The report of a Pareto study: its front as a table and a figure, with the teacher in the same runtime.
+
+The front's students are rebuilt from their MLflow checkpoints (a pruned student's channels are in its
+stored config) and timed in ONNX Runtime fp32 and int8 (``deploy.runtime_latency``, cached per
+architecture); an int8 student's test accuracy is measured here, on the study's test split, because
+quantisation changes it. The teacher is timed in the same runtime, batch and threads as the study's
+latency objective, so every speed-up compares like with like.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from optuna.trial import TrialState
+
+from kdsearch.config import ModelConfig, Runtime, replace
+from kdsearch.data.datasets import Splits, load_splits
+from kdsearch.distill.teacher import load_teacher
+from kdsearch.errors import KdsearchError
+from kdsearch.infra.text import ACCURACY
+from kdsearch.models.classifiers import CifarClassifier, count_flops, count_parameters, load_model
+from kdsearch.models.inference import accuracy
+from kdsearch.report.tables import Table
+from kdsearch.runtime.onnx_runtime import onnx_logits, session
+from kdsearch.runtime.timing import CALIBRATION_IMAGES, Exported, runtime_latency
+from kdsearch.search.study import front
+from kdsearch.search.studyfile import StudySpec
+
+PAPER_STUDENT = {"student_drop": 5, "width": 1.0, "prune_ratio": 0.0}  # the paper's student, as Pareto params
+
+
+@dataclass
+class Point:
+    """One student (or the teacher) on the accuracy × latency plane."""
+
+    name: str
+    params: dict[str, Any]
+    parameters: int
+    flops: int
+    latency_ms: dict[str, float]  # by runtime, at the study's batch and threads
+    val_acc: float | None
+    test_acc: float | None
+    int8_test_acc: float | None
+    on_front: bool
+
+
+@dataclass
+class ParetoResult:
+    runtime: str
+    batch: int
+    threads: int
+    teacher: Point | None
+    students: list[Point]  # every complete trial; the front's with int8 numbers
+
+
+def _runtimes(spec: StudySpec) -> list[str]:
+    # The objective's runtime first; the front is also shown in ONNX Runtime fp32 and int8.
+    return list(dict.fromkeys([spec.pareto.latency, Runtime.ONNX_FP32.value, Runtime.ONNX_INT8.value]))
+
+
+def _student(
+    client, trial: optuna.trial.FrozenTrial, on_front: bool, spec: StudySpec, splits: Splits, repeats: list[int]
+) -> Point:
+    run_id = trial.user_attrs["run_id"]
+    with tempfile.TemporaryDirectory() as scratch:
+        model, config = load_model(client.download_artifacts(run_id, "model.pt", scratch))
+        model.eval()
+        latency_ms, int8_test_acc = {spec.pareto.latency: trial.values[1]}, None
+        if on_front:
+            exported = Exported(model, splits.train_images[:CALIBRATION_IMAGES], scratch)
+            latency_ms = _time(model, config, spec, exported)
+            logits = onnx_logits(session(exported.path(Runtime.ONNX_INT8)), splits.test_images)
+            int8_test_acc = 100.0 * float((logits.argmax(dim=1) == splits.test_labels).float().mean())
+    return Point(
+        name=f"trial {trial.number}" + (f" (also {', '.join(map(str, repeats))})" if repeats else ""),
+        params=dict(trial.params),
+        parameters=count_parameters(model),
+        flops=count_flops(model),
+        latency_ms=latency_ms,
+        val_acc=trial.values[0],
+        test_acc=trial.user_attrs.get("test_acc"),
+        int8_test_acc=int8_test_acc,
+        on_front=on_front,
+    )
+
+
+def _time(model: CifarClassifier, config: ModelConfig, spec: StudySpec, exported: Exported) -> dict[str, float]:
+    pareto = spec.pareto
+    return {
+        runtime: runtime_latency(
+            model,
+            config,
+            runtime,
+            pareto.batch,
+            pareto.threads,
+            spec.latency,
+            exported.calibration,
+            spec.train.cache_dir,
+            exported,
+        ).latency_ms
+        for runtime in _runtimes(spec)
+    }
+
+
+def _teacher_latency(
+    teacher: CifarClassifier, config: ModelConfig, spec: StudySpec, splits: Splits
+) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as scratch:
+        return _time(teacher, config, spec, Exported(teacher, splits.train_images[:CALIBRATION_IMAGES], scratch))
+
+
+def pareto_result(study: optuna.Study, spec: StudySpec, client) -> ParetoResult:
+    """Every complete trial, the front's students timed in each runtime, and the teacher; raises
+    KdsearchError when the data or the teacher are not on this machine."""
+    if not Path(spec.train.teacher_checkpoint).is_file():
+        raise KdsearchError(
+            f"teacher {spec.train.teacher_checkpoint} is not on this machine (give --teacher-checkpoint)"
+        )
+    splits = load_splits(spec.train.data, spec.train.cache_dir)
+    teacher = load_teacher(spec.train, splits.num_classes, torch.device("cpu"))
+    teacher_config = replace(spec.train.teacher, num_classes=splits.num_classes)
+    on_front = {trial.number for trial in front(study)}
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "run_id" in t.user_attrs]
+    # A point proposed again reused its twin's student (pareto.py): one student, listed under its first trial.
+    numbers = {trial.number for trial in complete}
+    repeats: dict[int, list[int]] = {}
+    for trial in complete:
+        if trial.user_attrs.get("same_as_trial") in numbers:
+            repeats.setdefault(trial.user_attrs["same_as_trial"], []).append(trial.number)
+    students = [
+        _student(client, trial, trial.number in on_front, spec, splits, repeats.get(trial.number, []))
+        for trial in complete
+        if trial.user_attrs.get("same_as_trial") not in numbers
+    ]
+    teacher_point = Point(
+        name="teacher",
+        params={},
+        parameters=count_parameters(teacher),
+        flops=count_flops(teacher),
+        latency_ms=_teacher_latency(teacher, teacher_config, spec, splits),
+        val_acc=None,
+        test_acc=accuracy(teacher, splits.test_images, splits.test_labels, 500, torch.device("cpu"), None),
+        int8_test_acc=None,
+        on_front=False,
+    )
+    return ParetoResult(spec.pareto.latency, spec.pareto.batch, spec.pareto.threads, teacher_point, students)
+
+
+def _architecture(params: dict[str, Any]) -> str:
+    if not params:
+        return "teacher"
+    text = f"drop {params.get('student_drop', 0)}, width {params.get('width', 1.0):g}"
+    ratio = params.get("prune_ratio", 0.0)
+    return text + (f", pruned {ratio:.0%}" if ratio else "")
+
+
+def front_table(result: ParetoResult, dataset: str) -> Table:
+    """The front's students (and the teacher and the paper's student when it ran), one row each."""
+    runtimes = list(result.teacher.latency_ms)
+    rows = [result.teacher] + sorted(
+        (point for point in result.students if point.on_front or point.params == PAPER_STUDENT),
+        key=lambda point: point.latency_ms[result.runtime],
+    )
+    records = []
+    for point in rows:
+        record = {
+            "student": point.name + (" (paper's student)" if point.params == PAPER_STUDENT else ""),
+            "architecture": _architecture(point.params),
+            "params": point.parameters,
+            "MFLOPs": point.flops / 1e6,
+        }
+        for runtime in runtimes:
+            latency = point.latency_ms.get(runtime)
+            record[f"{runtime} ms"] = latency
+            record[f"{runtime} speed-up"] = result.teacher.latency_ms[runtime] / latency if latency else None
+        record |= {
+            "val acc (%)": point.val_acc,
+            "test acc (%)": point.test_acc,
+            "int8 test acc (%)": point.int8_test_acc,
+            "on front": "yes" if point.on_front else "",
+        }
+        records.append(record)
+    formats = {"params": ",.0f", "MFLOPs": ".1f", "val acc (%)": ACCURACY, "test acc (%)": ACCURACY}
+    formats["int8 test acc (%)"] = ACCURACY
+    formats |= {f"{runtime} ms": ".3f" for runtime in runtimes} | {f"{runtime} speed-up": ".2f" for runtime in runtimes}
+    notes = [
+        f"{dataset}. Latency: median ms of one batch of {result.batch} at {result.threads} thread(s), on this "
+        "machine; speed-up is against the teacher in the same runtime. The study's objective runtime is "
+        f"{result.runtime}; the front is Pareto-optimal in validation accuracy and that latency.",
+        "int8: static QDQ quantisation calibrated on training images; its test accuracy is measured here.",
+    ]
+    return Table("pareto_front", "Pareto front: accuracy × latency", pd.DataFrame.from_records(records), formats, notes)
+
+
+def front_figure(result: ParetoResult, dataset: str, progress: str = "") -> go.Figure:
+    """Validation and test accuracy against latency; the front bold, dominated trials faded, the teacher
+    and the paper's student marked, the front's int8 students beside their fp32 selves."""
+    runtime = result.runtime
+    figure = go.Figure()
+    for on_front, opacity in ((False, 0.3), (True, 1.0)):
+        points = [point for point in result.students if point.on_front == on_front]
+        points.sort(key=lambda point: point.latency_ms[runtime])
+        label = "front" if on_front else "dominated"
+        for metric, symbol in (("val_acc", "circle"), ("test_acc", "diamond")):
+            figure.add_scatter(
+                x=[point.latency_ms[runtime] for point in points],
+                y=[getattr(point, metric) for point in points],
+                mode="lines+markers" if on_front and metric == "val_acc" else "markers",
+                marker={"symbol": symbol, "size": 10},
+                opacity=opacity,
+                name=f"{label}: {metric.replace('_acc', '')} acc ({runtime})",
+                text=[f"{point.name}: {_architecture(point.params)}" for point in points],
+                meta={"role": label, "metric": metric},
+            )
+    front = [point for point in result.students if point.on_front and point.int8_test_acc is not None]
+    if runtime != Runtime.ONNX_INT8 and front:
+        figure.add_scatter(
+            x=[point.latency_ms[Runtime.ONNX_INT8.value] for point in front],
+            y=[point.int8_test_acc for point in front],
+            mode="markers",
+            marker={"symbol": "x", "size": 11},
+            name="front: test acc, int8 (onnx-int8 latency)",
+            text=[point.name for point in front],
+            meta={"role": "int8", "metric": "test_acc"},
+        )
+    figure.add_scatter(
+        x=[result.teacher.latency_ms[runtime]],
+        y=[result.teacher.test_acc],
+        mode="markers+text",
+        marker={"symbol": "star", "size": 16, "color": "black"},
+        text=["teacher"],
+        textposition="top center",
+        name=f"teacher: test acc ({runtime})",
+        meta={"role": "teacher", "metric": "test_acc"},
+    )
+    paper = [point for point in result.students if point.params == PAPER_STUDENT]
+    if paper:
+        figure.add_scatter(
+            x=[paper[0].latency_ms[runtime]],
+            y=[paper[0].test_acc],
+            mode="markers+text",
+            marker={"symbol": "square", "size": 14, "color": "red"},
+            text=["paper's student"],
+            textposition="bottom center",
+            name="paper's student: test acc",
+            meta={"role": "paper", "metric": "test_acc"},
+        )
+    title = f"Accuracy vs latency ({runtime}, batch {result.batch}, {result.threads} thread(s)), {dataset}"
+    figure.update_layout(
+        title=title + (f"<br>({progress})" if progress else ""),
+        xaxis_title=f"latency (ms), {runtime}",
+        yaxis_title="accuracy (%)",
+    )
+    return figure
+
+
+def optuna_front(study: optuna.Study) -> go.Figure:
+    import optuna.visualization as visualization
+
+    figure = visualization.plot_pareto_front(study, target_names=["val acc (%)", "latency (ms)"])
+    figure.update_layout(title=f"Optuna Pareto front of {study.study_name}")
+    return figure

@@ -1,0 +1,33 @@
+"""What a model costs to keep and to run, the teacher's and every student's alike: parameters, FLOPs,
+bytes on disk, and latency in PyTorch and in each ONNX runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kdsearch.config import ModelConfig
+from kdsearch.models.classifiers import count_flops, count_parameters, size_on_disk_bytes
+from kdsearch.runtime.latency import LatencyConfig, measure_latency
+from kdsearch.runtime.timing import onnx_latency_metrics
+
+
+def model_costs(
+    model: torch.nn.Module,
+    architecture: ModelConfig,
+    role: str,
+    calibration: torch.Tensor,
+    device: torch.device,
+    latency: LatencyConfig,
+    cache_dir: str | Path,
+) -> dict[str, float]:
+    """``{role}_params``, ``{role}_flops``, ``{role}_size_bytes`` and the ``latency_ms_{role}…`` metrics of
+    ``model`` (built as ``architecture``); ``calibration`` images calibrate its int8 ONNX model."""
+    return {
+        f"{role}_params": float(count_parameters(model)),
+        f"{role}_flops": float(count_flops(model)),
+        f"{role}_size_bytes": float(size_on_disk_bytes(model)),
+        **measure_latency(model, device, latency, f"latency_ms_{role}"),
+        **onnx_latency_metrics(model, architecture, latency, calibration, cache_dir, f"latency_ms_{role}"),
+    }

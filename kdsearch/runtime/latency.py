@@ -1,0 +1,117 @@
+"""Inference latency of a model: warm-up, then the median of timed repeats, with the thread count.
+
+Measured in fp32, eval mode, without gradients, on channels_last input (the layout training uses),
+on random 32x32 images: the latency of the architecture, not of particular weights. The median
+resists the odd slow repeat that another process on a shared CPU causes, but not a neighbour that
+keeps the cores busy throughout: so other kdsearch processes (a second study worker) pause their steps
+during a timing (``cpu_share``), the CPU that other processes used during the timing is measured too,
+and reports flag latencies taken on a busy machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdsearch.config import Runtime, check_field_types
+from kdsearch.errors import ConfigError
+from kdsearch.infra.cpu_share import machine_share
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    warmup: int = 3  # untimed passes first (allocator, oneDNN/cuDNN kernel selection)
+    repeats: int = 10  # timed passes; the median is reported
+    batch_sizes: tuple[int, ...] = (1, 128)  # the paper reports per-batch latency; 1 is the edge case
+    # Timed besides torch eager, once per architecture (deploy.onnx_latency_metrics): where the model
+    # ships. Exporting takes a few seconds per architecture; [] times torch eager only.
+    onnx_runtimes: tuple[str, ...] = (Runtime.ONNX_FP32.value, Runtime.ONNX_INT8.value)
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.warmup < 0:
+            raise ConfigError(f"latency warmup must be >= 0 but got {self.warmup}")
+        if self.repeats < 1:
+            raise ConfigError(f"latency repeats must be >= 1 but got {self.repeats}")
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+        if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"latency batch_sizes must be positive integers but got {list(self.batch_sizes)}")
+        object.__setattr__(self, "onnx_runtimes", tuple(self.onnx_runtimes))
+        onnx = [runtime.value for runtime in Runtime if runtime != Runtime.TORCH]
+        if unknown := [runtime for runtime in self.onnx_runtimes if runtime not in onnx]:
+            raise ConfigError(f"latency onnx_runtimes must be among {', '.join(onnx)} but got {', '.join(unknown)}")
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU-seconds the whole machine (all cores) has spent busy since boot; None where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(value) for value in handle.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU-seconds of this process (all threads) and of its reaped children (DataLoader workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class OtherProcesses:
+    """Cores' worth of CPU that other processes used while the block ran (``cores``; None if unknown)."""
+
+    cores: float | None = None
+
+    def __enter__(self) -> OtherProcesses:
+        self._busy, self._own, self._start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = machine_busy_seconds()
+        if busy is None or self._busy is None:
+            return
+        other = (busy - self._busy) - (own_cpu_seconds() - self._own)
+        self.cores = max(0.0, other) / max(time.perf_counter() - self._start, 1e-9)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, batch_size: int, device: torch.device, config: LatencyConfig) -> float:
+    """Median milliseconds of one forward pass of ``batch_size`` images."""
+    model = copy.deepcopy(model).to(device).eval().to(memory_format=torch.channels_last)
+    images = torch.rand(batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    for _ in range(config.warmup):
+        model(images)
+    _synchronize(device)
+    timings = []
+    for _ in range(config.repeats):
+        start = time.perf_counter()
+        model(images)
+        _synchronize(device)
+        timings.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(timings)
+
+
+def measure_latency(model: nn.Module, device: torch.device, config: LatencyConfig, prefix: str) -> dict[str, float]:
+    """{"<prefix>_b1": ms, "<prefix>_b128": ms, ..., "latency_threads": n} for the configured batch sizes,
+    and "<prefix>_other_cores": the cores other processes kept busy meanwhile (where measurable)."""
+    with machine_share().timing(), OtherProcesses() as others:
+        metrics = {f"{prefix}_b{size}": latency_ms(model, size, device, config) for size in config.batch_sizes}
+    metrics["latency_threads"] = float(torch.get_num_threads())
+    if others.cores is not None:
+        metrics[f"{prefix}_other_cores"] = others.cores
+    return metrics

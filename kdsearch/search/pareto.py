@@ -1,0 +1,151 @@
+"""The accuracy × latency study: which students are both accurate and fast where they deploy.
+
+    kdsearch study pareto --study studies/cifar10-pareto.yaml --trials 24 --latency onnx-fp32
+
+A multi-objective Optuna study (TPE by default, or NSGA-II) maximising validation accuracy and
+minimising the latency measured in the chosen runtime, over the student's architecture (blocks
+dropped, width, pruning ratio) and the KD/IG/AT hyperparameters of the study file's ``pareto`` section.
+
+Optuna's pruners are single-objective, so trials are not stopped on their learning curves. Instead each
+trial measures first and trains second: the architecture is built (pruned from the teacher) and timed
+(``deploy.runtime_latency``, cached per architecture); one slower than ``max_latency_ms`` is recorded
+as PRUNED with its latency and never trained. Constraints (``max_latency_ms``, ``min_val_acc``) reach
+the samplers through ``Trial.set_constraint``, so infeasible trials do not shape the front.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+
+from kdsearch.config import ParetoSampler, PruneConfig, TrainConfig, replace, to_dict
+from kdsearch.distill.train import build_student
+from kdsearch.errors import ConfigError
+from kdsearch.models.classifiers import build_model
+from kdsearch.runtime.timing import CALIBRATION_IMAGES, metric_name, runtime_latency
+from kdsearch.search.study import Objective, StudyHandle, StudyKind
+from kdsearch.search.studyfile import ParetoSpec, StudySpec, check_files, with_params
+from kdsearch.search.trial import TrialRunner
+from kdsearch.search.tune import check_selectable
+
+SAMPLERS = {
+    ParetoSampler.TPE: lambda pareto, seed: optuna.samplers.TPESampler(
+        seed=seed, constant_liar=True, n_startup_trials=pareto.startup_trials
+    ),
+    ParetoSampler.NSGA2: lambda pareto, seed: optuna.samplers.NSGAIISampler(seed=seed),
+}
+
+
+def trial_params(trial: optuna.Trial, pareto: ParetoSpec) -> dict[str, Any]:
+    """The trial's architecture and hyperparameters, suggested in a fixed order."""
+    params: dict[str, Any] = {
+        "student_drop": trial.suggest_int("student_drop", *pareto.student_drop),
+        "width": trial.suggest_categorical("width", list(pareto.widths)),
+        "prune_ratio": trial.suggest_categorical("prune_ratio", list(pareto.prune_ratios)),
+    }
+    for name in ("t", "alpha", "p", "gamma"):
+        bounds = getattr(pareto, name)
+        if bounds is not None:
+            params[name] = trial.suggest_float(name, bounds.low, bounds.high, log=bounds.log)
+    return params
+
+
+def pareto_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
+    config = with_params(base, params)
+    ratio = params.get("prune_ratio", 0.0)
+    return replace(
+        config,
+        student=replace(config.student, width_mult=float(params.get("width", config.student.width_mult))),
+        prune=PruneConfig(ratio=ratio, importance=config.prune.importance) if ratio > 0 else config.prune,
+    )
+
+
+def _constrain(trial: optuna.Trial, pareto: ParetoSpec, val_acc: float | None, latency: float) -> None:
+    """Both constraints, feasible at <= 0, as Optuna's samplers and best_trials read them; an untrained
+    (too slow) trial's accuracy constraint is unknown and set to 0."""
+    trial.set_constraint("latency", latency - pareto.max_latency_ms if pareto.max_latency_ms is not None else -1.0)
+    short = pareto.min_val_acc - val_acc if pareto.min_val_acc is not None and val_acc is not None else -1.0
+    trial.set_constraint("val_acc", 0.0 if val_acc is None else short)
+
+
+def _complete_twin(trial: optuna.Trial, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
+    """A complete trial of the same study with exactly these params, if any."""
+    complete = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return next((other for other in complete if other.params == params), None)
+
+
+class ParetoSearch(StudyKind):
+    name = "pareto"
+    unit = "Pareto trials"
+    directions = ("maximize", "minimize")
+
+    def validate(self, spec: StudySpec) -> None:
+        pareto = spec.pareto
+        if pareto is None:
+            raise ConfigError("no Pareto search space: add a 'pareto' section to the study file")
+        check_selectable(spec)
+        check_files(spec)
+        build_model(replace(spec.train.student, drop_blocks=pareto.student_drop[1]))  # the deepest drop must fit
+        from_teacher = spec.train.student_init == "teacher" or any(ratio > 0 for ratio in pareto.prune_ratios)
+        if from_teacher and any(width != spec.train.teacher.width_mult for width in pareto.widths):
+            raise ConfigError(
+                "pareto widths other than the teacher's cannot start from the teacher's weights (student_init "
+                "teacher, or prune_ratios > 0): use widths [1.0] or a random init without pruning"
+            )
+
+    def space(self, spec: StudySpec) -> dict[str, Any]:
+        return json.loads(json.dumps(to_dict(spec.pareto)))
+
+    def total(self, space: dict[str, Any]) -> int:
+        return space["trials"]
+
+    def points(self, space: dict[str, Any]) -> list[dict[str, Any]]:
+        return list(space.get("enqueue", []))
+
+    def algorithms(self, spec: StudySpec, joining: bool):
+        return SAMPLERS[ParetoSampler(spec.pareto.sampler)](spec.pareto, None if joining else spec.pareto.seed), None
+
+    def trial_configs(self, spec: StudySpec, space: dict[str, Any]) -> list[TrainConfig]:
+        pareto = spec.pareto
+        most = {name: getattr(pareto, name).high for name in ("alpha", "p", "gamma") if getattr(pareto, name)}
+        return [with_params(spec.train, most)]
+
+    def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
+        spec, prepared = handle.spec, runner.prepared
+        pareto = spec.pareto
+        calibration = prepared.splits.train_images[:CALIBRATION_IMAGES]
+
+        def objective(trial: optuna.Trial) -> tuple[float, float]:
+            params = trial_params(trial, pareto)
+            twin = _complete_twin(trial, params)
+            if twin is not None:
+                # Training is seeded, so the same point trains the same student: reuse it, do not retrain
+                # (TPE proposes a finished point again once a categorical space is small).
+                for key in ("latency_ms", "test_acc", "run_id"):
+                    trial.set_user_attr(key, twin.user_attrs.get(key))
+                trial.set_user_attr("same_as_trial", twin.number)
+                _constrain(trial, pareto, *twin.values)
+                return tuple(twin.values)
+            config = pareto_config(spec.train, params)
+            model, architecture = build_student(config, prepared.inputs)
+            timing = runtime_latency(
+                model, architecture, pareto.latency, pareto.batch, pareto.threads, spec.latency, calibration,
+                spec.train.cache_dir,
+            )  # fmt: skip
+            latency = timing.latency_ms
+            trial.set_user_attr("latency_ms", latency)
+            trial.set_user_attr("latency_other_cores", timing.other_cores)
+            if pareto.max_latency_ms is not None and latency > pareto.max_latency_ms:
+                _constrain(trial, pareto, None, latency)
+                raise optuna.TrialPruned(f"{latency:.2f} ms > max_latency_ms {pareto.max_latency_ms}: not trained")
+            name = metric_name(pareto.latency, pareto.batch)
+            result = runner.train(trial, config, evaluate=lambda result: {name: latency})
+            _constrain(trial, pareto, result.val_acc, latency)
+            return result.val_acc, latency
+
+        return objective
+
+
+PARETO = ParetoSearch()

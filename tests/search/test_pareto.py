@@ -1,0 +1,178 @@
+"""Pruned students, deployment latency and the accuracy × latency (Pareto) study of issue 12."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import kdsearch.runtime.timing as deploy
+from kdsearch.cli.main import main
+from kdsearch.config import ModelConfig, PruneConfig, replace
+from kdsearch.distill.train import train
+from kdsearch.errors import ConfigError
+from kdsearch.models.classifiers import build_model, channel_plan, count_parameters, load_model
+from kdsearch.runtime.latency import LatencyConfig
+from kdsearch.search.pareto import PARETO
+from kdsearch.search.studyfile import load_study
+from tests.fakes import SMOKE
+
+
+@pytest.mark.slow
+def test_a_pruned_student_is_rebuilt_from_its_checkpoint_alone(student_config, tmp_path):
+    config = replace(student_config, student=replace(student_config.teacher), prune=PruneConfig(ratio=0.5))
+    result = train(config, run_dir=tmp_path / "run", progress=False)
+    teacher, _ = load_model(student_config.teacher_checkpoint)
+    assert result.model_config.channels == channel_plan(result.model)
+    assert count_parameters(result.model) < count_parameters(teacher)
+    rebuilt, stored = load_model(tmp_path / "run" / "model.pt")  # no teacher, no prune settings
+    images = torch.rand(4, 3, 32, 32)
+    trained = result.model.eval().to(memory_format=torch.contiguous_format)  # trained channels_last
+    rebuilt.eval()
+    assert stored == result.model_config and torch.equal(rebuilt(images), trained(images))
+
+
+def test_a_second_latency_request_for_an_architecture_is_not_timed_again(tmp_path, monkeypatch):
+    timings = []
+    real = deploy._measure
+    monkeypatch.setattr(deploy, "_measure", lambda *args: timings.append(args[1]) or real(*args))
+    monkeypatch.setattr(deploy, "BUSY_CORES", float("inf"))  # cache even on this busy test machine
+    model = build_model(ModelConfig(arch="tiny_cnn"))
+    latency = LatencyConfig(warmup=0, repeats=2)
+
+    def timed(config):
+        return deploy.runtime_latency(model, config, "torch", 1, 1, latency, torch.zeros(1), tmp_path)
+
+    first, again = timed(ModelConfig(arch="tiny_cnn")), timed(ModelConfig(arch="tiny_cnn"))
+    other = timed(ModelConfig(arch="tiny_cnn", dropout=0.3))  # another architecture key: timed again
+    assert timings == ["torch", "torch"] and not first.cached and again.cached and not other.cached
+    assert again.latency_ms == first.latency_ms > 0
+
+
+def test_onnx_latency_metrics_export_and_quantise_each_model_once(tmp_path, monkeypatch):
+    calls = []
+    for name in ("export_onnx", "quantize_int8"):
+        real = getattr(deploy, name)
+        monkeypatch.setattr(
+            deploy, name, lambda *args, _real=real, _name=name, **kw: calls.append(_name) or _real(*args, **kw)
+        )
+    model = build_model(ModelConfig(arch="tiny_cnn")).eval()
+    latency = LatencyConfig(warmup=0, repeats=1, batch_sizes=(1, 4))
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    metrics = deploy.onnx_latency_metrics(
+        model, ModelConfig(arch="tiny_cnn"), latency, images, tmp_path, "latency_ms_x"
+    )
+    assert calls == ["export_onnx", "quantize_int8"]
+    timed = {f"latency_ms_x_onnx_{precision}_b{batch}" for precision in ("fp32", "int8") for batch in (1, 4)}
+    assert timed <= set(metrics) and all(metrics[key] > 0 for key in timed)
+    assert set(metrics) - timed <= {"latency_ms_x_onnx_other_cores"}
+
+
+def test_latency_onnx_runtimes_are_checked():
+    assert LatencyConfig(onnx_runtimes=[]).onnx_runtimes == ()
+    with pytest.raises(ConfigError, match="latency onnx_runtimes must be among onnx-fp32, onnx-int8 but got torch"):
+        LatencyConfig(onnx_runtimes=["torch"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"pareto.latency": "tensorrt"},
+            r"pareto latency runtime must be one of \['torch', 'onnx-fp32', 'onnx-int8'\] but got 'tensorrt'",
+        ),
+        ({"pareto.prune_ratios": [0.0, 1.0]}, r"prune_ratios must be in \[0, 1\)"),
+        ({"pareto.widths": [0.5], "pareto.prune_ratios": [0.5]}, "cannot start from the teacher's weights"),
+        ({"pareto.student_drop": [0, 9]}, "would remove all"),
+        ({"pareto.max_latency_ms": -1}, "max_latency_ms must be > 0"),
+    ],
+)
+def test_bad_pareto_settings_are_one_line_errors(overrides, message, smoke_overrides):
+    with pytest.raises(ConfigError, match=message):
+        PARETO.validate(load_study(SMOKE, {**smoke_overrides, **overrides}))
+
+
+def test_prune_ratio_outside_the_unit_interval_is_refused():
+    with pytest.raises(ConfigError, match=r"prune ratio must be in \(0, 1\)"):
+        PruneConfig(ratio=1.5)
+
+
+@pytest.mark.slow
+def test_smoke_pareto_study_has_a_front_and_a_report(tmp_path, shared_cache, capsys):
+    args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
+    args += ["--set", "latency.repeats=2", "--set", "pareto.trials=3"]
+    assert main(args) == 0
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    [summary] = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(study.directions) == 2 and len(complete) == 3 and study.best_trials
+    assert all(t.values[1] == t.user_attrs["latency_ms"] > 0 for t in complete)
+    assert main([*args]) == 0 and len(study.trials) == 3  # resumed: nothing more to run
+    capsys.readouterr()
+    assert main(["study", "status", "--workdir", str(tmp_path), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert {t["trial"] for t in status["front"]} == {t.number for t in study.best_trials}
+
+    out = tmp_path / "report"
+    assert main(["report", "--study", summary.study_name, "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    table = (out / "tables" / "pareto_front.csv").read_text().splitlines()
+    assert table[0].startswith("student,architecture,params,MFLOPs,onnx-fp32 ms,onnx-fp32 speed-up")
+    assert len(table) == 1 + 1 + len(study.best_trials)  # header, teacher, the front
+    assert (out / "figures" / "pareto_front.html").exists() and (out / "figures" / "optuna_pareto_front.html").exists()
+
+
+@pytest.mark.slow
+def test_an_architecture_slower_than_the_constraint_is_timed_but_not_trained(tmp_path, shared_cache):
+    args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
+    args += ["--set", "latency.repeats=2", "--set", "pareto.trials=2", "--latency", "torch", "--max-latency-ms", "1e-6"]
+    args += ["--set", "pareto.enqueue=[{student_drop: 1, prune_ratio: 0.5, alpha: 0.5}]"]
+    assert main(args) == 0
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    [summary] = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert all("run_id" not in t.user_attrs and t.user_attrs["latency_ms"] > 1e-6 for t in trials)
+    # Reopened, the study is done: the enqueued point was decided (pruned), not lost, so it is not queued again.
+    assert main(args) == 0
+    assert len(optuna.load_study(study_name=summary.study_name, storage=storage).trials) == 2
+
+
+@pytest.mark.slow
+def test_a_point_proposed_again_reuses_its_trained_student(tmp_path, shared_cache, monkeypatch, capsys):
+    import kdsearch.search.trial
+
+    trainings = []
+    real_train = kdsearch.search.trial.train
+
+    def counted(config, **kwargs):
+        if config.kd.alpha:  # students only: the smoke teacher, trained by its recipe when not cached, has alpha 0
+            trainings.append(config.kd.alpha)
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(kdsearch.search.trial, "train", counted)
+    point = {"student_drop": 1, "width": 1.0, "prune_ratio": 0.0, "alpha": 0.5}
+    args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress", "--latency", "torch"]
+    args += [
+        "--set",
+        "latency.repeats=2",
+        "--set",
+        "pareto.trials=2",
+        "--set",
+        f"pareto.enqueue=[{json.dumps(point)}, {json.dumps(point)}]",
+    ]
+    assert main(args) == 0
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    [summary] = optuna.get_all_study_summaries(storage)
+    first, again = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert first.params == again.params == point and again.user_attrs["same_as_trial"] == 0
+    assert again.values == first.values and again.user_attrs["run_id"] == first.user_attrs["run_id"]
+    assert trainings == [0.5]
+    capsys.readouterr()
+    assert main(["study", "status", "--workdir", str(tmp_path)]) == 0
+    fronts = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("front:")]
+    assert len(fronts) == 2 and fronts[1].endswith("(the student of trial 0)")
+    assert not fronts[0].endswith(")")

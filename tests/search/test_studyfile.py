@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdsearch.config import to_dict
+from kdsearch.errors import ConfigError
+from kdsearch.search.studyfile import (
+    apply_overrides,
+    build_spec,
+    load_study,
+    parse_number_list,
+    parse_value,
+    read_study_file,
+    with_params,
+)
+from kdsearch.search.tune import GRID
+from tests.fakes import CPU_QUICK, PAPER, SMOKE
+
+MINIMAL = {"name": "t", "teacher": {"checkpoint": "teacher.pt"}}
+
+
+def test_shipped_study_files_validate():
+    smoke, quick, paper = load_study(SMOKE), load_study(CPU_QUICK), load_study(PAPER)
+    assert len(GRID.points(smoke.grid.axes())) == 4
+    assert smoke.teacher.train is not None and smoke.train.data.dataset == "synthetic"
+    assert len(GRID.points(quick.grid.axes())) == 12
+    assert quick.train.data.label == "CIFAR-10 (JPEG q75 copy)"
+    assert paper.train.student.drop_blocks == 5 and paper.train.batch_size == 64 and paper.train.epochs == 100
+    assert paper.train.optim.optimizer == "adam" and paper.train.optim.lr == 1e-3
+    assert all(5 <= len(values) <= 9 for values in (paper.grid.t, paper.grid.alpha, paper.grid.p))
+    assert (2.5, 0.01, 0.1) in {(pt["t"], pt["alpha"], pt["p"]) for pt in GRID.points(paper.grid.axes())}
+
+
+def test_the_teacher_initialised_ablation_differs_from_the_real_data_one_only_where_it_says():
+    studies = SMOKE.parents[1] / "studies"
+    scratch = to_dict(load_study(studies / "cifar10-ablation.yaml").train)
+    teacher_init = to_dict(load_study(studies / "cifar10-ablation-teacher-init.yaml").train)
+    changed = {key for key in scratch if scratch[key] != teacher_init[key]}
+    assert changed == {"student_init", "epochs"}  # same data, teacher and IG settings: one shared IG cache
+    assert teacher_init["student_init"] == "teacher" and teacher_init["epochs"] == 3
+
+
+def test_cpu_quick_paths_are_relative_to_the_working_directory(monkeypatch):
+    monkeypatch.chdir(SMOKE.parents[1])
+    spec = load_study(CPU_QUICK)
+    assert spec.train.data.data_dir == str((SMOKE.parents[2] / "shared" / "data" / "cifar10-jpeg").resolve())
+    assert spec.teacher.checkpoint.endswith("shared/models/mobilenetv2_cifar10jpeg_teacher.pt")
+    assert spec.train.teacher_checkpoint == spec.teacher.checkpoint
+
+
+def test_unknown_top_level_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown study file key\(s\) \['gird'\]"):
+        build_spec({**MINIMAL, "gird": {}})
+
+
+def test_unknown_train_key_is_named():
+    with pytest.raises(ConfigError, match="epoch"):
+        build_spec({**MINIMAL, "train": {"epoch": 3}})
+
+
+def test_unknown_grid_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown grid key\(s\) \['T'\]"):
+        build_spec({**MINIMAL, "grid": {"T": [1, 2]}})
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({"t": [1, "two"]}, "grid t must be a number but got 'two'"),
+        ({"alpha": [0.1, 1.5]}, r"grid alpha must be in \[0, 1\] but got 1.5"),
+        ({"p": [-0.1]}, r"grid p must be in \[0, 1\] but got -0.1"),
+        ({"t": [0]}, "grid t .* must be > 0"),
+        ({"t": [1, 1.0]}, "repeated"),
+        ({"alpha": [True]}, "must be a number"),
+    ],
+)
+def test_bad_grid_values(grid, message):
+    with pytest.raises(ConfigError, match=message):
+        build_spec({**MINIMAL, "grid": grid})
+
+
+def test_grid_axis_not_given_is_held_at_the_base_value():
+    spec = build_spec({**MINIMAL, "train": {"kd": {"alpha": 0.2}}, "grid": {"t": [1, 2]}})
+    assert spec.grid.alpha == (0.2,) and spec.grid.p == (0.1,)
+    assert len(GRID.points(spec.grid.axes())) == 2
+
+
+def test_number_list_flag():
+    assert parse_number_list("--t", "1, 2.5,5") == [1.0, 2.5, 5.0]
+    with pytest.raises(ConfigError, match="--alpha takes comma-separated numbers but got 'x'"):
+        parse_number_list("--alpha", "0.1,x")
+    with pytest.raises(ConfigError, match="finite"):
+        parse_number_list("--t", "inf")
+
+
+def test_yaml_and_toml_give_the_same_spec(tmp_path):
+    (tmp_path / "s.yaml").write_text(
+        "name: s\nteacher: {checkpoint: t.pt}\ntrain: {epochs: 3, data: {dataset: synthetic}}\ngrid: {t: [1, 2]}\n"
+    )
+    (tmp_path / "s.toml").write_text(
+        'name = "s"\n[teacher]\ncheckpoint = "t.pt"\n[train]\nepochs = 3\n[train.data]\ndataset = "synthetic"\n'
+        "[grid]\nt = [1, 2]\n"
+    )
+    yaml_spec, toml_spec = load_study(tmp_path / "s.yaml"), load_study(tmp_path / "s.toml")
+    assert to_dict(yaml_spec.train) == to_dict(toml_spec.train)
+    assert yaml_spec.grid == toml_spec.grid
+
+
+def test_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        read_study_file(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_study_file(tmp_path / "missing.yaml")
+    (tmp_path / "s.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"\.yaml, \.yml or \.toml"):
+        read_study_file(tmp_path / "s.json")
+
+
+def test_name_defaults_to_the_file_stem(tmp_path):
+    (tmp_path / "my-study.yaml").write_text("teacher: {checkpoint: t.pt}\n")
+    assert load_study(tmp_path / "my-study.yaml").name == "my-study"
+
+
+def test_overrides_set_dotted_keys_and_are_validated():
+    raw = apply_overrides(MINIMAL, {"train.epochs": 2, "train.data.train_subset": 50})
+    assert raw["train"] == {"epochs": 2, "data": {"train_subset": 50}}
+    assert "train" not in MINIMAL  # the input is not modified
+    with pytest.raises(ConfigError, match="epochz"):
+        build_spec(apply_overrides(MINIMAL, {"train.epochz": 2}))
+    assert parse_value("0.5") == 0.5 and parse_value("[1, 2]") == [1, 2] and parse_value("cpu") == "cpu"
+
+
+def test_teacher_needs_exactly_one_source():
+    with pytest.raises(ConfigError, match="exactly one"):
+        build_spec({"name": "t"})
+    with pytest.raises(ConfigError, match="exactly one"):
+        build_spec({"name": "t", "teacher": {"checkpoint": "a.pt", "train": {"epochs": 1}}})
+    with pytest.raises(ConfigError, match="'teacher' section"):
+        build_spec({**MINIMAL, "train": {"teacher_checkpoint": "x.pt"}})
+
+
+def test_trained_teacher_path_is_keyed_by_recipe_and_cache(tmp_path):
+    raw = {"name": "t", "teacher": {"train": {"epochs": 1}}, "train": {"cache_dir": str(tmp_path)}}
+    first = build_spec(raw).train.teacher_checkpoint
+    assert first.startswith(str(tmp_path / "teacher")) and first.endswith("tensors.pt")
+    assert build_spec(raw).train.teacher_checkpoint == first
+    assert build_spec(apply_overrides(raw, {"teacher.train.epochs": 2})).train.teacher_checkpoint != first
+
+
+def test_relative_paths_resolve_against_cwd(tmp_path):
+    spec = build_spec({**MINIMAL, "train": {"data": {"dataset": "folder", "data_dir": "../data"}}}, cwd=tmp_path / "x")
+    assert spec.train.data.data_dir == str(tmp_path / "data")
+    assert spec.teacher.checkpoint == str(tmp_path / "x" / "teacher.pt")
+    assert spec.source["teacher"]["checkpoint"] == spec.teacher.checkpoint  # stored for workers: absolute
+
+
+def test_tpe_ranges_are_validated():
+    spec = build_spec({**MINIMAL, "tpe": {"trials": 5, "alpha": [0, 0.5], "student_drop": [3, 6]}})
+    assert spec.tpe.alpha.high == 0.5 and spec.tpe.student_drop == (3, 6)
+    with pytest.raises(ConfigError, match=r"tpe p range must lie in \[0, 1\]"):
+        build_spec({**MINIMAL, "tpe": {"p": [0, 2]}})
+    with pytest.raises(ConfigError, match="log range needs low > 0"):
+        build_spec({**MINIMAL, "tpe": {"lr": {"low": 0, "high": 1, "log": True}}})
+    with pytest.raises(ConfigError, match="pruner"):
+        build_spec({**MINIMAL, "tpe": {"pruner": "sometimes"}})
+
+
+def test_ablation_arms_are_looked_up_by_name():
+    spec = build_spec({**MINIMAL, "ablation": {"extra_arms": ["ig_shuffled"]}})
+    assert spec.ablation.all_arms == ("baseline", "kd", "ig", "kd_ig", "ig_shuffled")
+    with pytest.raises(ConfigError, match=r"ablation arm must be one of \['baseline', 'kd', 'ig', 'kd_ig'"):
+        build_spec({**MINIMAL, "ablation": {"arms": ["baseline", "distill"]}})
+    with pytest.raises(ConfigError, match="must include 'baseline'"):
+        build_spec({**MINIMAL, "ablation": {"arms": ["kd"]}})
+    with pytest.raises(ConfigError, match=r"ablation alpha must be in \[0, 1\]"):
+        build_spec({**MINIMAL, "ablation": {"alpha": 2}})
+
+
+def test_with_params_sets_the_search_parameters():
+    base = build_spec(MINIMAL).train
+    config = with_params(base, {"t": 4.0, "alpha": 0.3, "p": 0.2, "lr": 0.01, "student_drop": 3})
+    assert (config.kd.temperature, config.kd.alpha, config.overlay.p) == (4.0, 0.3, 0.2)
+    assert config.optim.lr == 0.01 and config.student.drop_blocks == 3
+    assert config.data == base.data
+
+
+def test_latency_settings_are_validated():
+    with pytest.raises(ConfigError, match="repeats"):
+        build_spec({**MINIMAL, "latency": {"repeats": 0}})
+    assert build_spec({**MINIMAL, "latency": {"batch_sizes": [1, 4]}}).latency.batch_sizes == (1, 4)
+
+
+def test_spec_source_round_trips(tmp_path):
+    spec = load_study(SMOKE)
+    again = build_spec(spec.source, cwd=Path("/elsewhere"))
+    assert to_dict(again.train) == to_dict(spec.train) and again.grid == spec.grid
