@@ -14,23 +14,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 from kdsearch.errors import KdsearchError
-from kdsearch.serve.mlflow_ui import HOST, free_port
+from kdsearch.serve.local_server import HOST, LocalServer, last_line, start_server
 
 STORAGE_VARIABLE = "KDSEARCH_DASHBOARD_STORAGE"
-# What the server process prints as its last line when its port is taken; start_dashboard turns it into an error.
-PORT_IN_USE = "is in use"
 
 
 class DashboardError(KdsearchError):
@@ -38,40 +29,18 @@ class DashboardError(KdsearchError):
 
 
 @dataclass
-class DashboardServer:
-    url: str  # http://127.0.0.1:PORT
-    storage: str
-    process: subprocess.Popen
-    log_path: Path  # the server's output
+class DashboardServer(LocalServer):
+    storage: str = ""
 
     def study_url(self, study_id: int) -> str:
         return f"{self.url}/dashboard/studies/{study_id}"
 
-    def wait(self) -> None:
+    def wait(self) -> int | None:
         """Block until the server exits (Ctrl-C stops the caller, and ``stop`` the server); DashboardError if it failed."""
-        if self.process.wait() != 0:
-            raise DashboardError(f"optuna-dashboard stopped: {_last_line(self.log_path)} (log: {self.log_path})")
-
-    def stop(self) -> None:
-        """End the server's process group: SIGTERM, then SIGKILL after 15 s."""
-        for signal_number, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, None)):
-            if self.process.poll() is not None:
-                return
-            try:
-                os.killpg(self.process.pid, signal_number)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-    def __enter__(self) -> DashboardServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        code = super().wait()
+        if code:
+            raise DashboardError(f"optuna-dashboard stopped: {last_line(self.log_path)} (log: {self.log_path})")
+        return code
 
 
 def start_dashboard(storage: str, port: int | None = None, timeout: float = 60.0, attempts: int = 3) -> DashboardServer:
@@ -86,33 +55,17 @@ def start_dashboard(storage: str, port: int | None = None, timeout: float = 60.0
     if importlib.util.find_spec("optuna_dashboard") is None:
         raise DashboardError("optuna-dashboard is not installed (pip install optuna-dashboard)")
     check_storage(storage)
-    if port is not None and not _port_free(port):
-        raise DashboardError(f"port {port} on {HOST} {PORT_IN_USE}: pick another --port, or 0 for a free one")
-    log_path = Path(tempfile.mkdtemp(prefix="kdsearch-dashboard-")) / "optuna-dashboard.log"
-    reason = ""
-    for _ in range(attempts if port is None else 1):
-        chosen = port or free_port()
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "kdsearch.serve.dashboard", str(chosen)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, STORAGE_VARIABLE: storage},
-                start_new_session=True,  # its own process group: `stop` ends it however it was started
-            )
-        server = DashboardServer(f"http://{HOST}:{chosen}", storage, process, log_path)
-        try:
-            if _comes_up(server, timeout):
-                return server
-        except BaseException:  # Ctrl-C while it starts
-            server.stop()
-            raise
-        server.stop()
-        reason = _last_line(log_path) or f"no answer from {server.url} within {timeout:.0f}s"
-        if port is not None and PORT_IN_USE in reason:
-            raise DashboardError(reason)
-    raise DashboardError(f"optuna-dashboard did not start: {reason} (log: {log_path})")
+    return start_server(
+        "optuna-dashboard",
+        lambda chosen: [sys.executable, "-m", "kdsearch.serve.dashboard", str(chosen)],
+        "/api/meta",
+        lambda url, process, log_path: DashboardServer(url, process, log_path, storage=storage),
+        DashboardError,
+        port,
+        {STORAGE_VARIABLE: storage},
+        timeout,
+        attempts,
+    )
 
 
 def check_storage(storage: str) -> None:
@@ -162,39 +115,6 @@ def api(url: str, path: str, timeout: float = 10.0):
         return json.load(response)
 
 
-def _comes_up(server: DashboardServer, timeout: float) -> bool:
-    """Whether the server answers within ``timeout`` seconds (False at once if its process exits)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and server.process.poll() is None:
-        if _answers(server.url):
-            return True
-        time.sleep(0.3)
-    return False
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/api/meta", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def _last_line(path: Path) -> str:
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
 def serve(storage: str, port: int) -> None:
     """Serve optuna-dashboard for ``storage`` on 127.0.0.1:``port`` until killed (the server process's work)."""
     from socketserver import ThreadingMixIn
@@ -216,7 +136,7 @@ def serve(storage: str, port: int) -> None:
         httpd = make_server(HOST, port, None, server_class=Server, handler_class=QuietHandler)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
-            sys.exit(f"port {port} on {HOST} {PORT_IN_USE}")
+            sys.exit(f"--port {port} is in use on {HOST}")
         raise
     url = database_url(storage)
     # SQLite: wait for the study workers' writes rather than fail; servers: drop connections that died.
