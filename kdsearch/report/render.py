@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
-import pandas as pd
 import torch
 from optuna.trial import TrialState
 
@@ -37,21 +35,20 @@ from kdsearch.infra.tensor_cache import TensorCache
 from kdsearch.infra.urls import hide_password
 from kdsearch.report import figures, tables
 from kdsearch.report.figures import Figure, Line
-from kdsearch.report.pareto_part import front_figure, front_table, optuna_front, pareto_result
+from kdsearch.report.paper import literature, reported_deployment
+from kdsearch.report.parts import REPORT_PARTS, ReportPart
+from kdsearch.report.source import Source, child_runs, parent_run, trial_rows
 from kdsearch.report.tables import Deployment, Table
-from kdsearch.search.ablation import ablation_table, ig_on
+from kdsearch.search.ablation import ig_on
 from kdsearch.search.kinds import STUDY_KINDS
-from kdsearch.search.study import ATTR, DEFERRED, best_trial, find_study, outstanding_deferred
+from kdsearch.search.study import ATTR, DEFERRED, find_study, outstanding_deferred
 from kdsearch.search.studyfile import apply_overrides, build_spec
-from kdsearch.track.tracking import PARENT_KEY_TAG, ROLE_TAG, mlflow_client
+from kdsearch.track.tracking import mlflow_client
 
 log = logging.getLogger(__name__)
 
-KINDS = {"study": ("grid", "tpe", "pareto"), "ablation": ("ablation",)}  # what --study and --ablation accept
-STATES = {"COMPLETE": "complete", "RUNNING": "running", "WAITING": "queued", "PRUNED": "pruned"}
-# kdsearch is a namespace package (no __init__.py), which importlib.resources cannot read in Python 3.11.
-RESOURCES = Path(__file__).resolve().parent / "resources"
-IG_STUDENT_ARM = "kd_ig"  # the ablation arm whose student the deployment table and Fig. 1 show
+# What --study and --ablation accept: "study" and "ablation", from each kind's report part.
+KINDS = {part.flag.removeprefix("--") for part in REPORT_PARTS.values()}
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,7 @@ class ReportConfig:
     out: Path  # the report's directory (created; files of the same names are replaced)
     storage: str  # Optuna storage URL
     tracking_uri: str  # MLflow tracking URI
-    kind: str | None = None  # "study" (grid or TPE) | "ablation": the other kind is refused; None: any
+    kind: str | None = None  # "study" (grid, TPE, Pareto) | "ablation": the other kind is refused; None: any
     # The stored spec holds the creating machine's paths; these adapt them here (train.cache_dir,
     # train.data.data_dir, teacher.checkpoint), as for `study worker`. Only the IG figure uses them.
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -89,26 +86,6 @@ class Report:
 # --- what the stores hold ---------------------------------------------------------------------
 
 
-@dataclass
-class Source:
-    study: optuna.Study
-    kind: str
-    total: int
-    space: dict[str, Any]
-    spec: dict[str, Any]  # the study file's spec as stored (the creating machine's paths)
-    client: Any  # MlflowClient
-    parent: Any | None  # the parent mlflow Run, None when nothing was logged
-    runs: dict[str, Any]  # run id → the mlflow Run of a trial
-
-    @property
-    def trials(self) -> list[optuna.trial.FrozenTrial]:
-        """Every trial but failed ones (a failed point is queued again as a new trial)."""
-        return [t for t in self.study.get_trials(deepcopy=False) if t.state.name in STATES]
-
-    def run_of(self, trial: optuna.trial.FrozenTrial):
-        return self.runs.get(trial.user_attrs.get("run_id", ""))
-
-
 def open_source(config: ReportConfig) -> Source:
     """Find the study and its MLflow runs; raises a one-line KdsearchError and writes nothing otherwise."""
 
@@ -116,38 +93,16 @@ def open_source(config: ReportConfig) -> Source:
     stored = study.user_attrs.get(ATTR)
     if stored is None:
         raise StudyError(f"study {config.study!r} was not created by kdsearch (no {ATTR!r} attribute)")
-    if config.kind is not None and stored["kind"] not in KINDS[config.kind]:
-        what = {"grid": "a grid study", "tpe": "a TPE study", "pareto": "a Pareto study", "ablation": "an ablation"}[
-            stored["kind"]
-        ]
-        flag = "--ablation" if stored["kind"] == "ablation" else "--study"
-        raise StudyError(f"study {config.study!r} is {what}; report it with {flag}")
+    part = REPORT_PARTS[stored["kind"]]
+    if config.kind is not None and part.flag != f"--{config.kind}":
+        raise StudyError(f"study {config.study!r} is {part.noun}; report it with {part.flag}")
     client = mlflow_client(config.tracking_uri)
-    parent = _parent_run(client, study.study_name)
-    runs = {run.info.run_id: run for run in _children(client, parent)} if parent is not None else {}
+    parent = parent_run(client, study.study_name)
+    runs = {run.info.run_id: run for run in child_runs(client, parent)} if parent is not None else {}
     return Source(study, stored["kind"], stored["total"], stored["space"], stored["spec"], client, parent, runs)
 
 
-def _parent_run(client, key: str):
-
-    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
-    query = f"tags.`{PARENT_KEY_TAG}` = '{key}' and tags.`{ROLE_TAG}` = 'parent'"
-    found = client.search_runs(experiments, filter_string=query, max_results=1) if experiments else []
-    return found[0] if found else None
-
-
-def _children(client, parent) -> list:
-    runs, token = [], None
-    query = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
-    while True:
-        page = client.search_runs([parent.info.experiment_id], query, max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def progress(source: Source) -> tuple[bool, str]:
+def progress(source: Source, finished: str) -> tuple[bool, str]:
     """(partial?, "3 of 4 grid points complete; 1 running, 0 queued")."""
 
     done = STUDY_KINDS[source.kind].done(source.study)
@@ -156,8 +111,7 @@ def progress(source: Source) -> tuple[bool, str]:
     running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
     deferred = outstanding_deferred(source.study)
     failed = sum(trial.state == TrialState.FAIL and DEFERRED not in trial.user_attrs for trial in trials)
-    verb = "finished (complete or pruned)" if source.kind == "tpe" else "complete"
-    text = f"{done} of {source.total} {STUDY_KINDS[source.kind].unit} {verb}"
+    text = f"{done} of {source.total} {STUDY_KINDS[source.kind].unit} {finished}"
     partial = done < source.total or running > 0 or queued > 0
     if partial:
         text = f"partial: {text}; {running} running, {queued} queued"
@@ -169,79 +123,12 @@ def progress(source: Source) -> tuple[bool, str]:
     return partial, text
 
 
-# --- the paper's figures ----------------------------------------------------------------------
-
-
-def literature() -> pd.DataFrame:
-    """The literature table of the paper's Fig. 1 and Table 1 (CIFAR-10), shipped with kdsearch."""
-    return pd.read_csv(RESOURCES / "literature_cifar10.csv")
-
-
-def paper_results() -> pd.DataFrame:
-    """The paper's reported results (Tables 3 and 4, and its set-up), shipped with kdsearch."""
-    return pd.read_csv(RESOURCES / "paper_results.csv", dtype={"value": str})
-
-
-def reported_accuracy() -> dict[str, float]:
-    """Table 3 of the paper by row name: Teacher, Baseline Student, KD, IG, KD & IG."""
-    results = paper_results()
-    rows = results[(results["table"] == "3") & (results["metric"] == "test_accuracy")]
-    return {row["row"]: float(row["value"]) for _, row in rows.iterrows()}
-
-
-def reported_deployment() -> dict[tuple[str, str], float]:
-    """{("teacher" | "student", "params" | "latency_per_batch" | "test_accuracy"): value} from the paper."""
-    results = paper_results()
-    found: dict[tuple[str, str], float] = {}
-    for _, row in results.iterrows():
-        who = str(row["row"]).lower()
-        if row["table"] == "setup" and who in ("teacher", "student") and row["metric"] == "params":
-            found[(who, "params")] = float(row["value"])
-        if row["table"] == "4":
-            found[(who, "latency_per_batch")] = float(row["value"])
-    accuracy = reported_accuracy()
-    found[("teacher", "test_accuracy")] = accuracy[tables.PAPER_ROWS["teacher"]]
-    found[("student", "test_accuracy")] = accuracy[tables.PAPER_ROWS[IG_STUDENT_ARM]]
-    return found
-
-
-# --- tables -----------------------------------------------------------------------------------
-
-
-def trial_rows(source: Source) -> list[dict[str, Any]]:
-    rows = []
-    for trial in source.trials:
-        complete = trial.state == TrialState.COMPLETE
-        attrs = trial.user_attrs if complete else {}
-        rows.append(
-            {
-                "trial": trial.number,
-                "state": STATES[trial.state.name],
-                # A queued trial holds its point in fixed_params until its objective suggests it.
-                "params": dict(trial.params or trial.system_attrs.get("fixed_params") or {}),
-                "val_acc": trial.values[0] if complete else None,
-                "test_acc": attrs.get("test_acc"),
-                **{key: attrs[key] for key in ("agreement_spearman", "agreement_iou_top10") if key in attrs},
-            }
-        )
-    return rows
-
-
-def deployment(source: Source, ablation) -> Deployment | None:
-    """Teacher and student costs from one trial's run: the best trial's, or an ablation's kd_ig arm (its run
-    whose latencies were timed on the quietest machine: the arm's seeds share the architecture)."""
+def deployment(source: Source, part: ReportPart) -> Deployment | None:
+    """Teacher and student costs from one trial's run, the student the study kind's part picks (the best
+    trial, or an ablation's kd_ig arm): its run whose latencies were timed on the quietest machine."""
 
     complete = [t for t in source.trials if t.state == TrialState.COMPLETE and source.run_of(t) is not None]
-    if source.kind == "ablation":
-        chosen = [t for t in complete if t.params.get("arm") == IG_STUDENT_ARM] or complete
-        row = next((r for r in ablation.rows if r.arm == chosen[0].params.get("arm")), None) if chosen else None
-        student_acc = row.mean if row is not None else None
-        what = f"the {row.arm} arm (mean over {row.n} seed(s))" if row is not None else ""
-    else:
-        best = best_trial(source.study)
-        chosen = [t for t in complete if best is not None and t.number == best.number]
-        student_acc = best.user_attrs.get("test_acc") if best is not None else None
-        what = f"the best trial by validation accuracy (trial {best.number})" if best is not None else ""
+    chosen, student_acc, what = part.deployment_trials(complete)
     if not chosen:
         return None
     run = min((source.run_of(trial) for trial in chosen), key=lambda run: tables.timing_contention(run.data.metrics))
@@ -297,129 +184,55 @@ def write_report(config: ReportConfig) -> Report:
     """Write every table and figure, then index.html, and log them to the parent run."""
 
     source = open_source(config)  # before anything is written: a wrong name or store writes nothing
-    partial, status = progress(source)
+    part = REPORT_PARTS[source.kind](source, config.overrides)
+    partial, status = progress(source, part.finished)
     notes: list[str] = []
     marker = f" ({status})" if partial else ""
-    name = source.study.study_name
     rows = trial_rows(source)
-    ablation = ablation_table(source.study) if source.kind == "ablation" else None
+    measured = deployment(source, part)
+    if measured is None:
+        notes.append("deployment table and this study's line in Fig. 1: no complete trial with an MLflow run yet")
+    progress_text = status if partial else ""
+    kind_tables, kind_figures = part.parts(rows, measured, progress_text, notes)
 
-    report_tables = [tables.trials_table(rows, f"Trials of {name} ({source.kind}){marker}", [status])]
-    if ablation is not None:
-        report_tables += list(
-            tables.ablation_tables(replace(ablation, title=ablation.title + marker), reported_accuracy())
-        )
-    measured = deployment(source, ablation)
+    title = f"Trials of {source.study.study_name} ({source.kind}){marker}"
+    report_tables = [tables.trials_table(rows, title, [status]), *kind_tables]
     if measured is not None:
         report_tables.append(tables.deployment_table(measured, reported_deployment()))
-    else:
-        notes.append("deployment table and this study's line in Fig. 1: no complete trial with an MLflow run yet")
-
-    progress_text = status if partial else ""
-    report_figures = _figures(source, config, rows, ablation, measured, progress_text, notes)
-    if source.kind == "pareto":
-        front_tables, front_figures = _pareto_parts(source, config, measured, progress_text, notes)
-        report_tables += front_tables
-        report_figures += front_figures
+    report_figures = [_compression_figure(source, measured), *kind_figures, *_ig_figure(source, config, notes)]
     return _write(config, source, report_tables, report_figures, partial, status, notes)
 
 
-def _pareto_parts(source: Source, config: ReportConfig, measured, progress: str, notes: list[str]):
-    """The front's table and figures; a note instead when the data or the teacher are not here."""
-    if not any(t.state == TrialState.COMPLETE for t in source.trials):
-        notes.append("Pareto front: no complete trial yet")
-        return [], []
-    spec = build_spec(apply_overrides(source.spec, config.overrides))
-    try:
-        result = pareto_result(source.study, spec, source.client)
-    except (KdsearchError, OSError) as error:
-        notes.append(f"Pareto front table and figure skipped: {error}")
-        return [], [Figure("optuna_pareto_front", "Optuna's Pareto front", optuna_front(source.study))]
-    dataset = measured.dataset if measured is not None else spec.train.data.label or spec.train.data.dataset
-    return [front_table(result, dataset)], [
-        Figure("pareto_front", "Pareto front: accuracy vs latency", front_figure(result, dataset, progress), 1100, 650),
-        Figure("optuna_pareto_front", "Optuna's Pareto front", optuna_front(source.study)),
-    ]
-
-
-def _figures(source: Source, config: ReportConfig, rows, ablation, measured, progress: str, notes: list[str]):
-    """``progress``: how far a partial study got, for the figure titles; empty when it is complete."""
+def _compression_figure(source: Source, measured: Deployment | None) -> Figure:
+    """The paper's Fig. 1 with this study's teacher → student line, when it has one."""
     ours = []
     if measured is not None and measured.teacher_acc is not None and measured.student_acc is not None:
         compression = measured.metrics.get("compression_factor")
         if compression is not None:
-            ours.append(
-                Line(
-                    f"this study: {source.study.study_name}",
-                    measured.teacher_acc,
-                    compression,
-                    measured.student_acc,
-                )
-            )
+            name = f"this study: {source.study.study_name}"
+            ours.append(Line(name, measured.teacher_acc, compression, measured.student_acc))
     dataset = measured.dataset if measured is not None else "no runs yet"
-    found = [
-        Figure(
-            "compression_accuracy",
-            "Compression factor vs accuracy (the paper's Fig. 1)",
-            figures.compression_accuracy(literature(), ours, dataset),
-            width=1100,
-            height=650,
-        )
-    ]
-    if ablation is not None:
-        reported = {arm: reported_accuracy()[row] for arm, row in tables.PAPER_ROWS.items()}
-        reported |= tables.REFERENCE_AT_ACCURACY
-        found.append(
-            Figure(
-                "ablation_bars",
-                "Ablation: test accuracy with 95% CI",
-                figures.ablation_bars(ablation, reported, progress),
-            )
-        )
-    elif source.kind != "pareto":  # Optuna's history and coordinates plots are single-objective
-        if source.kind == "grid":
-            heatmaps = figures.grid_heatmaps([r for r in rows if r["val_acc"] is not None], source.space)
-            if progress:
-                heatmaps.update_layout(title=f"{heatmaps.layout.title.text}<br>({progress})")
-            found.append(
-                Figure(
-                    "grid_heatmaps", "Grid: T × α per p", heatmaps, width=350 * len(source.space["p"]) + 250, height=500
-                )
-            )
-        found += _optuna_figures(source, rows, notes)
-    if config.ig_figure:
-        try:
-            images, maps, names, how = ig_examples(source.spec, config.overrides)
-        except (KdsearchError, OSError, RuntimeError) as error:
-            notes.append(f"IG figure skipped: {error}")
-        else:
-            title = f"Integrated Gradients of the teacher, one training image per class: {how}"
-            figure = figures.ig_figure(images, maps, names, title)
-            found.append(
-                Figure(
-                    "ig_examples",
-                    "IG maps and overlays (the paper's Fig. 3)",
-                    figure,
-                    width=110 * len(names) + 120,
-                    height=450,
-                )
-            )
-    return found
+    return Figure(
+        "compression_accuracy",
+        "Compression factor vs accuracy (the paper's Fig. 1)",
+        figures.compression_accuracy(literature(), ours, dataset),
+        width=1100,
+        height=650,
+    )
 
 
-def _optuna_figures(source: Source, rows, notes: list[str]) -> list[Figure]:
-    """Optuna's history and parallel coordinates, over the params that complete trials have."""
-    complete = [row for row in rows if row["val_acc"] is not None]
-    if not complete:
-        notes.append("Optuna's history and parallel-coordinates figures: no complete trial yet")
+def _ig_figure(source: Source, config: ReportConfig, notes: list[str]) -> list[Figure]:
+    """The teacher's IG maps of one training image per class, or a note saying why not."""
+    if not config.ig_figure:
         return []
-    params = [p for p in ("t", "alpha", "p", "gamma", "lr", "student_drop") if any(p in r["params"] for r in complete)]
-    return [
-        Figure("optimization_history", "Optuna optimisation history", figures.optimization_history(source.study)),
-        Figure(
-            "parallel_coordinates", "Optuna parallel coordinates", figures.parallel_coordinates(source.study, params)
-        ),
-    ]
+    try:
+        images, maps, names, how = ig_examples(source.spec, config.overrides)
+    except (KdsearchError, OSError, RuntimeError) as error:
+        notes.append(f"IG figure skipped: {error}")
+        return []
+    title = f"Integrated Gradients of the teacher, one training image per class: {how}"
+    figure = figures.ig_figure(images, maps, names, title)
+    return [Figure("ig_examples", "IG maps and overlays (the paper's Fig. 3)", figure, 110 * len(names) + 120, 450)]
 
 
 def _write(

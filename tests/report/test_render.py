@@ -20,7 +20,8 @@ from torchvision.io import decode_png, read_file
 from kdsearch.cli.main import main
 from kdsearch.errors import KdsearchError
 from kdsearch.report.figures import Line, ablation_bars, compression_accuracy, find_chromium, ig_figure, write_static
-from kdsearch.report.render import ig_examples, literature, reported_accuracy
+from kdsearch.report.paper import literature, reported_accuracy
+from kdsearch.report.render import ig_examples
 from kdsearch.report.tables import Deployment, deployment_table, timing_contention, trials_table
 from kdsearch.search.ablation import AblationTable, ArmRow, ablation_table
 from kdsearch.search.kinds import STUDY_KINDS

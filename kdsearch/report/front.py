@@ -1,7 +1,7 @@
 """The report of a Pareto study: its front as a table and a figure, with the teacher in the same runtime.
 
 The front's students are rebuilt from their MLflow checkpoints (a pruned student's channels are in its
-stored config) and timed in ONNX Runtime fp32 and int8 (``deploy.runtime_latency``, cached per
+stored config) and timed in ONNX Runtime fp32 and int8 (``runtime.timing.runtime_latency``, cached per
 architecture); an int8 student's test accuracy is measured here, on the study's test split, because
 quantisation changes it. The teacher is timed in the same runtime, batch and threads as the study's
 latency objective, so every speed-up compares like with like.
