@@ -79,6 +79,8 @@ def _module(dotted: str, modules: set[str]) -> str | None:
     parts = dotted.split(".")
     if parts[0] != "kdsearch":
         return None
+    if dotted == "kdsearch":
+        return "__init__"  # the public API: `from kdsearch import train`
     for end in range(len(parts), 1, -1):
         if ".".join(parts[1:end]) in modules:
             return ".".join(parts[1:end])
@@ -175,11 +177,13 @@ def test_the_layer_check_finds_a_planted_upward_import_and_an_unplaced_package(t
             "track/__init__.py": "",
             "track/t.py": "from kdsearch.models.net import n\n",  # sideways: models and track share a layer
             "extras/x.py": "from kdsearch.config import C\n",
+            "models/api_user.py": "from kdsearch import TrainConfig\n",  # up: the public API is the top
         },
     )
     assert upward_imports(import_graph(package)) == [
         "distill.train (layer 4) -> search.study (layer 5)",
         "extras.x -> config: package not in LAYERS",
+        "models.api_user (layer 3) -> __init__ (layer 8)",
         "track.t (layer 3) -> models.net (layer 3)",
     ]
 
@@ -261,3 +265,17 @@ def test_every_help_answers_without_importing_torch():
         [sys.executable, "-c", script, json.dumps([[], *commands])], capture_output=True, text=True, check=True
     )
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_public_api_names_resolve_lazily_without_importing_torch():
+    import kdsearch
+    from kdsearch.distill.train import train
+    from kdsearch.search.launch import Workspace
+
+    assert kdsearch.train is train and kdsearch.Workspace is Workspace
+    assert all(getattr(kdsearch, name) is not None for name in kdsearch.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        kdsearch.nope  # noqa: B018
+    script = "import sys, kdsearch; kdsearch.TrainConfig; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

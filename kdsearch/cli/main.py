@@ -20,8 +20,14 @@ from kdsearch.cli.dashboard import register as register_dashboard
 from kdsearch.cli.export import register as register_export
 from kdsearch.cli.options import (
     DEFAULT_CACHE_DIR,
+    DEFAULT_DATA,
     DEFAULT_DATA_DIR,
     DEFAULT_IG,
+    DEFAULT_KD,
+    DEFAULT_MODEL,
+    DEFAULT_OPTIM,
+    DEFAULT_OVERLAY,
+    PAPER_STUDENT,
     RECIPE,
     CacheDir,
     DataDir,
@@ -36,11 +42,13 @@ from kdsearch.cli.options import (
     TrainSubset,
     ValSize,
     data_config,
+    default_of,
     ig_config,
     with_options,
 )
 from kdsearch.cli.report import register as register_report
 from kdsearch.cli.study import register
+from kdsearch.config import TrainConfig
 from kdsearch.errors import KdsearchError
 
 app = typer.Typer(
@@ -93,35 +101,53 @@ def _check_teacher_file(path: str | None) -> None:
 @app.command("train")
 def train_command(
     teacher_checkpoint: TeacherCheckpoint = None,
-    temperature: Annotated[float, typer.Option("--t", help="KD temperature T (> 0).")] = 2.5,
-    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the KD term, in [0, 1]; 0 = plain CE.")] = 0.01,
-    p: Annotated[float, typer.Option("--p", help="Probability of the IG overlay, in [0, 1]; 0 = no IG.")] = 0.1,
-    overlay_mode: Annotated[str, typer.Option(help="aligned (each image's own map) | shuffled (control).")] = "aligned",
-    teacher_logits: Annotated[str, typer.Option(help="online (teacher on each augmented batch) | cached.")] = "online",
-    student_drop: Annotated[int, typer.Option(help="Trailing teacher feature blocks removed (5: the paper).")] = 5,
-    student_width: Annotated[float, typer.Option(help="Student channel multiplier.")] = 1.0,
+    temperature: Annotated[float, typer.Option("--t", help="KD temperature T (> 0).")] = DEFAULT_KD.temperature,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="Weight of the KD term, in [0, 1]; 0 = plain CE.")
+    ] = DEFAULT_KD.alpha,
+    p: Annotated[
+        float, typer.Option("--p", help="Probability of the IG overlay, in [0, 1]; 0 = no IG.")
+    ] = DEFAULT_OVERLAY.p,
+    overlay_mode: Annotated[
+        str, typer.Option(help="aligned (each image's own map) | shuffled (control).")
+    ] = DEFAULT_OVERLAY.mode,
+    teacher_logits: Annotated[
+        str, typer.Option(help="online (teacher on each augmented batch) | cached.")
+    ] = DEFAULT_KD.teacher_logits,
+    student_drop: Annotated[
+        int, typer.Option(help="Trailing teacher feature blocks removed (5: the paper).")
+    ] = PAPER_STUDENT.drop_blocks,
+    student_width: Annotated[float, typer.Option(help="Student channel multiplier.")] = PAPER_STUDENT.width_mult,
     student_normalization: Annotated[
         str, typer.Option(help="Student input normalisation: cifar10 | cifar100 | none.")
-    ] = "cifar10",
-    student_init: Annotated[str, typer.Option(help="random (the paper) | teacher (copy the kept blocks).")] = "random",
+    ] = PAPER_STUDENT.normalization,
+    student_init: Annotated[
+        str, typer.Option(help="random (the paper) | teacher (copy the kept blocks).")
+    ] = default_of(TrainConfig, "student_init"),
     arch: Annotated[
         str, typer.Option(help="Architecture of teacher and student: mobilenetv2_cifar | tiny_cnn.")
-    ] = "mobilenetv2_cifar",
-    epochs: Annotated[int, typer.Option(help="Training epochs (the paper: 100).")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (the paper: 1e-3).")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, order and augmentation.")] = 0,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU) | cpu | cuda[:N].")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast where native) | fp32 | bf16 | fp16.")] = "auto",
+    ] = DEFAULT_MODEL.arch,
+    epochs: Annotated[int, typer.Option(help="Training epochs (the paper: 100).")] = default_of(TrainConfig, "epochs"),
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = default_of(TrainConfig, "batch_size"),
+    lr: Annotated[float, typer.Option(help="Adam learning rate (the paper: 1e-3).")] = DEFAULT_OPTIM.lr,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, order and augmentation.")] = default_of(
+        TrainConfig, "seed"
+    ),
+    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU) | cpu | cuda[:N].")] = default_of(
+        TrainConfig, "device"
+    ),
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 autocast where native) | fp32 | bf16 | fp16.")
+    ] = default_of(TrainConfig, "precision"),
     run_dir: Annotated[Path | None, typer.Option(help="Per-epoch checkpoints and the final model go here.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
     progress: Progress = True,
-    dataset: Dataset = "cifar10",
+    dataset: Dataset = DEFAULT_DATA.dataset,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     data_label: DataLabel = None,
-    val_size: ValSize = 5000,
+    val_size: ValSize = DEFAULT_DATA.val_size,
     train_subset: TrainSubset = None,
-    split_seed: SplitSeed = 0,
+    split_seed: SplitSeed = DEFAULT_DATA.split_seed,
     ig_steps: IGSteps = DEFAULT_IG.n_steps,
     ig_method: IGMethod = DEFAULT_IG.method,
     ig_baseline: IGBaseline = DEFAULT_IG.baseline,
@@ -177,21 +203,21 @@ def train_command(
 @teacher_app.command("train")
 def teacher_train_command(
     out: Annotated[Path, typer.Option(help="Where to write the teacher checkpoint.")],
-    arch: Annotated[str, typer.Option(help="mobilenetv2_cifar | tiny_cnn.")] = "mobilenetv2_cifar",
+    arch: Annotated[str, typer.Option(help="mobilenetv2_cifar | tiny_cnn.")] = DEFAULT_MODEL.arch,
     epochs: Annotated[int, typer.Option(help="Epochs (the shared teacher's recipe).")] = RECIPE.epochs,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = RECIPE.batch_size,
     lr: Annotated[float, typer.Option(help="Peak SGD learning rate.")] = RECIPE.lr,
     seed: Annotated[int, typer.Option(help="Seed.")] = RECIPE.seed,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = default_of(TrainConfig, "device"),
     run_dir: Annotated[Path | None, typer.Option(help="Per-epoch checkpoints (for --resume).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
     progress: Progress = True,
-    dataset: Dataset = "cifar10",
+    dataset: Dataset = DEFAULT_DATA.dataset,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     data_label: DataLabel = None,
     val_size: ValSize = 0,
     train_subset: TrainSubset = None,
-    split_seed: SplitSeed = 0,
+    split_seed: SplitSeed = DEFAULT_DATA.split_seed,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
 ) -> None:
     """Train a teacher with a sound CIFAR recipe (SGD Nesterov, warm-up + linear decay, label smoothing,
@@ -229,11 +255,15 @@ def eval_command(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint to evaluate (a teacher's or a student's).")],
     arch: Annotated[
         str, typer.Option(help="Architecture when the checkpoint is a bare state dict.")
-    ] = "mobilenetv2_cifar",
-    drop_blocks: Annotated[int, typer.Option(help="Feature blocks removed, for a bare student state dict.")] = 0,
-    normalization: Annotated[str, typer.Option(help="Input normalisation for a bare state dict.")] = "cifar10",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
-    dataset: Dataset = "cifar10",
+    ] = DEFAULT_MODEL.arch,
+    drop_blocks: Annotated[
+        int, typer.Option(help="Feature blocks removed, for a bare student state dict.")
+    ] = DEFAULT_MODEL.drop_blocks,
+    normalization: Annotated[
+        str, typer.Option(help="Input normalisation for a bare state dict.")
+    ] = DEFAULT_MODEL.normalization,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = default_of(TrainConfig, "device"),
+    dataset: Dataset = DEFAULT_DATA.dataset,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     data_label: DataLabel = None,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
@@ -244,51 +274,19 @@ def eval_command(
     implementation's students: --drop-blocks 5 --normalization none) is built from the flags, and
     what is assumed is printed as a warning."""
     from kdsearch.config import ModelConfig
-    from kdsearch.data.datasets import load_splits
-    from kdsearch.distill.preflight import check_data, check_device
-    from kdsearch.infra.device import resolve_device
-    from kdsearch.infra.storage import check_writable
-    from kdsearch.models.classifiers import (
-        count_flops,
-        count_parameters,
-        load_model,
-        read_checkpoint,
-        size_on_disk_bytes,
-    )
-    from kdsearch.models.inference import accuracy
+    from kdsearch.deploy.evaluate import evaluate
 
     data = data_config(dataset, data_dir, data_label, 0, None, 0)
-    check_device(device)
-    check_writable(cache_dir, "--cache-dir")
-    layout = check_data(data, cache_dir)
-    _, stored = read_checkpoint(checkpoint)
-    given = (
-        None
-        if stored
-        else ModelConfig(arch=arch, drop_blocks=drop_blocks, normalization=normalization, num_classes=layout.classes)
-    )
-    if given is not None:
+    bare = ModelConfig(arch=arch, drop_blocks=drop_blocks, normalization=normalization)
+    result = evaluate(checkpoint, data, bare, device, cache_dir)
+    if result.assumed is not None:
         # A wrong normalisation does not fail, it silently costs ~40 points: say what is assumed.
         typer.echo(
             f"warning: {checkpoint} is a bare state dict: assuming --arch {arch} --drop-blocks {drop_blocks} "
             f"--normalization {normalization} (a model trained on unnormalised pixels needs --normalization none)",
             err=True,
         )
-    model, config = load_model(checkpoint, given)
-    splits = load_splits(data, cache_dir)
-    target = resolve_device(device)
-    model = model.to(target)
-    _print_json(
-        {
-            "checkpoint": checkpoint,
-            "dataset": splits.label,
-            "test_images": len(splits.test_labels),
-            "test_acc": accuracy(model, splits.test_images, splits.test_labels, 500, target, None),
-            "params": count_parameters(model),
-            "flops": count_flops(model),
-            "size_bytes": size_on_disk_bytes(model),
-        }
-    )
+    _print_json(result.record())
 
 
 @dataclass(frozen=True)
@@ -296,17 +294,17 @@ class IGInputs:
     """What the ``ig`` commands share: the teacher, the training split and the IG settings."""
 
     teacher_checkpoint: TeacherCheckpoint = None
-    arch: Annotated[str, typer.Option(help="Teacher architecture.")] = "mobilenetv2_cifar"
+    arch: Annotated[str, typer.Option(help="Teacher architecture.")] = DEFAULT_MODEL.arch
     normalization: Annotated[
         str, typer.Option(help="Input normalisation of the teacher (none: it was trained on raw [0, 1] pixels).")
-    ] = "cifar10"
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto"
-    dataset: Dataset = "cifar10"
+    ] = DEFAULT_MODEL.normalization
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = default_of(TrainConfig, "device")
+    dataset: Dataset = DEFAULT_DATA.dataset
     data_dir: DataDir = DEFAULT_DATA_DIR
     data_label: DataLabel = None
-    val_size: ValSize = 5000
+    val_size: ValSize = DEFAULT_DATA.val_size
     train_subset: TrainSubset = None
-    split_seed: SplitSeed = 0
+    split_seed: SplitSeed = DEFAULT_DATA.split_seed
     ig_steps: IGSteps = DEFAULT_IG.n_steps
     ig_method: IGMethod = DEFAULT_IG.method
     ig_baseline: IGBaseline = DEFAULT_IG.baseline

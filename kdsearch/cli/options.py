@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import typing
@@ -11,7 +12,18 @@ from typing import Annotated, Any
 
 import typer
 
-from kdsearch.config import DataConfig, IGConfig, TeacherRecipe, default_cache_dir, default_data_dir
+from kdsearch.config import (
+    DataConfig,
+    IGConfig,
+    KDConfig,
+    ModelConfig,
+    OptimConfig,
+    OverlayConfig,
+    TeacherRecipe,
+    TrainConfig,
+    default_cache_dir,
+    default_data_dir,
+)
 from kdsearch.config import Dataset as DatasetName
 from kdsearch.config import IGBaseline as IGBaselineName
 from kdsearch.config import IGMethod as IGMethodName
@@ -64,7 +76,22 @@ IGPrecision = Annotated[
 
 DEFAULT_CACHE_DIR = str(default_cache_dir())
 DEFAULT_DATA_DIR = default_data_dir()
-DEFAULT_IG = IGConfig()  # torch-free: config holds only names and numbers
+
+
+def default_of(config: type, name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``config``, so that flags default to what the configs do."""
+    found = {item.name: item for item in fields(config)}[name]
+    return found.default if found.default is not dataclasses.MISSING else found.default_factory()
+
+
+# The configs' defaults, which the flags show (torch-free: config holds only names and numbers).
+DEFAULT_DATA = DataConfig()
+DEFAULT_MODEL = ModelConfig()
+PAPER_STUDENT = default_of(TrainConfig, "student")
+DEFAULT_KD = KDConfig()
+DEFAULT_OVERLAY = OverlayConfig()
+DEFAULT_OPTIM = OptimConfig()
+DEFAULT_IG = IGConfig()
 RECIPE = TeacherRecipe()
 
 

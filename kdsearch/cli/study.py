@@ -121,27 +121,23 @@ class RunOptions:
             overrides[key.strip()] = parse_value(value)
         return overrides
 
-    @property
-    def checkpoints(self) -> Path:
-        """Per-epoch checkpoints of running trials (removed when a trial ends): WORKDIR/checkpoints."""
-        return self.workdir / "checkpoints"
-
-    def setup(self):
-        """(storage URL, tracker, heartbeat) with the tracking store checked; nothing is written."""
-        import optuna
-
-        from kdsearch.infra.storage import default_storage
+    def workspace(self):
+        """Where the studies and runs live: the --workdir, --storage and --tracking-uri flags."""
+        from kdsearch.search.launch import Workspace
         from kdsearch.search.optuna_storage import HeartbeatConfig
-        from kdsearch.track.tracking import MlflowTracker, default_tracking_uri
 
-        if self.workdir.exists() and not self.workdir.is_dir():
-            raise ConfigError(f"--workdir {self.workdir} is a file, not a directory")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdsearch reports progress itself
         heartbeat = HeartbeatConfig(interval=self.heartbeat_interval, grace=self.grace_period)
-        tracker = MlflowTracker(self.tracking_uri or default_tracking_uri(self.workdir))
-        tracker.check()
-        return self.storage or default_storage(self.workdir), tracker, heartbeat
+        return Workspace(self.workdir, self.storage, self.tracking_uri, heartbeat)
+
+
+def _run(kind: str, spec, run: RunOptions, max_trials: int | None = None):
+    """Create or resume the study, say which it is, and run its remaining trials: (handle, tracker, summary)."""
+    from kdsearch.search.study import describe_progress, run_study
+
+    workspace = run.workspace()
+    handle, tracker = workspace.open(kind, spec, run.study_name)
+    typer.echo(f"study {handle.name} in {hide_password(workspace.storage_url)}: {describe_progress(handle)}")
+    return handle, tracker, run_study(handle, tracker, run.experiment, run.progress, max_trials, workspace.checkpoints)
 
 
 def _spec(study_file: Path | None, overrides: dict[str, Any], section: str):
@@ -181,9 +177,7 @@ def grid_command(
     run: RunOptions,
 ) -> None:
     """Evaluate every point of the grid T × alpha × p (× gamma) once (resumes: completed points are not re-run)."""
-    from kdsearch.search.study import describe_progress, open_study, run_study
     from kdsearch.search.studyfile import parse_number_list
-    from kdsearch.search.tune import GRID
 
     overrides = run.overrides()
     for flag, name, text in (
@@ -195,10 +189,7 @@ def grid_command(
         if text is not None:
             overrides[f"grid.{name}"] = parse_number_list(flag, text)
     spec = _spec(study_file, overrides, "grid")
-    storage_url, tracker, heartbeat = run.setup()
-    handle = open_study(GRID, spec, storage_url, heartbeat, run.study_name)
-    typer.echo(f"study {handle.name} in {hide_password(storage_url)}: {describe_progress(handle)}")
-    _report(run_study(handle, tracker, run.experiment, run.progress, max_trials, run.checkpoints))
+    _report(_run("grid", spec, run, max_trials)[2])
 
 
 @study_app.command("tpe")
@@ -213,8 +204,6 @@ def tpe_command(
 ) -> None:
     """TPE over the study file's ranges of T, alpha, p (and optionally lr, student depth), pruning on
     per-epoch validation accuracy. Resumes up to --trials in total."""
-    from kdsearch.search.study import describe_progress, open_study, run_study
-    from kdsearch.search.tune import TPE
 
     overrides = run.overrides()
     if trials is not None:
@@ -222,10 +211,7 @@ def tpe_command(
     if pruner is not None:
         overrides["tpe.pruner"] = pruner
     spec = _spec(study_file, overrides, "tpe")
-    storage_url, tracker, heartbeat = run.setup()
-    handle = open_study(TPE, spec, storage_url, heartbeat, run.study_name)
-    typer.echo(f"study {handle.name} in {hide_password(storage_url)}: {describe_progress(handle)}")
-    _report(run_study(handle, tracker, run.experiment, run.progress, max_trials, run.checkpoints))
+    _report(_run("tpe", spec, run, max_trials)[2])
 
 
 @study_app.command("pareto")
@@ -253,8 +239,6 @@ def pareto_command(
 ) -> None:
     """Search students for validation accuracy and measured latency together: the Pareto front of
     architecture (blocks dropped, width, pruning) and KD/IG/AT settings. Resumable, joinable by workers."""
-    from kdsearch.search.pareto import PARETO
-    from kdsearch.search.study import describe_progress, open_study, run_study
 
     overrides = run.overrides()
     flags = {
@@ -269,10 +253,7 @@ def pareto_command(
     overrides |= {f"pareto.{name}": str(value) if name in ("sampler", "latency") else value
                   for name, value in flags.items() if value is not None}  # fmt: skip
     spec = _spec(study_file, overrides, "pareto")
-    storage_url, tracker, heartbeat = run.setup()
-    handle = open_study(PARETO, spec, storage_url, heartbeat, run.study_name)
-    typer.echo(f"study {handle.name} in {hide_password(storage_url)}: {describe_progress(handle)}")
-    _report(run_study(handle, tracker, run.experiment, run.progress, max_trials, run.checkpoints))
+    _report(_run("pareto", spec, run, max_trials)[2])
 
 
 @study_app.command("worker")
@@ -314,10 +295,11 @@ def worker_command(
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
     )
-    storage_url, tracker, heartbeat = run.setup()
-    handle = join_study(study_name, storage_url, heartbeat, STUDY_KINDS, run.overrides(), wait_s=wait)
+    workspace = run.workspace()
+    storage_url, tracker = workspace.stores()
+    handle = join_study(study_name, storage_url, workspace.heartbeat, STUDY_KINDS, run.overrides(), wait_s=wait)
     typer.echo(f"joined {handle.kind.name} study {handle.name}: {describe_progress(handle)}")
-    _report(run_study(handle, tracker, experiment, progress, max_trials, run.checkpoints))
+    _report(run_study(handle, tracker, experiment, progress, max_trials, workspace.checkpoints))
 
 
 @study_app.command("status")
@@ -442,24 +424,14 @@ def ablate_command(
     run with more --seeds or arms adds them to the same ablation."""
     # Long because the signature is the command's option list; the body maps flags to study-file overrides.
     from kdsearch.infra.storage import default_storage
-    from kdsearch.search.ablation import ABLATION, ablation_table, log_table
-    from kdsearch.search.study import best_trial, describe_progress, find_study, open_study, run_study
+    from kdsearch.search.ablation import ablation_table, log_table, point_from_study
 
     overrides = run.overrides()
     if from_study is not None and (t, alpha, p) != (None, None, None):
         raise ConfigError("give either --from-study or --t/--alpha/--p, not both")
     if from_study is not None:
-        best = best_trial(find_study(run.storage or default_storage(run.workdir), from_study))
-        if best is None:
-            raise ConfigError(f"study {from_study} has no completed trial to take T, alpha and p from")
-        missing = [name for name in ("t", "alpha", "p") if name not in best.params]
-        if missing:
-            raise ConfigError(
-                f"study {from_study} did not search {', '.join(missing)} (its trials have {sorted(best.params)}); "
-                "take them from a grid or TPE study"
-            )
-        t, alpha, p = (best.params[name] for name in ("t", "alpha", "p"))
-        gamma = best.params.get("gamma", gamma)
+        point = point_from_study(run.storage or default_storage(run.workdir), from_study)
+        t, alpha, p, gamma = point["t"], point["alpha"], point["p"], point.get("gamma", gamma)
     for name, value in (
         ("seeds", seeds),
         ("t", t),
@@ -474,10 +446,7 @@ def ablate_command(
         if text is not None:
             overrides[f"ablation.{name}"] = [item.strip() for item in text.split(",") if item.strip()]
     spec = _spec(study_file, overrides, "ablation")
-    storage_url, tracker, heartbeat = run.setup()
-    handle = open_study(ABLATION, spec, storage_url, heartbeat, run.study_name)
-    typer.echo(f"study {handle.name} in {hide_password(storage_url)}: {describe_progress(handle)}")
-    summary = run_study(handle, tracker, run.experiment, run.progress, checkpoint_root=run.checkpoints)
+    handle, tracker, summary = _run("ablation", spec, run)
     table = ablation_table(handle.study)
     if summary.parent_run is not None:
         log_table(tracker, summary.parent_run, table)

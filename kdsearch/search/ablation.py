@@ -34,7 +34,7 @@ from kdsearch.errors import ConfigError
 from kdsearch.infra.tensor_cache import TensorCache
 from kdsearch.infra.text import number
 from kdsearch.models.classifiers import CifarClassifier
-from kdsearch.search.study import Objective, StudyHandle, StudyKind
+from kdsearch.search.study import Objective, StudyHandle, StudyKind, best_trial, find_study
 from kdsearch.search.studyfile import AblationSpec, Arm, StudySpec, check_files
 from kdsearch.search.trial import TrialRunner
 
@@ -368,3 +368,18 @@ def _mean(values: list[float | None]) -> float:
 def log_table(tracker, parent_run: str, table: AblationTable) -> None:
     tracker.log_text(parent_run, table.format(), "table3.txt")
     tracker.log_dict(parent_run, {"teacher_test_acc": table.teacher_test_acc, "rows": table.records()}, "table3.json")
+
+
+def point_from_study(storage: str, name: str) -> dict[str, float]:
+    """T, α and p (and γ where it was searched) of the best trial of the grid or TPE study ``name``,
+    for an ablation of the point a search found; ConfigError when the study cannot give them."""
+    best = best_trial(find_study(storage, name))
+    if best is None:
+        raise ConfigError(f"study {name} has no completed trial to take T, alpha and p from")
+    missing = [key for key in ("t", "alpha", "p") if key not in best.params]
+    if missing:
+        raise ConfigError(
+            f"study {name} did not search {', '.join(missing)} (its trials have {sorted(best.params)}); "
+            "take them from a grid or TPE study"
+        )
+    return {key: best.params[key] for key in ("t", "alpha", "p", "gamma") if key in best.params}
