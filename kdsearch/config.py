@@ -20,7 +20,7 @@ from kdsearch.errors import ConfigError
 
 # --- the named choices ------------------------------------------------------------------------
 # Declared here, where configs are validated, so config imports no engine module; each registry
-# (data.DATASETS, models.ARCHITECTURES, ...) is keyed by its enum, and tests check that they match.
+# (data.datasets.DATASETS, models.classifiers.ARCHITECTURES, ...) is keyed by its enum, and tests check that they match.
 # Configs store the plain string value, so checkpoints, caches and MLflow params hold plain strings.
 
 
@@ -219,7 +219,7 @@ class ModelConfig:
     width_mult: float = 1.0  # channel multiplier, as in torchvision's MobileNetV2
     normalization: str = "cifar10"  # a Normalization, applied inside the model ("none": raw [0, 1] pixels)
     dropout: float = 0.2  # before the linear head (classifier.0)
-    # A pruned network's shape: output channels of every conv in ``features`` (models.channel_plan);
+    # A pruned network's shape: output channels of every conv in ``features`` (models.classifiers.channel_plan);
     # None: the architecture's own widths.
     channels: tuple[int, ...] | None = field(default=None, metadata=ADDED_LATER)
 

@@ -43,7 +43,10 @@ def check_device(name: str) -> None:
 
     from kdsearch.infra.device import resolve_device
 
-    device = resolve_device(name)  # raises for CUDA where there is none
+    try:
+        device = resolve_device(name)  # raises for CUDA where there is none
+    except RuntimeError:  # torch's own message lists every device type it knows, most of them not kdsearch's
+        raise ConfigError(f"device must be auto, cpu or cuda[:N] but got {name!r}") from None
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 

@@ -154,7 +154,7 @@ def _compression(row: pd.Series) -> float | None:
 def ablation_bars(table, reported: dict[str, float], progress: str = "") -> go.Figure:
     """Mean test accuracy per arm with its 95% t-interval, the paper's figures as markers, the teacher as a line.
 
-    ``table``: kdsearch.ablation's AblationTable; ``reported``: the paper's accuracy by arm name;
+    ``table``: kdsearch.search.ablation's AblationTable; ``reported``: the paper's accuracy by arm name;
     ``progress``: how far a partial study got, shown under the title (one line is wider than the figure).
     """
     # Long because the figure is five traces (means, intervals, reported values, teacher, labels) built in order.

@@ -141,7 +141,7 @@ def _nan_last(column: pd.Series) -> pd.Series:
 
 
 def ablation_tables(table, reported: dict[str, float]) -> tuple[Table, Table]:
-    """Table 3 (per arm) and its paired comparisons, from kdsearch.ablation's ``AblationTable``.
+    """Table 3 (per arm) and its paired comparisons, from kdsearch.search.ablation's ``AblationTable``.
 
     ``reported``: the paper's test accuracy by Table 3 row name (Teacher, Baseline Student, KD, …).
     """

@@ -30,7 +30,7 @@ class LatencyConfig:
     warmup: int = 3  # untimed passes first (allocator, oneDNN/cuDNN kernel selection)
     repeats: int = 10  # timed passes; the median is reported
     batch_sizes: tuple[int, ...] = (1, 128)  # the paper reports per-batch latency; 1 is the edge case
-    # Timed besides torch eager, once per architecture (deploy.onnx_latency_metrics): where the model
+    # Timed besides torch eager, once per architecture (runtime.timing.onnx_latency_metrics): where the model
     # ships. Exporting takes a few seconds per architecture; [] times torch eager only.
     onnx_runtimes: tuple[str, ...] = (Runtime.ONNX_FP32.value, Runtime.ONNX_INT8.value)
 

@@ -419,22 +419,26 @@ def teacher_checkpoint_path(teacher: TeacherSpec, base: TrainConfig) -> str:
     return str(trained_teacher_path(teacher_recipe_config(teacher, base), base.cache_dir))
 
 
+# Where each searched parameter goes in a TrainConfig: (section, field, type).
+PARAM_FIELDS: dict[str, tuple[str, str, type]] = {
+    "t": ("kd", "temperature", float),
+    "alpha": ("kd", "alpha", float),
+    "p": ("overlay", "p", float),
+    "gamma": ("attention", "gamma", float),
+    "lr": ("optim", "lr", float),
+    "student_drop": ("student", "drop_blocks", int),
+}
+
+
 def with_params(config: TrainConfig, params: dict[str, Any]) -> TrainConfig:
     """The trial's config: search parameters (t, alpha, p, gamma, lr, student_drop) set on the base config."""
-    kd, overlay, optim, student, attention = config.kd, config.overlay, config.optim, config.student, config.attention
-    if "t" in params:
-        kd = replace(kd, temperature=float(params["t"]))
-    if "alpha" in params:
-        kd = replace(kd, alpha=float(params["alpha"]))
-    if "p" in params:
-        overlay = replace(overlay, p=float(params["p"]))
-    if "gamma" in params:
-        attention = replace(attention, gamma=float(params["gamma"]))
-    if "lr" in params:
-        optim = replace(optim, lr=float(params["lr"]))
-    if "student_drop" in params:
-        student = replace(student, drop_blocks=int(params["student_drop"]))
-    return replace(config, kd=kd, overlay=overlay, optim=optim, student=student, attention=attention)
+    sections: dict[str, Any] = {}
+    for name, value in params.items():
+        if name in PARAM_FIELDS:
+            section, field_name, kind = PARAM_FIELDS[name]
+            current = sections.get(section, getattr(config, section))
+            sections[section] = replace(current, **{field_name: kind(value)})
+    return replace(config, **sections)
 
 
 def _section(source: dict[str, Any], name: str) -> dict[str, Any]:
