@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,14 +32,21 @@ class Dataset(StrEnum):
     SYNTHETIC = "synthetic"
 
 
-class Architecture(StrEnum):
+class Architecture(StrEnum):  # built in; any other model is named by a ModelSource
     MOBILENETV2_CIFAR = "mobilenetv2_cifar"
     TINY_CNN = "tiny_cnn"
+
+
+class ModelSource(StrEnum):  # ``arch: SOURCE:NAME`` — where a model that is not built in comes from
+    TORCHVISION = "torchvision"  # torchvision:resnet18 — any classification builder of torchvision.models
+    TIMM = "timm"  # timm:resnet18 — timm.create_model (pip install 'kdsearch[timm]')
+    PYTHON = "python"  # python:package.module:factory — the user's own factory, called with num_classes
 
 
 class Normalization(StrEnum):
     CIFAR10 = "cifar10"
     CIFAR100 = "cifar100"
+    IMAGENET = "imagenet"
     NONE = "none"
 
 
@@ -167,6 +175,36 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def check_arch(value: str) -> str:
+    """A built-in architecture, or ``torchvision:NAME``, ``timm:NAME``, ``python:MODULE:CALLABLE``; the
+    spelling only (whether the model exists is the models package's check, which imports torch)."""
+    if value in {member.value for member in Architecture}:
+        return Architecture(value).value  # the plain string, also when given the enum member
+    source, separator, name = value.partition(":")
+    known = [member.value for member in Architecture] + [f"{member.value}:NAME" for member in ModelSource]
+    _check(
+        bool(separator) and source in {member.value for member in ModelSource} and bool(name.strip(":")),
+        f"arch must be one of {known} but got {value!r}",
+    )
+    if source == ModelSource.PYTHON:
+        module, _, factory = name.rpartition(":")
+        _check(bool(module) and factory.isidentifier(), f"arch {value!r}: give python:MODULE:CALLABLE")
+    return value
+
+
+def is_built_in(arch: str) -> bool:
+    return arch in {member.value for member in Architecture}
+
+
+def check_device_name(name: str) -> None:
+    """The spelling of a device: auto, cpu, mps, cuda or cuda:N. Whether this machine has it is
+    ``distill.preflight.check_device``'s question; torch would take ``cuda:abc`` for a device and fail later."""
+    _check(
+        isinstance(name, str) and re.fullmatch(r"auto|(cpu|cuda|mps)(:[0-9]+)?", name) is not None,
+        f"device must be auto, cpu or cuda[:N] but got {name!r}",
+    )
+
+
 def _check_unit_interval(name: str, value: float) -> None:
     _check(0.0 <= value <= 1.0, f"{name} must be in [0, 1] but got {value!r}")
 
@@ -194,6 +232,8 @@ class DataConfig:
     train_subset: int | None = None  # stratified subset of the remaining training images, for quick runs
     split_seed: int = 0  # seeds the validation split and the subset, not the training
     synthetic_size: int = 1200  # synthetic only: training images (test set is a quarter of it)
+    # The side the images are trained at; None: the data's own (32 for CIFAR). Others are resized once, at load.
+    image_size: int | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -209,11 +249,15 @@ class DataConfig:
             f"train_subset must be positive but got {self.train_subset}",
         )
         _check(self.synthetic_size >= 40, f"synthetic_size must be >= 40 but got {self.synthetic_size}")
+        _check(
+            self.image_size is None or 8 <= self.image_size <= 1024,
+            f"image_size must be in [8, 1024] pixels but got {self.image_size}",
+        )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "mobilenetv2_cifar"  # an Architecture
+    arch: str = "mobilenetv2_cifar"  # an Architecture, or SOURCE:NAME of a ModelSource (torchvision:resnet18)
     num_classes: int = 10
     drop_blocks: int = 0  # trailing feature blocks removed (the paper's student: 5)
     width_mult: float = 1.0  # channel multiplier, as in torchvision's MobileNetV2
@@ -222,10 +266,18 @@ class ModelConfig:
     # A pruned network's shape: output channels of every conv in ``features`` (models.classifiers.channel_plan);
     # None: the architecture's own widths.
     channels: tuple[int, ...] | None = field(default=None, metadata=ADDED_LATER)
+    # torchvision/timm models for small images: a stride-1 stem without its max-pool (as CIFAR variants do).
+    cifar_stem: bool = field(default=False, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        object.__setattr__(self, "arch", choice("arch", self.arch, Architecture))
+        object.__setattr__(self, "arch", check_arch(self.arch))
+        if self.channels is not None:  # a list after a JSON round trip; a tuple keeps the config hashable and equal
+            object.__setattr__(self, "channels", tuple(self.channels))
+        _check(
+            not (self.cifar_stem and is_built_in(self.arch)),
+            f"cifar_stem is for torchvision and timm models; {self.arch} is built for 32-pixel images already",
+        )
         object.__setattr__(self, "normalization", choice("normalization", self.normalization, Normalization))
         _check(self.num_classes >= 2, f"num_classes must be >= 2 but got {self.num_classes}")
         _check(self.drop_blocks >= 0, f"drop_blocks must be >= 0 but got {self.drop_blocks}")
@@ -420,10 +472,7 @@ class TrainConfig:
         object.__setattr__(self, "pad_mode", choice("pad_mode", self.pad_mode, PadMode))
         _check(self.crop_padding >= 0, f"crop_padding must be >= 0 but got {self.crop_padding}")
         object.__setattr__(self, "precision", choice("precision", self.precision, Precision))
-        _check(
-            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-            f"device must be auto, cpu or cuda[:N] but got {self.device!r}",
-        )
+        check_device_name(self.device)
         if self.needs_teacher:
             _check(
                 self.teacher_checkpoint is not None,

@@ -244,10 +244,20 @@ def test_check_override_has_no_interpolation_inside_override_tags():
     assert all("${" not in yaml.safe_dump(value) for value in overrides(CHECK_OVERRIDE))
 
 
-def test_merge_follows_compose_rules():
-    base = {"a": {"x": 1, "y": [1]}, "command": ["a"], "ports": ["1:1"], "deploy": {"resources": {"r": 1}}}
-    over = {"a": {"y": [2]}, "command": ["b"], "ports": _Override(["2:2"]), "deploy": {"resources": _Reset()}}
-    assert _merge(base, over) == {"a": {"x": 1, "y": [1, 2]}, "command": ["b"], "ports": ["2:2"], "deploy": {}}
+def test_check_override_replaces_commands_merges_mappings_and_keeps_the_rest():
+    # Compose's rules on these files: `command` replaced (not appended), `build` merged key by key,
+    # `!reset` removing the study's whole `deploy` and the worker's GPU reservation, and what the override
+    # does not name (environment, volumes, restart) kept from compose.yaml's x-kdsearch anchor.
+    base, merged = COMPOSE["services"], MERGED["services"]
+    for name in ("study", "worker"):
+        assert merged[name]["command"] == CHECK_OVERRIDE["services"][name]["command"] != base[name]["command"]
+        assert base[name]["build"] == {"context": "..", "dockerfile": "docker/Dockerfile.cuda"}
+        assert merged[name]["build"] == {"context": "..", "dockerfile": "docker/Dockerfile.cpu"}
+        for key in ("environment", "volumes", "restart", "depends_on"):
+            assert merged[name][key] == base[name][key], (name, key)
+        assert merged[name]["volumes"] == ["cache:/cache"]
+    assert "resources" in base["study"]["deploy"] and "deploy" not in merged["study"]
+    assert set(base["worker"]["deploy"]) == {"mode", "replicas", "resources"}
 
 
 # --- Dockerfiles --------------------------------------------------------------------------------
@@ -311,6 +321,31 @@ def test_container_check_uses_the_check_override_and_cleans_up():
     assert "podman kill --signal KILL" in script or '"podman", "kill", "--signal", "KILL"' in script
 
 
-def test_interpolation_of_nested_defaults():
-    assert _interpolate("${NOPE:-a${ALSO_NOPE:-b}c}") == "abc"
-    assert _interpolate("${SET:-x}", {"SET": "y"}) == "y"
+def _url(value: str):
+    import sqlalchemy
+
+    return sqlalchemy.engine.make_url(value)
+
+
+@pytest.mark.parametrize("env", [{}, {"POSTGRES_PASSWORD": "s3cret"}])
+def test_the_database_server_and_its_clients_agree_on_user_password_and_databases(env):
+    postgres = COMPOSE["services"]["postgres"]["environment"]
+    password = _interpolate(postgres["POSTGRES_PASSWORD"], env)
+    assert password == env.get("POSTGRES_PASSWORD", "kdsearch")
+    storage = _url(_interpolate(COMPOSE["x-kdsearch"]["environment"]["KDSEARCH_STORAGE"], env))
+    backend = next(a for a in COMPOSE["services"]["mlflow"]["command"] if a.startswith("--backend-store-uri="))
+    mlflow = _url(_interpolate(backend, env).removeprefix("--backend-store-uri="))
+    for url in (storage, mlflow):
+        assert (url.username, url.password, url.host, url.port) == (
+            postgres["POSTGRES_USER"],
+            password,
+            "postgres",
+            5432,
+        )
+    assert storage.database == postgres["POSTGRES_DB"] == "optuna" and mlflow.database == "mlflow"
+    assert storage.drivername == "postgresql" and mlflow.drivername == "postgresql+psycopg2"
+
+
+def test_a_storage_given_to_compose_replaces_the_built_in_one():
+    given = {"KDSEARCH_STORAGE": "postgresql://kd:pw@db-host:5432/optuna", "POSTGRES_PASSWORD": "ignored"}
+    assert _interpolate(COMPOSE["x-kdsearch"]["environment"]["KDSEARCH_STORAGE"], given) == given["KDSEARCH_STORAGE"]

@@ -249,13 +249,14 @@ def _folder_decode(config: DataConfig, cache_dir: Path) -> Decoded:
 
 
 def _synthetic_fingerprint(config: DataConfig, cache_dir: Path) -> str:
-    return f"synthetic:{config.synthetic_size}"
+    size = f":{config.image_size}px" if config.image_size is not None else ""
+    return f"synthetic:{config.synthetic_size}{size}"
 
 
 def _synthetic_decode(config: DataConfig, cache_dir: Path) -> Decoded:
     """Ten classes a tiny CNN separates within an epoch: a class colour plus a class stripe frequency."""
     generator = torch.Generator().manual_seed(1234)
-    num_classes, size = 10, 32
+    num_classes, size = 10, config.image_size or 32
     class_colours = torch.rand(num_classes, 3, 1, 1, generator=generator)
 
     def make(count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,24 +382,35 @@ def load_splits(config: DataConfig, cache_dir: str | Path | None = None) -> Spli
         dropped = len(train_pool) - config.train_subset
         kept_positions, _ = stratified_holdout(decoded.train_labels[train_pool], dropped, config.split_seed + 1)
         train_pool = train_pool[kept_positions]
-    fingerprint = content_key(
-        {
-            "data": data_digest,
-            "val_size": config.val_size,
-            "train_subset": config.train_subset,
-            "seed": config.split_seed,
-        }
-    )
+    keyed = {"data": data_digest, "val_size": config.val_size, "train_subset": config.train_subset}
+    keyed["seed"] = config.split_seed
+    size = config.image_size
+    resize = size is not None and size != decoded.train_images.shape[-1] and config.dataset != Dataset.SYNTHETIC
+    if resize:  # keyed only when resized, so the caches of data at its own size keep their keys
+        keyed["image_size"] = size
     label = config.label or DATASETS[config.dataset]().default_label(config)
     return Splits(
         label=label,
         classes=decoded.classes,
-        train_images=decoded.train_images[train_pool],
+        train_images=resized(decoded.train_images[train_pool], size) if resize else decoded.train_images[train_pool],
         train_labels=decoded.train_labels[train_pool],
         train_index=train_pool,
-        val_images=decoded.train_images[val_index],
+        val_images=resized(decoded.train_images[val_index], size) if resize else decoded.train_images[val_index],
         val_labels=decoded.train_labels[val_index],
-        test_images=decoded.test_images,
+        test_images=resized(decoded.test_images, size) if resize else decoded.test_images,
         test_labels=decoded.test_labels,
-        fingerprint=fingerprint,
+        fingerprint=content_key(keyed),
     )
+
+
+def resized(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) resized to (N, 3, size, size): antialiased bilinear, in batches of
+    ``chunk`` so that a float copy of the whole set is never held."""
+    import torch.nn.functional as F
+
+    out = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
+    for start in range(0, len(images), chunk):
+        batch = images[start : start + chunk].float()
+        scaled = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + chunk] = scaled.round().clamp(0, 255).to(torch.uint8)
+    return out

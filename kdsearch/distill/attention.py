@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from kdsearch.errors import ConfigError
+from kdsearch.models.classifiers import trunk
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -81,6 +82,17 @@ def _as_list(features: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tens
     return [features] if isinstance(features, torch.Tensor) else list(features)
 
 
+def blocks_of(model: nn.Module) -> nn.Sequential:
+    """The ordered trunk whose blocks attention pairs index; a one-line ConfigError for a model without one."""
+    found = trunk(model)
+    if found is None:
+        name = type(model.net).__name__ if hasattr(model, "net") else type(model).__name__
+        raise ConfigError(
+            f"attention transfer pairs blocks of an ordered trunk (a Sequential `features`); {name} has none"
+        )
+    return found
+
+
 class FeatureTaps:
     """Collect the outputs of ``model.features[i]`` for the given indices during forward passes.
 
@@ -97,7 +109,7 @@ class FeatureTaps:
     """
 
     def __init__(self, model: nn.Module, indices: Sequence[int]):
-        self._features: nn.Sequential = model.features
+        self._features: nn.Sequential = blocks_of(model)
         self._indices = list(indices)
         self._outputs: list[torch.Tensor | None] = [None] * len(self._indices)
         self._handles: list[RemovableHandle] = []
@@ -169,7 +181,7 @@ def check_pairs(student: nn.Module, teacher: nn.Module, pairs: Sequence[tuple[in
             raise ConfigError(f"attention pairs must be [student block, teacher block] but got {pair!r}")
         student_index, teacher_index = pair
         for role, model, index in (("student", student, student_index), ("teacher", teacher, teacher_index)):
-            count = len(model.features)
+            count = len(blocks_of(model))
             if not isinstance(index, int) or not 0 <= index < count:
                 raise ConfigError(
                     f"attention pair ({student_index}, {teacher_index}): the {role} has feature blocks "
@@ -194,7 +206,7 @@ def _block_sizes(model: nn.Module, image_size: int) -> list[tuple[int, int]]:
     # Eval mode: a training-mode BatchNorm would fold this blank image into its running statistics.
     model.eval()
     try:
-        with FeatureTaps(model, range(len(model.features))) as taps, torch.no_grad():
+        with FeatureTaps(model, range(len(blocks_of(model)))) as taps, torch.no_grad():
             model(torch.zeros(1, 3, image_size, image_size, device=device))
             return [(output.shape[-2], output.shape[-1]) for output in taps.outputs]
     finally:

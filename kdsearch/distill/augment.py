@@ -1,4 +1,5 @@
-"""Batched training augmentation on tensors: random crop + flip, and the IG overlay (Eq. 5-7).
+"""Batched training augmentation on tensors: random crop + flip (pad-and-shift for small images, a
+random resized crop for large ones), and the IG overlay (Eq. 5-7).
 
 Everything works on a whole batch at once on the training device; there is no per-sample Python.
 Crop and flip take the IG maps as extra channels so an image and its map move together.
@@ -41,6 +42,38 @@ def random_crop_flip(
     samples = torch.arange(size, device=device).view(size, 1, 1, 1)
     channels = torch.arange(batch.shape[1], device=device).view(1, -1, 1, 1)
     return padded[samples, channels, rows, columns]
+
+
+# Above this side, images are cropped at random scales (ImageNet's recipe) instead of shifted by a few pixels.
+SMALL_IMAGE = 64
+RESIZED_CROP_SCALE = (0.08, 1.0)  # the crop's share of the image's area, as torchvision's RandomResizedCrop
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # its aspect ratio
+
+
+def random_resized_crop_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random crop of random area and aspect ratio, resized back to (H, W), and a horizontal flip, of
+    (B, C, H, W): one draw per sample, every channel alike, the whole batch in one ``grid_sample``.
+
+    Unlike torchvision's RandomResizedCrop, which redraws until a crop fits inside the image, a crop
+    wider or taller than the image is clamped to its side: one draw, no per-sample loop.
+    """
+    size, device = batch.shape[0], batch.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        draw = torch.rand(size, generator=generator, device=generator.device).to(device)
+        return low + (high - low) * draw
+
+    area = uniform(*RESIZED_CROP_SCALE)
+    ratio = torch.exp(uniform(math.log(RESIZED_CROP_RATIO[0]), math.log(RESIZED_CROP_RATIO[1])))
+    width, height = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+    # Crop centres in grid_sample's [-1, 1] coordinates, so that the crop stays inside the image.
+    centre_x, centre_y = (2 * uniform(0, 1) - 1) * (1 - width), (2 * uniform(0, 1) - 1) * (1 - height)
+    flips = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(size, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 2] = width * flips, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid.to(batch.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def min_max(maps: torch.Tensor) -> torch.Tensor:
@@ -99,6 +132,7 @@ class BatchRecipe:
     overlay_p: float  # 0: no overlay, the maps are not touched
     overlay_mode: str  # an OverlayMode
     channels_last: bool
+    resized_crop: bool = False  # large images: random resized crop + flip instead of pad-and-shift + flip
 
 
 def training_batch(
@@ -117,13 +151,14 @@ def training_batch(
     batch = images[index].float().div_(255)
     if maps is not None and recipe.overlay_p > 0:
         map_index = OVERLAY_MODES[recipe.overlay_mode](index, len(images), overlay_generator)
-        stacked = random_crop_flip(
-            torch.cat([batch, maps[map_index].float().unsqueeze(1)], 1),
-            recipe.crop_padding,
-            generator,
-            recipe.pad_mode,
-        )
+        stacked = _crop_flip(torch.cat([batch, maps[map_index].float().unsqueeze(1)], 1), recipe, generator)
         batch, _ = ig_overlay(stacked[:, :3], stacked[:, 3], recipe.overlay_p, overlay_generator)
     else:
-        batch = random_crop_flip(batch, recipe.crop_padding, generator, recipe.pad_mode)
+        batch = _crop_flip(batch, recipe, generator)
     return batch.contiguous(memory_format=torch.channels_last) if recipe.channels_last else batch
+
+
+def _crop_flip(batch: torch.Tensor, recipe: BatchRecipe, generator: torch.Generator) -> torch.Tensor:
+    if recipe.resized_crop:
+        return random_resized_crop_flip(batch, generator)
+    return random_crop_flip(batch, recipe.crop_padding, generator, recipe.pad_mode)

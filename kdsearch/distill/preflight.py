@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdsearch.config import DataConfig, ModelConfig, TrainConfig, replace
+from kdsearch.config import DataConfig, Dataset, ModelConfig, TrainConfig, check_device_name, is_built_in, replace
 from kdsearch.errors import CheckpointError, ConfigError, DataError, NotWritable
 from kdsearch.infra.storage import check_writable
 
@@ -33,20 +33,23 @@ def check_inputs(config: TrainConfig) -> None:
     check_device(config.device)
     check_writable(config.cache_dir, "cache_dir (--cache-dir)")
     layout = check_data(config.data, config.cache_dir)
-    check_student(replace(config.student, num_classes=layout.classes))
+    # A folder's image size is known only once decoded: its students' forward is checked at set-up instead.
+    size = config.data.image_size or (None if config.data.dataset == Dataset.FOLDER else 32)
+    check_student(replace(config.student, num_classes=layout.classes), size)
+    if size is not None and (config.attention.gamma > 0 or config.attention.pairs is not None):
+        check_attention(config, layout.classes, size)
     if config.teacher_checkpoint is not None and Path(config.teacher_checkpoint).exists():
         check_teacher(config.teacher_checkpoint, replace(config.teacher, num_classes=layout.classes))
 
 
 def check_device(name: str) -> None:
+    """The device is spelled right and this machine has it."""
     import torch
 
     from kdsearch.infra.device import resolve_device
 
-    try:
-        device = resolve_device(name)  # raises for CUDA where there is none
-    except RuntimeError:  # torch's own message lists every device type it knows, most of them not kdsearch's
-        raise ConfigError(f"device must be auto, cpu or cuda[:N] but got {name!r}") from None
+    check_device_name(name)
+    device = resolve_device(name)  # raises for CUDA where there is none
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
@@ -104,29 +107,74 @@ def check_download(name: str, url: str, root: Path) -> None:
         ) from None
 
 
-def check_student(config: ModelConfig) -> None:
-    """The student can be built: e.g. its drop_blocks leave at least one feature block."""
+def check_student(config: ModelConfig, image_size: int | None = 32) -> None:
+    """The student can be built (e.g. its drop_blocks leave at least one feature block) and maps
+    ``image_size`` images (None: not checked) to one logit per class."""
     import torch
 
     from kdsearch.models.classifiers import build_model
 
+    # Built-in models on the meta device: shapes only, no memory, no initialisation. Some sourced builders
+    # compute on tensors while they build (RegNet's widths), which the meta device cannot.
+    device = "meta" if is_built_in(config.arch) else "cpu"
     try:
-        with torch.device("meta"):  # shapes only: no memory, no initialisation
-            build_model(config)
+        with torch.device(device):
+            model = build_model(config)
+            if image_size is not None:
+                check_logits(model, config, image_size)
     except ConfigError as error:
         flag = " (--student-drop)" if "drop_blocks" in str(error) else ""
         raise ConfigError(f"student: {error}{flag}") from None
+
+
+def check_logits(model, config: ModelConfig, image_size: int) -> None:
+    """One forward of a blank batch gives (batch, num_classes) logits; ConfigError in one line otherwise."""
+    import torch
+
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(2, 3, image_size, image_size))
+    except ConfigError:
+        raise
+    except Exception as error:  # any layer may refuse the input: say which model and size, in one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{config.arch} fails on {image_size}x{image_size} images: {reason}") from None
+    if tuple(logits.shape) != (2, config.num_classes):
+        raise ConfigError(
+            f"{config.arch} returns shape {tuple(logits.shape)} for 2 images, not (2, {config.num_classes}) logits"
+        )
+
+
+def check_attention(config: TrainConfig, classes: int, image_size: int) -> None:
+    """Attention transfer's block pairs (given, or the default ones) exist in the student and the teacher
+    and have equal spatial sizes. Checked whenever pairs are given, even at gamma 0: a study may switch AT
+    on in some trials only (an ablation's AT arms), and they would fail after the others had trained."""
+    import torch
+
+    from kdsearch.distill.attention import check_pairs, default_pairs
+    from kdsearch.models.classifiers import build_model
+
+    student_config = replace(config.student, num_classes=classes)
+    teacher_config = replace(config.teacher, num_classes=classes)
+    # As in check_student: shapes only on the meta device, where the builders allow it.
+    device = "meta" if is_built_in(student_config.arch) and is_built_in(teacher_config.arch) else "cpu"
+    with torch.device(device):
+        student, teacher = build_model(student_config), build_model(teacher_config)
+    pairs = config.attention.pairs or default_pairs(student, teacher, image_size)
+    check_pairs(student, teacher, pairs, image_size)
 
 
 def check_teacher(path: str | Path, config: ModelConfig) -> None:
     """The checkpoint's state dict has the keys and shapes of ``config``'s model."""
     import torch
 
-    from kdsearch.models.classifiers import build_model, check_fits, read_checkpoint
+    from kdsearch.models.classifiers import adapt_state, build_model, check_fits, read_checkpoint
 
     state, _ = read_checkpoint(path)
     with torch.device("meta"):
         model = build_model(config)
+    state = adapt_state(model, state)
     try:
         check_fits(model, state, path, config)
     except CheckpointError as error:

@@ -25,7 +25,7 @@ from kdsearch.config import ModelConfig, OptimConfig, StudentInit, TeacherLogits
 from kdsearch.data.datasets import Splits, load_splits
 from kdsearch.distill.attention import FeatureTaps, at_loss, check_pairs, default_pairs
 from kdsearch.distill.attribution import ig_maps
-from kdsearch.distill.augment import BatchRecipe, training_batch
+from kdsearch.distill.augment import SMALL_IMAGE, BatchRecipe, training_batch
 from kdsearch.distill.losses import kd_loss
 from kdsearch.distill.teacher import cached_teacher_logits, load_teacher
 from kdsearch.errors import CheckpointError, TrainingDiverged
@@ -183,7 +183,12 @@ def _set_up(config: TrainConfig, inputs: TrainInputs) -> _Run:
     optimizer = _optimizer(student, config.optim)
     steps = math.ceil(len(splits.train_labels) / config.batch_size) * config.epochs
     recipe = BatchRecipe(
-        config.crop_padding, config.pad_mode, config.overlay.p, config.overlay.mode, config.channels_last
+        config.crop_padding,
+        config.pad_mode,
+        config.overlay.p,
+        config.overlay.mode,
+        config.channels_last,
+        resized_crop=splits.image_size > SMALL_IMAGE,
     )
     return _Run(
         config=config,

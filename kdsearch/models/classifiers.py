@@ -1,10 +1,12 @@
 """Teacher and student networks, checkpoints, and their cost (parameters, FLOPs, bytes on disk).
 
-Every model is a ``CifarClassifier``: ``features`` (a Sequential of blocks), global average pooling, and
-``classifier = Sequential(Dropout, Linear)``. That is the state-dict layout of the widely used
-PyTorch_CIFAR10 MobileNetV2 checkpoints (``features.<i>.…``, ``classifier.1.{weight,bias}``), so they
-load without conversion. Input normalisation is a non-persistent buffer of the model: it is part of
-the model's config, applied inside ``forward``, and absent from the state dict.
+A built-in model (and a model truncated to the first blocks of a trunk) is a ``CifarClassifier``:
+``features`` (a Sequential of blocks), global average pooling, and ``classifier = Sequential(Dropout,
+Linear)``. That is the state-dict layout of the widely used PyTorch_CIFAR10 MobileNetV2 checkpoints
+(``features.<i>.…``, ``classifier.1.{weight,bias}``), so they load without conversion. A model from a
+source (torchvision, timm, the user's factory: models.sources) is a ``SourcedClassifier``, the network
+as ``net``. Input normalisation is a non-persistent buffer of either: part of the model's config,
+applied inside ``forward``, and absent from the state dict.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdsearch.config import Architecture, ModelConfig, Normalization, from_dict, to_dict
+from kdsearch.config import Architecture, ModelConfig, Normalization, from_dict, is_built_in, to_dict
 from kdsearch.errors import CheckpointError, ConfigError
 
 NORMALIZATIONS: dict[Normalization, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     Normalization.CIFAR10: ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
     Normalization.CIFAR100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    Normalization.IMAGENET: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     Normalization.NONE: None,  # the model takes raw [0, 1] pixels
 }
 
@@ -41,20 +44,59 @@ MOBILENETV2_CIFAR_SETTING = [
 ]
 
 
-class CifarClassifier(nn.Module):
-    def __init__(self, features: nn.Sequential, num_classes: int, dropout: float, normalization: str):
+class _Normalized(nn.Module):
+    """Input normalisation as non-persistent buffers: the model takes pixel values in [0, 1]."""
+
+    def __init__(self, normalization: str):
         super().__init__()
-        self.features = features
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(_out_channels(features), num_classes))
         stats = NORMALIZATIONS[normalization]
         mean, std = stats if stats is not None else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
         self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.input_mean) / self.input_std
+
+
+class CifarClassifier(_Normalized):
+    def __init__(
+        self,
+        features: nn.Sequential,
+        num_classes: int,
+        dropout: float,
+        normalization: str,
+        channels: int | None = None,  # the features' output channels; None: the last convolution's
+    ):
+        super().__init__(normalization)
+        self.features = features
+        head = nn.Linear(channels or _out_channels(features), num_classes)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), head)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Logits for images with pixel values in [0, 1]."""
-        features = self.features((pixels - self.input_mean) / self.input_std)
+        features = self.features(self.normalize(pixels))
         return self.classifier(features.mean(dim=(2, 3)))
+
+
+class SourcedClassifier(_Normalized):
+    """A network from a model source (torchvision, timm, the user's factory), as ``net``."""
+
+    def __init__(self, net: nn.Module, normalization: str):
+        super().__init__(normalization)
+        self.net = net
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        from kdsearch.models.sources import logits_of
+
+        return logits_of(self.net(self.normalize(pixels)))
+
+
+def trunk(model: nn.Module) -> nn.Sequential | None:
+    """The model's ordered trunk of feature blocks (``features``), where it has one."""
+    found = getattr(model, "features", None)
+    if found is None and isinstance(model, SourcedClassifier):
+        found = getattr(model.net, "features", None)
+    return found if isinstance(found, nn.Sequential) else None
 
 
 def _out_channels(features: nn.Sequential) -> int:
@@ -95,7 +137,9 @@ ARCHITECTURES: dict[Architecture, Callable[[float], nn.Sequential]] = {
 }
 
 
-def build_model(config: ModelConfig) -> CifarClassifier:
+def build_model(config: ModelConfig) -> nn.Module:
+    if not is_built_in(config.arch):
+        return _sourced(config)
     features = ARCHITECTURES[config.arch](config.width_mult)
     if config.drop_blocks >= len(features):
         raise ConfigError(
@@ -106,14 +150,45 @@ def build_model(config: ModelConfig) -> CifarClassifier:
     return apply_plan(model, config.channels) if config.channels is not None else model
 
 
-def init_from_teacher(student: CifarClassifier, teacher: CifarClassifier) -> None:
-    """Copy the teacher's weights into the student's kept feature blocks (same width only)."""
-    teacher_state = teacher.features.state_dict()
-    student_state = student.features.state_dict()
+def _sourced(config: ModelConfig) -> nn.Module:
+    """A model from a source; with ``drop_blocks``, the first blocks of its trunk under a new head."""
+    from kdsearch.models.sources import adapt_stem, build_network
+
+    if config.channels is not None:
+        raise ConfigError(f"a pruned channel plan is for the built-in architectures, not {config.arch}")
+    if config.width_mult != 1.0:
+        raise ConfigError(f"width_mult is for the built-in architectures; choose a smaller {config.arch} instead")
+    network = build_network(config.arch, config.num_classes)
+    if config.cifar_stem:
+        adapt_stem(network, config.arch)
+    if config.drop_blocks == 0:
+        return SourcedClassifier(network, config.normalization)
+    features = trunk(SourcedClassifier(network, config.normalization))
+    if features is None:
+        raise ConfigError(
+            f"drop_blocks needs a model with an ordered trunk (a Sequential `features`); {config.arch} has none: "
+            "choose a smaller model of its family as the student instead"
+        )
+    if config.drop_blocks >= len(features):
+        raise ConfigError(f"drop_blocks={config.drop_blocks} would remove all {len(features)} blocks of {config.arch}")
+    kept = nn.Sequential(*list(features)[: len(features) - config.drop_blocks])
+    with torch.no_grad():  # the kept blocks' output channels, whatever their last layer is
+        channels = kept.eval()(torch.zeros(1, 3, 32, 32)).shape[1]
+    kept.train()
+    return CifarClassifier(kept, config.num_classes, config.dropout, config.normalization, channels)
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Copy the teacher's weights into the student's kept trunk blocks (same widths only)."""
+    student_trunk, teacher_trunk = trunk(student), trunk(teacher)
+    if student_trunk is None or teacher_trunk is None:
+        raise ConfigError("student_init=teacher needs a student made of the teacher's first trunk blocks (drop_blocks)")
+    teacher_state = teacher_trunk.state_dict()
+    student_state = student_trunk.state_dict()
     mismatched = [k for k, v in student_state.items() if k not in teacher_state or teacher_state[k].shape != v.shape]
     if mismatched:
         raise ConfigError(f"student_init=teacher needs the teacher's widths; {mismatched[0]} does not match")
-    student.features.load_state_dict({key: teacher_state[key] for key in student_state})
+    student_trunk.load_state_dict({key: teacher_state[key] for key in student_state})
 
 
 def fold_batchnorm(model: CifarClassifier) -> CifarClassifier:
@@ -198,15 +273,23 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     raise CheckpointError(f"checkpoint {path} holds neither a state dict nor a kdsearch checkpoint")
 
 
-def load_model(path: str | Path, config: ModelConfig | None = None) -> tuple[CifarClassifier, ModelConfig]:
+def load_model(path: str | Path, config: ModelConfig | None = None) -> tuple[nn.Module, ModelConfig]:
     """Build the model and load its weights; ``config`` defaults to the one stored in the checkpoint."""
     state, stored_config = read_checkpoint(path)
     if config is None:
         config = from_dict(ModelConfig, stored_config) if stored_config else ModelConfig()
     model = build_model(config)
+    state = adapt_state(model, state)
     check_fits(model, state, path, config)
     model.load_state_dict(state)
     return model, config
+
+
+def adapt_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as ``model`` names it: a bare torchvision/timm state dict gets the ``net.`` prefix."""
+    if isinstance(model, SourcedClassifier) and not any(key.startswith("net.") for key in state):
+        return {f"net.{key}": tensor for key, tensor in state.items()}
+    return state
 
 
 def _drop_blocks_hint(model: nn.Module, state: dict[str, torch.Tensor], config: ModelConfig) -> str:

@@ -23,11 +23,13 @@ def model_costs(
     cache_dir: str | Path,
 ) -> dict[str, float]:
     """``{role}_params``, ``{role}_flops``, ``{role}_size_bytes`` and the ``latency_ms_{role}…`` metrics of
-    ``model`` (built as ``architecture``); ``calibration`` images calibrate its int8 ONNX model."""
+    ``model`` (built as ``architecture``), at the size of the ``calibration`` images (training images,
+    which also calibrate its int8 ONNX model)."""
+    image_size = calibration.shape[-1]
     return {
         f"{role}_params": float(count_parameters(model)),
-        f"{role}_flops": float(count_flops(model)),
+        f"{role}_flops": float(count_flops(model, image_size)),
         f"{role}_size_bytes": float(size_on_disk_bytes(model)),
-        **measure_latency(model, device, latency, f"latency_ms_{role}"),
+        **measure_latency(model, device, latency, f"latency_ms_{role}", image_size),
         **onnx_latency_metrics(model, architecture, latency, calibration, cache_dir, f"latency_ms_{role}"),
     }

@@ -90,10 +90,13 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, batch_size: int, device: torch.device, config: LatencyConfig) -> float:
-    """Median milliseconds of one forward pass of ``batch_size`` images."""
+def latency_ms(
+    model: nn.Module, batch_size: int, device: torch.device, config: LatencyConfig, image_size: int = 32
+) -> float:
+    """Median milliseconds of one forward pass of ``batch_size`` images of ``image_size`` pixels a side."""
     model = copy.deepcopy(model).to(device).eval().to(memory_format=torch.channels_last)
-    images = torch.rand(batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    images = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
     for _ in range(config.warmup):
         model(images)
     _synchronize(device)
@@ -106,11 +109,15 @@ def latency_ms(model: nn.Module, batch_size: int, device: torch.device, config: 
     return 1000.0 * statistics.median(timings)
 
 
-def measure_latency(model: nn.Module, device: torch.device, config: LatencyConfig, prefix: str) -> dict[str, float]:
+def measure_latency(
+    model: nn.Module, device: torch.device, config: LatencyConfig, prefix: str, image_size: int = 32
+) -> dict[str, float]:
     """{"<prefix>_b1": ms, "<prefix>_b128": ms, ..., "latency_threads": n} for the configured batch sizes,
     and "<prefix>_other_cores": the cores other processes kept busy meanwhile (where measurable)."""
     with machine_share().timing(), OtherProcesses() as others:
-        metrics = {f"{prefix}_b{size}": latency_ms(model, size, device, config) for size in config.batch_sizes}
+        metrics = {
+            f"{prefix}_b{size}": latency_ms(model, size, device, config, image_size) for size in config.batch_sizes
+        }
     metrics["latency_threads"] = float(torch.get_num_threads())
     if others.cores is not None:
         metrics[f"{prefix}_other_cores"] = others.cores

@@ -62,7 +62,7 @@ class Exported:
         runtime = Runtime(runtime)
         if runtime not in self._paths:
             if runtime == Runtime.ONNX_FP32:
-                self._paths[runtime] = export_onnx(self.model, self.folder / "model.onnx")
+                self._paths[runtime] = export_onnx(self.model, self.folder / "model.onnx", self.image_size)
             elif runtime == Runtime.ONNX_INT8:
                 fp32 = self.path(Runtime.ONNX_FP32)
                 self._paths[runtime] = quantize_int8(fp32, self.folder / "model.int8.onnx", self.calibration)
@@ -70,11 +70,16 @@ class Exported:
                 raise ValueError(f"{runtime} has no ONNX file")
         return self._paths[runtime]
 
+    @property
+    def image_size(self) -> int:
+        """The side of the images the model takes: the training images' (the calibration set)."""
+        return self.calibration.shape[-1]
+
 
 def _measure(exported: Exported, runtime: Runtime, batch: int, threads: int, latency: LatencyConfig) -> float:
     if runtime == Runtime.TORCH:
         with _torch_threads(threads):
-            return latency_ms(exported.model, batch, torch.device("cpu"), latency)
+            return latency_ms(exported.model, batch, torch.device("cpu"), latency, exported.image_size)
     return onnx_latency_ms(session(exported.path(runtime), threads), batch, latency.warmup, latency.repeats)
 
 
@@ -105,6 +110,8 @@ def runtime_latency(
         "cpu": device_name(torch.device("cpu")).split(" (")[0],
         "versions": _versions(runtime),
     }
+    if calibration.shape[-1] != 32:  # keyed only off CIFAR's size, so the 32-pixel timings cached before stay valid
+        fields["image_size"] = calibration.shape[-1]
     path = Path(cache_dir) / "latency" / f"{content_key(fields)}.json"
     if path.exists():
         stored = json.loads(path.read_text())

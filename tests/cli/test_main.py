@@ -75,8 +75,24 @@ def test_train_end_to_end_prints_metrics(capsys, tiny_teacher_checkpoint, tmp_pa
     )
     assert code == 0
     metrics = json.loads(out)
-    assert 0 <= metrics["val_acc"] <= 100 and metrics["images_per_s"] > 0
-    assert (tmp_path / "run" / "model.pt").exists()
+    assert metrics["images_per_s"] > 0 and metrics["epochs"] == 1
+    assert metrics["checkpoint"] == str(tmp_path / "run" / "model.pt")
+    # The printed accuracies are the saved student's on the synthetic validation and test splits, at the
+    # precision "auto" resolves to here, as training evaluated them (channels_last, batches of 500).
+    from kdsearch.config import DataConfig
+    from kdsearch.data.datasets import load_splits
+    from kdsearch.infra.device import resolve_precision
+    from kdsearch.models.classifiers import load_model
+    from kdsearch.models.inference import accuracy
+
+    student, architecture = load_model(metrics["checkpoint"])
+    assert (architecture.arch, architecture.drop_blocks) == ("tiny_cnn", 1)
+    student = student.to(memory_format=torch.channels_last)
+    splits = load_splits(DataConfig(dataset="synthetic", val_size=100))
+    cpu = torch.device("cpu")
+    dtype = resolve_precision("auto", cpu)
+    assert metrics["val_acc"] == accuracy(student, splits.val_images, splits.val_labels, 500, cpu, dtype)
+    assert metrics["test_acc"] == accuracy(student, splits.test_images, splits.test_labels, 500, cpu, dtype)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from kdsearch.data.datasets import load_splits
 from kdsearch.distill.teacher import cached_teacher_logits, load_teacher
 from kdsearch.distill.train import train
 from kdsearch.errors import CheckpointError, ConfigError
+from kdsearch.infra.device import resolve_precision
 from kdsearch.models.classifiers import weights_hash
 from kdsearch.models.inference import accuracy, predict_logits
 from tests.fakes import SYNTHETIC, TINY, TINY_STUDENT
@@ -171,7 +172,14 @@ def test_baseline_needs_no_teacher(tmp_path):
         cache_dir=str(tmp_path),
     )
     result = train(config, progress=False)
-    assert result.teacher_hash is None and result.ig_cache_key is None and result.val_acc >= 0
+    assert result.teacher_hash is None and result.ig_cache_key is None
+    # The reported accuracies are the trained model's on the held-out splits, at the run's precision.
+    splits = load_splits(config.data, config.cache_dir)
+    cpu, dtype = torch.device("cpu"), resolve_precision(config.precision, torch.device("cpu"))
+    assert result.val_acc == accuracy(result.model, splits.val_images, splits.val_labels, 500, cpu, dtype)
+    assert result.test_acc == accuracy(result.model, splits.test_images, splits.test_labels, 500, cpu, dtype)
+    assert result.history == [{**result.history[0], "epoch": 1, "val_acc": result.val_acc}]
+    assert len(splits.val_labels) == 100 and len(splits.test_labels) == 100  # on the splits of SYNTHETIC
 
 
 def test_kd_without_a_teacher_checkpoint_is_refused():

@@ -9,9 +9,12 @@ import torch
 from optuna.trial import TrialState
 
 from kdsearch.cli.main import main
+from kdsearch.data.datasets import load_splits
 from kdsearch.errors import ConfigError, StudyError
 from kdsearch.infra.device import resolve_precision
 from kdsearch.infra.storage import check_database, database_url
+from kdsearch.models.classifiers import load_model
+from kdsearch.models.inference import accuracy
 from kdsearch.search.kinds import STUDY_KINDS
 from kdsearch.search.optuna_storage import HeartbeatConfig
 from kdsearch.search.study import claim_waiting, join_study, open_study, run_study, study_identity
@@ -67,7 +70,6 @@ def test_smoke_grid_end_to_end_and_rerun_adds_nothing(tmp_path, mlflow_uri, shar
     assert _points(study) == [
         (("alpha", a), ("p", 0.5), ("t", t)) for a, t in [(0.1, 1.0), (0.1, 4.0), (0.5, 1.0), (0.5, 4.0)]
     ]
-    assert all(0 <= t.value <= 100 and "test_acc" in t.user_attrs for t in study.trials)
 
     client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("smoke")
@@ -75,6 +77,8 @@ def test_smoke_grid_end_to_end_and_rerun_adds_nothing(tmp_path, mlflow_uri, shar
     [parent] = [r for r in runs if r.data.tags.get("kdsearch.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4 and len(runs) == 5
+    trials = {t.number: t for t in study.trials}
+    splits = load_splits(load_study(SMOKE).train.data, shared_cache)
     for run in children:
         assert RUN_PARAMS <= set(run.data.params), RUN_PARAMS - set(run.data.params)
         assert RUN_METRICS <= set(run.data.metrics), RUN_METRICS - set(run.data.metrics)
@@ -85,6 +89,17 @@ def test_smoke_grid_end_to_end_and_rerun_adds_nothing(tmp_path, mlflow_uri, shar
         assert run.data.metrics["compression_factor"] > 1
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "model.pt"}
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
+        # The trial's value and test accuracy are those of the student it logged, on the smoke study's
+        # splits (fp32, as smoke.yaml trains; channels_last and batches of 500, as training evaluated it).
+        trial = trials[int(run.data.tags["optuna.trial"])]
+        folder = tmp_path / "downloads" / run.info.run_id
+        folder.mkdir(parents=True)
+        student, _ = load_model(client.download_artifacts(run.info.run_id, "model.pt", str(folder)))
+        student = student.to(memory_format=torch.channels_last)
+        val = accuracy(student, splits.val_images, splits.val_labels, 500, torch.device("cpu"), None)
+        test = accuracy(student, splits.test_images, splits.test_labels, 500, torch.device("cpu"), None)
+        assert trial.value == run.data.metrics["val_acc"] == val
+        assert trial.user_attrs["test_acc"] == run.data.metrics["test_acc"] == test
     assert parent.info.status == "FINISHED"
 
     assert main(args) == 0

@@ -1,0 +1,22 @@
+"""A user's own model factory, as `arch: python:tests.models.sample_factory:small_net` names it."""
+
+from torch import nn
+
+
+def small_net(num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
+
+
+def not_a_module(num_classes: int) -> str:
+    return "a string"
+
+
+def wrong_width(num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes + 1))

@@ -1,0 +1,210 @@
+"""kdsearch.search.tune: the grid and TPE study kinds (their points, spaces, checks and objectives)."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import optuna
+import pytest
+
+from kdsearch.errors import ConfigError
+from kdsearch.search.studyfile import build_spec
+from kdsearch.search.tune import GRID, PRUNERS, TPE, check_selectable
+
+TRAIN = {
+    "data": {"dataset": "synthetic", "synthetic_size": 400, "val_size": 100},
+    "student": {"arch": "tiny_cnn", "drop_blocks": 1},
+    "teacher": {"arch": "tiny_cnn"},
+    "epochs": 3,
+}
+
+
+@pytest.fixture
+def spec(tiny_teacher_checkpoint, tmp_path):
+    """build_spec of a study file over the tiny teacher, with ``sections`` added and ``train`` changes."""
+
+    def make(train: dict | None = None, **sections):
+        raw = {"name": "tune", "teacher": {"checkpoint": tiny_teacher_checkpoint}}
+        raw["train"] = {**TRAIN, "cache_dir": str(tmp_path / "cache"), **(train or {})}
+        return build_spec({**raw, **sections})
+
+    return make
+
+
+class Runner:
+    """Stands in for TrialRunner: records what each trial would train, answers a val_acc."""
+
+    def __init__(self):
+        self.calls = []
+
+    def train(self, trial, config, **kwargs):
+        self.calls.append((trial.params, config, kwargs))
+        return SimpleNamespace(val_acc=10.0 * len(self.calls))
+
+
+def test_the_kinds_names_and_units():
+    assert (GRID.name, GRID.unit, GRID.queue) == ("grid", "grid points", True)
+    assert (TPE.name, TPE.unit, TPE.queue) == ("tpe", "TPE trials", False)
+
+
+# --- grid -------------------------------------------------------------------------------------
+
+
+def test_grid_points_vary_the_first_axis_slowest(spec):
+    grid = spec(grid={"t": [1, 4], "alpha": [0.1, 0.5, 0.9], "p": 0.5})
+    space = GRID.space(grid)
+    assert space == {"t": [1.0, 4.0], "alpha": [0.1, 0.5, 0.9], "p": [0.5]}
+    assert GRID.points(space) == [
+        {"t": 1.0, "alpha": 0.1, "p": 0.5},
+        {"t": 1.0, "alpha": 0.5, "p": 0.5},
+        {"t": 1.0, "alpha": 0.9, "p": 0.5},
+        {"t": 4.0, "alpha": 0.1, "p": 0.5},
+        {"t": 4.0, "alpha": 0.5, "p": 0.5},
+        {"t": 4.0, "alpha": 0.9, "p": 0.5},
+    ]
+    assert GRID.total(space) == 6
+    assert GRID.total({"t": [1, 2], "alpha": [0, 1], "p": [0, 0.5, 1], "gamma": [0, 1]}) == 24
+
+
+def test_an_axis_the_grid_leaves_out_is_held_at_the_base_value(spec):
+    grid = spec(train={"kd": {"alpha": 0.3, "temperature": 2.0}}, grid={"t": [1, 2]})
+    assert GRID.space(grid) == {"t": [1.0, 2.0], "alpha": [0.3], "p": [0.1]}  # p: OverlayConfig's default
+
+
+def test_grid_trial_configs_are_the_base_config_at_each_point(spec):
+    grid = spec(grid={"t": [1, 4], "alpha": [0.1], "p": [0.0, 0.5]})
+    configs = GRID.trial_configs(grid, GRID.space(grid))
+    assert [(c.kd.temperature, c.kd.alpha, c.overlay.p) for c in configs] == [
+        (1.0, 0.1, 0.0),
+        (1.0, 0.1, 0.5),
+        (4.0, 0.1, 0.0),
+        (4.0, 0.1, 0.5),
+    ]
+    assert all(c.data == grid.train.data and c.epochs == 3 for c in configs)
+
+
+def test_grid_validate(spec):
+    GRID.validate(spec(grid={"t": [1, 4], "alpha": [0.1], "p": [0.5]}))
+    with pytest.raises(ConfigError, match=re.escape("no grid: give --t, --alpha and --p, or a 'grid' section")):
+        GRID.validate(spec())
+    with pytest.raises(ConfigError, match=re.escape("train.data.val_size must be > 0")):
+        GRID.validate(spec(train={"data": {**TRAIN["data"], "val_size": 0}}, grid={"t": [1]}))
+
+
+def test_grid_validate_builds_every_points_config(spec):
+    # gamma > 0 is refused with cached teacher logits, but only the grid's second gamma value has it.
+    cached = {"kd": {"teacher_logits": "cached", "alpha": 0.5}}
+    with pytest.raises(ConfigError, match="attention transfer \\(gamma > 0\\) needs the online teacher"):
+        GRID.validate(spec(train=cached, grid={"t": [1], "gamma": [0, 0.5]}))
+    GRID.validate(spec(train=cached, grid={"t": [1], "gamma": [0]}))
+
+
+def test_grid_objective_trains_the_enqueued_point(spec):
+    grid = spec(grid={"t": [1, 4], "alpha": [0.1, 0.5], "p": [0.5]})
+    handle = SimpleNamespace(spec=grid, space=GRID.space(grid))
+    runner = Runner()
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"t": 4.0, "alpha": 0.1, "p": 0.5})
+    study.optimize(GRID.objective(handle, runner), n_trials=1)
+    [(params, config, kwargs)] = runner.calls
+    assert params == {"t": 4.0, "alpha": 0.1, "p": 0.5} and kwargs == {}
+    assert (config.kd.temperature, config.kd.alpha, config.overlay.p) == (4.0, 0.1, 0.5)
+    assert study.trials[0].value == 10.0
+
+
+# --- TPE --------------------------------------------------------------------------------------
+
+
+def test_tpe_space_and_total(spec):
+    tpe = spec(tpe={"trials": 7, "t": {"low": 1, "high": 8, "log": True}, "alpha": [0, 0.5], "pruner": "none"})
+    space = TPE.space(tpe)
+    assert space == {
+        "trials": 7,
+        "t": {"low": 1, "high": 8, "log": True},
+        "alpha": {"low": 0.0, "high": 0.5, "log": False},
+        "p": {"low": 0.0, "high": 0.5, "log": False},
+        "lr": None,
+        "student_drop": None,
+        "pruner": "none",
+        "startup_trials": 4,
+        "seed": 0,
+    }  # no "gamma": as TPE studies stored before the AT axis existed
+    assert TPE.total(space) == 7
+    with_gamma = TPE.space(spec(tpe={"gamma": [0, 2]}))
+    assert with_gamma["gamma"] == {"low": 0.0, "high": 2.0, "log": False}
+
+
+def test_tpe_validate(spec):
+    TPE.validate(spec(tpe={"trials": 2, "student_drop": [0, 3]}))
+    with pytest.raises(ConfigError, match=re.escape("no TPE search space: add a 'tpe' section to the study file")):
+        TPE.validate(spec(grid={"t": [1]}))
+    with pytest.raises(ConfigError, match=re.escape("drop_blocks=4 would remove all 4 feature blocks of tiny_cnn")):
+        TPE.validate(spec(tpe={"student_drop": [0, 4]}))
+    with pytest.raises(ConfigError, match=re.escape("train.data.val_size must be > 0")):
+        TPE.validate(spec(train={"data": {**TRAIN["data"], "val_size": 0}}, tpe={}))
+
+
+def test_check_selectable(spec):
+    check_selectable(spec(tpe={}))
+    with pytest.raises(
+        ConfigError, match=re.escape("studies select on validation accuracy: train.data.val_size must be > 0")
+    ):
+        check_selectable(spec(train={"data": {**TRAIN["data"], "val_size": 0}}))
+
+
+def test_tpe_trial_configs_bound_what_the_trials_need(spec):
+    [config] = TPE.trial_configs(spec(tpe={"alpha": [0, 0.7], "p": [0.1, 0.3]}), {})
+    assert (config.kd.alpha, config.overlay.p, config.attention.gamma) == (0.7, 0.3, 0.0)
+    [config] = TPE.trial_configs(spec(tpe={"gamma": [0, 2]}), {})
+    assert config.attention.gamma == 2.0
+
+
+@pytest.mark.parametrize(
+    ("pruner", "kind"),
+    [
+        ("median", optuna.pruners.MedianPruner),
+        ("hyperband", optuna.pruners.HyperbandPruner),
+        ("none", optuna.pruners.NopPruner),
+    ],
+)
+def test_tpe_algorithms_pick_the_study_files_pruner(spec, pruner, kind):
+    tpe = spec(tpe={"pruner": pruner, "startup_trials": 3})
+    sampler, chosen = TPE.algorithms(tpe, joining=False)
+    assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._constant_liar
+    assert sampler._n_startup_trials == 3 and type(chosen) is kind
+    assert type(PRUNERS[pruner](tpe)) is kind
+    if pruner == "median":  # the first epoch never decides, nor do the startup trials
+        assert (chosen._n_startup_trials, chosen._n_warmup_steps) == (3, 2)
+    if pruner == "hyperband":
+        assert (chosen._min_resource, chosen._max_resource) == (1, 3)  # train.epochs
+
+
+def _first_points(sampler, n: int = 3) -> list[float]:
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=n)
+    return [trial.params["x"] for trial in study.trials]
+
+
+def test_tpe_seed_is_used_by_the_creator_and_left_unset_by_a_joining_worker(spec):
+    tpe = spec(tpe={"seed": 5})
+    created = [_first_points(TPE.algorithms(tpe, joining=False)[0]) for _ in range(2)]
+    assert created[0] == created[1]
+    joined = [_first_points(TPE.algorithms(tpe, joining=True)[0]) for _ in range(2)]
+    assert joined[0] != joined[1] and created[0] not in joined
+
+
+def test_tpe_objective_trains_the_sampled_params_with_pruning(spec):
+    tpe = spec(tpe={"alpha": [0.1, 0.9], "lr": {"low": 1e-4, "high": 1e-2, "log": True}, "student_drop": [0, 2]})
+    handle = SimpleNamespace(spec=tpe, space=TPE.space(tpe))
+    runner = Runner()
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(TPE.objective(handle, runner), n_trials=3)
+    assert len(runner.calls) == 3
+    for trial, (params, config, kwargs) in zip(study.trials, runner.calls, strict=True):
+        assert set(params) == {"t", "alpha", "p", "lr", "student_drop"} and kwargs == {"prune": True}
+        assert (config.kd.temperature, config.kd.alpha, config.overlay.p) == (params["t"], params["alpha"], params["p"])
+        assert config.optim.lr == params["lr"] and config.student.drop_blocks == params["student_drop"]
+        assert 0.1 <= params["alpha"] <= 0.9 and params["student_drop"] in (0, 1, 2)
+        assert trial.distributions["t"].log and trial.distributions["lr"].log
+    assert [trial.value for trial in study.trials] == [10.0, 20.0, 30.0]
