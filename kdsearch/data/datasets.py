@@ -210,7 +210,8 @@ def _folder_fingerprint(config: DataConfig, cache_dir: Path) -> str:
         for path, label in files[split]:
             stat = path.stat()
             digest.update(f"{split}/{label}/{path.name}/{stat.st_size}/{stat.st_mtime_ns}\n".encode())
-    return f"folder:{digest.hexdigest()}"
+    size = f":{config.image_size}px" if config.image_size is not None else ""
+    return f"folder:{digest.hexdigest()}{size}"
 
 
 def _decode_file(path: Path) -> torch.Tensor:
@@ -222,6 +223,14 @@ def _decode_file(path: Path) -> torch.Tensor:
         # torchvision prefixes its reason with "function, source.cpp:line, ".
         reason = re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().splitlines()[0])
         raise DataError(f"cannot decode image {path}: {reason}; replace or remove it") from None
+
+
+def centre_fit(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A uint8 (3, H, W) image resized so its shorter side is ``size``, then its centre ``size`` x ``size``
+    (torchvision's Resize + CenterCrop, as evaluation on ImageNet-style data does)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
 
 
 def _folder_decode(config: DataConfig, cache_dir: Path) -> Decoded:
@@ -237,12 +246,15 @@ def _folder_decode(config: DataConfig, cache_dir: Path) -> Decoded:
             # they still work, and this runs once per dataset before the result is cached.
             warnings.simplefilter("ignore", DeprecationWarning)
             images = [
-                _decode_file(path)
+                _decode_file(path) if config.image_size is None else centre_fit(_decode_file(path), config.image_size)
                 for path, _ in tqdm(files[split], desc=f"decoding {root.name}/{split}", unit="img", disable=None)
             ]
         shapes = {tuple(image.shape) for image in images}
         if len(shapes) != 1:
-            raise DataError(f"images in {root / split} differ in size ({sorted(shapes)[:3]}...); resize them first")
+            raise DataError(
+                f"images in {root / split} differ in size ({sorted(shapes)[:3]}...); give data.image_size "
+                "(--set train.data.image_size=224) to resize them as they are decoded"
+            )
         labels = torch.tensor([label for _, label in files[split]], dtype=torch.int64)
         decoded[split] = (torch.stack(images), labels)
     return Decoded(*decoded["train"], *decoded["test"], classes)

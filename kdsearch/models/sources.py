@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -56,6 +58,8 @@ def _timm(name: str, num_classes: int) -> nn.Module:
 
 def _python(spec: str, num_classes: int) -> nn.Module:
     module_name, _, factory_name = spec.rpartition(":")
+    if os.getcwd() not in sys.path:  # as `python -c` would: the user's module beside where they run kdsearch
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # a user's module may fail to import with any error

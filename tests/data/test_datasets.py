@@ -139,3 +139,23 @@ def test_a_missing_torchvision_dataset_asks_for_a_download(tmp_path):
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         tmp_path,
     )
+
+
+def test_a_folder_of_images_of_many_sizes_is_fitted_to_the_image_size_as_it_is_decoded(tmp_path):
+    root = tmp_path / "photos"
+    sizes = [(40, 60), (50, 50), (64, 48)]
+    for split in ("train", "test"):
+        for label, name in enumerate(("cat", "dog")):
+            directory = root / split / name
+            directory.mkdir(parents=True)
+            for index, (height, width) in enumerate(sizes):
+                image = torch.full((3, height, width), 60 * label + 20 * index, dtype=torch.uint8)
+                (directory / f"{index}.jpg").write_bytes(encode_jpeg(image, quality=95).numpy().tobytes())
+    with pytest.raises(DataError, match=r"differ in size .* give data.image_size"):
+        load_splits(DataConfig(dataset="folder", data_dir=str(root), val_size=0), tmp_path / "cache")
+    splits = load_splits(
+        DataConfig(dataset="folder", data_dir=str(root), val_size=0, image_size=24), tmp_path / "cache"
+    )
+    assert splits.train_images.shape == (6, 3, 24, 24) and splits.image_size == 24
+    # A flat image stays flat through the resize and the centre crop: dog's third image is 60 + 40.
+    assert abs(splits.test_images[5].float().mean().item() - 100) < 2
