@@ -266,14 +266,22 @@ class ModelConfig:
     # A pruned network's shape: output channels of every conv in ``features`` (models.classifiers.channel_plan);
     # None: the architecture's own widths.
     channels: tuple[int, ...] | None = field(default=None, metadata=ADDED_LATER)
+    # A pruned sourced model's shape: "NAME=in,out,groups" of each Conv2d, "NAME=features" of each norm,
+    # "NAME=in,out" of each Linear that pruning changed (models.classifiers.changed_layers).
+    pruned_layers: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
     # torchvision/timm models for small images: a stride-1 stem without its max-pool (as CIFAR variants do).
     cifar_stem: bool = field(default=False, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         check_field_types(self)
         object.__setattr__(self, "arch", check_arch(self.arch))
-        if self.channels is not None:  # a list after a JSON round trip; a tuple keeps the config hashable and equal
-            object.__setattr__(self, "channels", tuple(self.channels))
+        for name in ("channels", "pruned_layers"):  # lists after a JSON round trip; tuples keep configs hashable
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        _check(
+            self.pruned_layers is None or not is_built_in(self.arch),
+            "pruned_layers is for torchvision, timm and own models; built-in ones keep their plan in channels",
+        )
         _check(
             not (self.cifar_stem and is_built_in(self.arch)),
             f"cifar_stem is for torchvision and timm models; {self.arch} is built for 32-pixel images already",

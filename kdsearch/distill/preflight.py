@@ -36,6 +36,8 @@ def check_inputs(config: TrainConfig) -> None:
     # A folder's image size is known only once decoded: its students' forward is checked at set-up instead.
     size = config.data.image_size or (None if config.data.dataset == Dataset.FOLDER else 32)
     check_student(replace(config.student, num_classes=layout.classes), size)
+    if config.prune.active and not is_built_in(config.student.arch):
+        check_prunable(replace(config.student, num_classes=layout.classes), size or 32)
     if size is not None and (config.attention.gamma > 0 or config.attention.pairs is not None):
         check_attention(config, layout.classes, size)
     if config.teacher_checkpoint is not None and Path(config.teacher_checkpoint).exists():
@@ -125,6 +127,17 @@ def check_student(config: ModelConfig, image_size: int | None = 32) -> None:
     except ConfigError as error:
         flag = " (--student-drop)" if "drop_blocks" in str(error) else ""
         raise ConfigError(f"student: {error}{flag}") from None
+
+
+def check_prunable(config: ModelConfig, image_size: int) -> None:
+    """Torch-Pruning handles the sourced model (one pruning at half the channels, on a CPU copy)."""
+    from kdsearch.models.classifiers import build_model
+    from kdsearch.models.pruning import prune_classifier
+
+    try:
+        prune_classifier(build_model(config), ratio=0.5, image_size=image_size)
+    except ConfigError as error:
+        raise ConfigError(f"student {config.arch}: {error}") from None
 
 
 def check_logits(model, config: ModelConfig, image_size: int) -> None:

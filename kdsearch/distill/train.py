@@ -33,7 +33,9 @@ from kdsearch.infra.cpu_share import machine_share
 from kdsearch.infra.device import autocast_context, resolve_device, resolve_precision
 from kdsearch.models.classifiers import (
     CifarClassifier,
+    SourcedClassifier,
     build_model,
+    changed_layers,
     channel_plan,
     fold_batchnorm,
     init_from_teacher,
@@ -224,7 +226,8 @@ def _pruned(
     student: CifarClassifier, student_config: ModelConfig, teacher: CifarClassifier, config: TrainConfig
 ) -> tuple[CifarClassifier, ModelConfig]:
     """The teacher-initialised student pruned to ``config.prune``'s target, and its config with the plan."""
-    if student.classifier[1].weight.shape == teacher.classifier[1].weight.shape:
+    sourced = isinstance(student, SourcedClassifier)  # init_from_teacher copied all of the teacher into it
+    if not sourced and student.classifier[1].weight.shape == teacher.classifier[1].weight.shape:
         student.classifier.load_state_dict(teacher.classifier.state_dict())  # undropped: the teacher's head too
     pruned = prune_classifier(
         student,
@@ -233,6 +236,8 @@ def _pruned(
         importance=config.prune.importance,
         seed=config.seed,
     )
+    if sourced:
+        return pruned, replace(student_config, pruned_layers=changed_layers(pruned, build_model(student_config)))
     return pruned, replace(student_config, channels=channel_plan(pruned))
 
 

@@ -155,14 +155,17 @@ def _sourced(config: ModelConfig) -> nn.Module:
     from kdsearch.models.sources import adapt_stem, build_network
 
     if config.channels is not None:
-        raise ConfigError(f"a pruned channel plan is for the built-in architectures, not {config.arch}")
+        raise ConfigError(f"a channel plan is for the built-in architectures; {config.arch} keeps pruned_layers")
     if config.width_mult != 1.0:
         raise ConfigError(f"width_mult is for the built-in architectures; choose a smaller {config.arch} instead")
     network = build_network(config.arch, config.num_classes)
     if config.cifar_stem:
         adapt_stem(network, config.arch)
     if config.drop_blocks == 0:
-        return SourcedClassifier(network, config.normalization)
+        model = SourcedClassifier(network, config.normalization)
+        return apply_layers(model, config.pruned_layers) if config.pruned_layers else model
+    if config.pruned_layers:
+        raise ConfigError("pruned_layers are for a whole sourced model, not one truncated by drop_blocks")
     features = trunk(SourcedClassifier(network, config.normalization))
     if features is None:
         raise ConfigError(
@@ -179,7 +182,14 @@ def _sourced(config: ModelConfig) -> nn.Module:
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module) -> None:
-    """Copy the teacher's weights into the student's kept trunk blocks (same widths only)."""
+    """Copy the teacher's weights into the student: all of them where it is the teacher's architecture,
+    else into its kept trunk blocks (same widths only)."""
+    student_state, teacher_state = student.state_dict(), teacher.state_dict()
+    if isinstance(student, SourcedClassifier) and {k: v.shape for k, v in student_state.items()} == {
+        k: v.shape for k, v in teacher_state.items()
+    }:
+        student.load_state_dict(teacher_state)
+        return
     student_trunk, teacher_trunk = trunk(student), trunk(teacher)
     if student_trunk is None or teacher_trunk is None:
         raise ConfigError("student_init=teacher needs a student made of the teacher's first trunk blocks (drop_blocks)")
@@ -327,6 +337,87 @@ def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pat
 
 
 # --- pruned architectures ------------------------------------------------------------------
+
+
+def _layer_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """What pruning changes of a layer: a convolution's (in, out, groups), a norm's features, a Linear's (in, out)."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels, module.groups
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (module.num_features,)
+    if isinstance(module, nn.GroupNorm | nn.LayerNorm):
+        return (module.weight.shape[0],) if module.weight is not None else None
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return None
+
+
+def changed_layers(pruned: nn.Module, original: nn.Module) -> tuple[str, ...]:
+    """The layers pruning changed, as ``ModelConfig.pruned_layers`` keeps them ("NAME=n,n,n").
+
+    Raises ConfigError when a layer of a kind kdsearch cannot rebuild changed (its parameters' shapes
+    differ but it is none of those ``_layer_shape`` knows): the pruned model could not be loaded back.
+    """
+    before = dict(original.named_modules())
+    found = []
+    for name, module in pruned.named_modules():
+        old = before.get(name)
+        shape, old_shape = _layer_shape(module), _layer_shape(old) if old is not None else None
+        if shape is not None and shape != old_shape:
+            found.append(f"{name}={','.join(map(str, shape))}")
+        elif (
+            shape is None
+            and old is not None
+            and [p.shape for p in module.parameters(recurse=False)] != [p.shape for p in old.parameters(recurse=False)]
+        ):
+            raise ConfigError(f"pruning changed {name} ({type(module).__name__}), a layer kdsearch cannot rebuild")
+    return tuple(found)
+
+
+def apply_layers(model: nn.Module, layers: Sequence[str]) -> nn.Module:
+    """``model`` (freshly built, unpruned) with the shapes of ``changed_layers``, in place; the resized
+    parameters are zeros until a state dict is loaded. Layers keep their class (a timm norm-activation
+    stays one): only their sizes and parameters change, as Torch-Pruning changes them."""
+    for entry in layers:
+        name, _, numbers = entry.partition("=")
+        try:
+            module = model.get_submodule(name)
+            shape = tuple(int(number) for number in numbers.split(","))
+        except (AttributeError, ValueError):
+            raise ConfigError(f"pruned layer {entry!r} does not name a layer of this model") from None
+        _resize(module, shape, entry)
+    return model
+
+
+def _resize(module: nn.Module, shape: tuple[int, ...], entry: str) -> None:
+    def parameter(*size: int) -> nn.Parameter:
+        return nn.Parameter(torch.zeros(*size, device=module.weight.device))
+
+    if isinstance(module, nn.Conv2d) and len(shape) == 3:
+        module.in_channels, module.out_channels, module.groups = shape
+        module.weight = parameter(shape[1], shape[0] // shape[2], *module.kernel_size)
+        if module.bias is not None:
+            module.bias = parameter(shape[1])
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm) and len(shape) == 1:
+        module.num_features = shape[0]
+        if module.affine:
+            module.weight, module.bias = parameter(shape[0]), parameter(shape[0])
+        if module.track_running_stats:
+            module.running_mean = torch.zeros(shape[0], device=module.running_mean.device)
+            module.running_var = torch.ones(shape[0], device=module.running_var.device)
+    elif isinstance(module, nn.GroupNorm | nn.LayerNorm) and len(shape) == 1 and module.weight is not None:
+        if isinstance(module, nn.GroupNorm):
+            module.num_channels = shape[0]
+        else:
+            module.normalized_shape = (shape[0],)
+        module.weight, module.bias = parameter(shape[0]), parameter(shape[0]) if module.bias is not None else None
+    elif isinstance(module, nn.Linear) and len(shape) == 2:
+        module.in_features, module.out_features = shape
+        module.weight = parameter(shape[1], shape[0])
+        if module.bias is not None:
+            module.bias = parameter(shape[1])
+    else:
+        raise ConfigError(f"pruned layer {entry!r} does not fit {type(module).__name__}")
 
 
 def channel_plan(model: CifarClassifier) -> tuple[int, ...]:

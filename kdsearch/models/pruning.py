@@ -71,7 +71,38 @@ def prune_classifier(
         _check_fraction("ratio", ratio)
     else:
         _check_fraction("flops_target", flops_target)
+    return _prune(model, ratio, flops_target, importance, round_to, seed, image_size)
 
+
+def _prune(
+    model: nn.Module,
+    ratio: float | None,
+    flops_target: float | None,
+    importance: str,
+    round_to: int | None,
+    seed: int,
+    image_size: int,
+) -> nn.Module:
+    try:
+        pruned = _pruned_copy(model, ratio, flops_target, importance, round_to, seed, image_size)
+    except ConfigError:
+        raise
+    except Exception as error:  # inside Torch-Pruning: the model has a structure it does not handle
+        name = type(getattr(model, "net", model)).__name__
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(f"Torch-Pruning cannot prune {name}: {type(error).__name__}: {reason}") from None
+    return pruned.to(next(model.parameters()).device).train(model.training)
+
+
+def _pruned_copy(
+    model: nn.Module,
+    ratio: float | None,
+    flops_target: float | None,
+    importance: str,
+    round_to: int | None,
+    seed: int,
+    image_size: int,
+) -> nn.Module:
     pruned = copy.deepcopy(model).cpu().eval()  # eval: tracing runs a forward that must not move BN statistics
     for parameter in pruned.parameters():
         parameter.requires_grad_(True)  # Torch-Pruning traces the graph through autograd
@@ -95,7 +126,7 @@ def prune_classifier(
                 removals.append((group, torch.argsort(scorer(group), stable=True)[:removed].tolist()))
     for group, indices in removals:
         group.prune(idxs=sorted(indices))
-    return pruned.to(next(model.parameters()).device).train(model.training)
+    return pruned
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -124,8 +155,15 @@ def _ratio_for_flops(
     Kept counts depend only on the ratio and each group's width, not on which channels go, so each step
     prices a channel plan (the unpruned copy reshaped, then ``count_flops``: ~0.1 s for the teacher on
     2 CPU cores; the meta device was no faster) and the groups are pruned once, afterwards. FLOPs
-    fall monotonically as the ratio grows.
+    fall monotonically as the ratio grows. A model that is not a chain of convolutions (a sourced one:
+    ResNets' shortcuts, concatenations) is priced by pruning a copy at each step instead.
     """
+    if not isinstance(model, CifarClassifier):
+
+        def pruned_flops(ratio: float) -> int:
+            return count_flops(_prune(model, min(ratio, 1.0), None, "l2", round_to, 0, image_size), image_size)
+
+        return _bisect(pruned_flops, count_flops(model, image_size), flops_target, round_to)
     names = {module: name for name, module in model.features.named_modules()}
     widths = {}  # conv name -> channels of the group its outputs belong to
     for group in groups:
@@ -138,7 +176,11 @@ def _ratio_for_flops(
         plan = [_kept_channels(widths[name], ratio, round_to) for name in convs]
         return count_flops(reshaped_copy(model, plan), image_size)  # the plan is valid: no forward check
 
-    full = count_flops(model, image_size)
+    return _bisect(flops_at, count_flops(model, image_size), flops_target, round_to)
+
+
+def _bisect(flops_at, full: int, flops_target: float, round_to: int | None) -> float:
+    """The smallest ratio (to 2**-12) at which ``flops_at(ratio)`` is within ``flops_target`` of ``full``."""
     floor = flops_at(1.0)  # every group at its narrowest
     if floor > flops_target * full:
         raise ConfigError(

@@ -190,3 +190,84 @@ def test_a_torchvision_teacher_passes_its_first_blocks_weights_and_attention_to_
     result = train(config, progress=False)
     assert result.epochs_completed == 1 and result.history[0]["train_loss"] > 0
     assert isinstance(result.model, CifarClassifier) and len(result.model.features) == 13 - 4
+
+
+@pytest.mark.parametrize(
+    "arch", ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "timm:test_resnet", "timm:test_efficientnet"]
+)
+def test_a_pruned_sourced_model_rebuilds_from_the_layers_pruning_changed(arch, tmp_path):
+    from kdsearch.config import replace
+    from kdsearch.models.classifiers import changed_layers, count_flops
+    from kdsearch.models.pruning import prune_classifier
+
+    config = ModelConfig(arch=arch, cifar_stem=True)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    pruned = prune_classifier(model, ratio=0.5).eval()
+    layers = changed_layers(pruned, build_model(config))
+    assert layers and count_parameters(pruned) < 0.4 * count_parameters(model)
+    assert count_flops(pruned) < 0.4 * count_flops(model)
+    save_checkpoint(pruned, replace(config, pruned_layers=layers), tmp_path / "pruned.pt")
+    rebuilt, stored = load_model(tmp_path / "pruned.pt")
+    images = torch.rand(2, 3, 32, 32)
+    assert stored.pruned_layers == layers and torch.equal(rebuilt.eval()(images), pruned(images))
+
+
+@pytest.mark.parametrize(
+    ("arch", "reason"),
+    [("torchvision:shufflenet_v2_x0_5", "ZeroDivisionError"), ("torchvision:regnet_x_400mf", "RuntimeError")],
+)
+def test_a_model_torch_pruning_cannot_prune_is_refused_in_one_line_before_training(arch, reason):
+    from kdsearch.config import PruneConfig
+    from kdsearch.distill.preflight import check_inputs
+
+    config = TrainConfig(
+        data=DataConfig(dataset="synthetic", synthetic_size=40, val_size=10),
+        student=ModelConfig(arch=arch, cifar_stem=True),
+        teacher=ModelConfig(arch=arch, cifar_stem=True),
+        teacher_checkpoint="teacher.pt",
+        kd=KDConfig(alpha=0.0),
+        overlay=OverlayConfig(p=0.0),
+        prune=PruneConfig(ratio=0.5),
+    )
+    name = {"torchvision:shufflenet_v2_x0_5": "ShuffleNetV2", "torchvision:regnet_x_400mf": "RegNet"}[arch]
+    with pytest.raises(ConfigError, match=f"student {arch}: Torch-Pruning cannot prune {name}: {reason}"):
+        check_inputs(config)
+
+
+def test_pruned_layers_that_do_not_fit_the_model_are_one_line():
+    with pytest.raises(ConfigError, match="does not name a layer of this model"):
+        build_model(ModelConfig(arch="torchvision:resnet18", pruned_layers=("net.nope=3,8,1",)))
+    with pytest.raises(ConfigError, match="does not fit BatchNorm2d"):
+        build_model(ModelConfig(arch="torchvision:resnet18", pruned_layers=("net.bn1=3,8,1",)))
+
+
+@pytest.mark.slow
+def test_a_sourced_teacher_pruned_into_its_student_trains_and_its_checkpoint_rebuilds_it(tmp_path):
+    from kdsearch.config import PruneConfig
+
+    teacher = ModelConfig(arch="timm:test_resnet", cifar_stem=True)
+    torch.manual_seed(0)
+    save_checkpoint(build_model(teacher), teacher, tmp_path / "teacher.pt")
+    config = TrainConfig(
+        data=DataConfig(dataset="synthetic", synthetic_size=80, val_size=20),
+        student=teacher,
+        teacher=teacher,
+        teacher_checkpoint=str(tmp_path / "teacher.pt"),
+        kd=KDConfig(alpha=0.5),
+        overlay=OverlayConfig(p=0.0),
+        prune=PruneConfig(flops_target=0.5),
+        epochs=1,
+        batch_size=40,
+        precision="fp32",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    result = train(config, progress=False, run_dir=tmp_path / "run")
+    rebuilt, stored = load_model(tmp_path / "run" / "model.pt")
+    images = torch.rand(2, 3, 32, 32)
+    # allclose: the trained model is channels_last, whose kernels round differently from the rebuilt one's.
+    trained = result.model.eval().to(memory_format=torch.contiguous_format)
+    assert stored.pruned_layers and torch.allclose(rebuilt.eval()(images), trained(images), atol=1e-5)
+    from kdsearch.models.classifiers import count_flops
+
+    assert count_flops(rebuilt) <= 0.5 * count_flops(build_model(teacher))
