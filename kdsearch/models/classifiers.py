@@ -353,11 +353,8 @@ def _layer_shape(module: nn.Module) -> tuple[int, ...] | None:
 
 
 def changed_layers(pruned: nn.Module, original: nn.Module) -> tuple[str, ...]:
-    """The layers pruning changed, as ``ModelConfig.pruned_layers`` keeps them ("NAME=n,n,n").
-
-    Raises ConfigError when a layer of a kind kdsearch cannot rebuild changed (its parameters' shapes
-    differ but it is none of those ``_layer_shape`` knows): the pruned model could not be loaded back.
-    """
+    """The layers pruning changed, as ``ModelConfig.pruned_layers`` keeps them: "NAME=n,n,n" for the kinds
+    ``_layer_shape`` knows, "NAME.PARAMETER=shape:AxB" for a parameter of any other module."""
     before = dict(original.named_modules())
     found = []
     for name, module in pruned.named_modules():
@@ -365,12 +362,13 @@ def changed_layers(pruned: nn.Module, original: nn.Module) -> tuple[str, ...]:
         shape, old_shape = _layer_shape(module), _layer_shape(old) if old is not None else None
         if shape is not None and shape != old_shape:
             found.append(f"{name}={','.join(map(str, shape))}")
-        elif (
-            shape is None
-            and old is not None
-            and [p.shape for p in module.parameters(recurse=False)] != [p.shape for p in old.parameters(recurse=False)]
-        ):
-            raise ConfigError(f"pruning changed {name} ({type(module).__name__}), a layer kdsearch cannot rebuild")
+        elif shape is None and old is not None:
+            # Any other module's own parameters (ConvNeXt's layer_scale): their new shapes, by name.
+            old_parameters = dict(old.named_parameters(recurse=False))
+            for parameter_name, parameter in module.named_parameters(recurse=False):
+                if parameter.shape != old_parameters[parameter_name].shape:
+                    dims = "x".join(map(str, parameter.shape))
+                    found.append(f"{name}.{parameter_name}=shape:{dims}")
     return tuple(found)
 
 
@@ -380,6 +378,9 @@ def apply_layers(model: nn.Module, layers: Sequence[str]) -> nn.Module:
     stays one): only their sizes and parameters change, as Torch-Pruning changes them."""
     for entry in layers:
         name, _, numbers = entry.partition("=")
+        if numbers.startswith("shape:"):
+            _reshape_parameter(model, name, numbers.removeprefix("shape:"), entry)
+            continue
         try:
             module = model.get_submodule(name)
             shape = tuple(int(number) for number in numbers.split(","))
@@ -387,6 +388,19 @@ def apply_layers(model: nn.Module, layers: Sequence[str]) -> nn.Module:
             raise ConfigError(f"pruned layer {entry!r} does not name a layer of this model") from None
         _resize(module, shape, entry)
     return model
+
+
+def _reshape_parameter(model: nn.Module, name: str, dims: str, entry: str) -> None:
+    owner, _, parameter_name = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+        old = getattr(module, parameter_name)
+        shape = tuple(int(dim) for dim in dims.split("x"))
+    except (AttributeError, ValueError):
+        raise ConfigError(f"pruned layer {entry!r} does not name a parameter of this model") from None
+    if not isinstance(old, nn.Parameter) or len(shape) != old.dim():
+        raise ConfigError(f"pruned layer {entry!r} does not fit {type(module).__name__}.{parameter_name}")
+    setattr(module, parameter_name, nn.Parameter(torch.zeros(shape, device=old.device)))
 
 
 def _resize(module: nn.Module, shape: tuple[int, ...], entry: str) -> None:

@@ -193,7 +193,14 @@ def test_a_torchvision_teacher_passes_its_first_blocks_weights_and_attention_to_
 
 
 @pytest.mark.parametrize(
-    "arch", ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "timm:test_resnet", "timm:test_efficientnet"]
+    "arch",
+    [
+        "torchvision:resnet18",
+        "torchvision:mobilenet_v3_small",
+        "timm:test_resnet",
+        "timm:test_efficientnet",
+        "timm:test_convnext",  # layer_scale: a parameter of a block, kept by its shape
+    ],
 )
 def test_a_pruned_sourced_model_rebuilds_from_the_layers_pruning_changed(arch, tmp_path):
     from kdsearch.config import replace

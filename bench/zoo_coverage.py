@@ -1,0 +1,168 @@
+"""How much of the model zoo kdsearch takes: every classification builder of torchvision and a sample of
+timm models through build → one KD step → prune → ONNX export with parity, at 32 pixels (with the
+small-image stem) and at 224.
+
+Each (model, size) is one row of a CSV that later runs resume from (rows already there are skipped), so
+the survey can run in the background and be cut. Models over --max-params parameters are skipped and
+listed as such (building and timing them on a 2-core CPU takes minutes each). Steps:
+
+- build: ``ModelConfig(arch=SOURCE:NAME)`` built, and one forward of two images gives (2, 10) logits;
+- kd: one KD step (``kd_loss`` against fixed random teacher logits, Adam) on 8 random images, loss finite;
+- prune: Torch-Pruning at ratio 0.3 (``prune_classifier``), the pruned layers recorded, and the model
+  rebuilt from them gives the pruned model's logits;
+- export: ONNX export of the (unpruned) model and top-1 agreement 100 % on 8 images, max |Δlogit| < 1e-3.
+
+    python bench/zoo_coverage.py --sizes 32,224 --timm-sample 50 --out bench/out/zoo_coverage.csv
+    python bench/zoo_coverage.py --summary bench/out/zoo_coverage.csv      # the table BENCHMARKS.md shows
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kdsearch.config import ModelConfig, replace
+from kdsearch.distill.losses import kd_loss
+from kdsearch.distill.preflight import check_logits
+from kdsearch.models.classifiers import build_model, changed_layers, count_parameters
+from kdsearch.models.pruning import prune_classifier
+from kdsearch.models.sources import torchvision_names
+from kdsearch.runtime.onnx_runtime import export_onnx, parity, session
+
+STEPS = ("build", "kd", "prune", "export")
+FIELDS = ["source", "model", "size", "params", *STEPS, "seconds", "failure"]
+
+
+def timm_sample(count: int) -> list[str]:
+    """``count`` timm models spread evenly over its sorted list (one of every few), without its test models."""
+    import timm
+
+    names = [name for name in timm.list_models() if not name.startswith("test_")]
+    stride = max(1, len(names) // count)
+    return names[::stride][:count]
+
+
+def one_kd_step(model: torch.nn.Module, size: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 3, size, size, generator=generator)
+    labels = torch.arange(8) % 10
+    teacher = torch.randn(8, 10, generator=generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    loss = kd_loss(model(images), teacher, labels, alpha=0.5, temperature=2.5)
+    if not math.isfinite(loss.item()):
+        raise RuntimeError(f"KD loss is {loss.item()}")
+    loss.backward()
+    optimizer.step()
+
+
+def survey(source: str, name: str, size: int, max_params: float) -> dict:
+    row = {"source": source, "model": name, "size": size, **dict.fromkeys(STEPS, ""), "failure": ""}
+    start = time.perf_counter()
+    config = ModelConfig(arch=f"{source}:{name}", cifar_stem=size <= 64, normalization="imagenet")
+    step = "build"
+    try:
+        with torch.device("meta"):
+            params = count_parameters(build_model(config))
+        row["params"] = params
+        if params > max_params:
+            row["build"], row["failure"] = "skipped", f"over {max_params:.0f} parameters"
+            return row
+        torch.manual_seed(0)
+        model = build_model(config)
+        check_logits(model, config, size)
+        row["build"] = "ok"
+        step = "kd"
+        one_kd_step(model, size)
+        row["kd"] = "ok"
+        model.eval()
+        step = "prune"
+        pruned = prune_classifier(model, ratio=0.3, image_size=size).eval()
+        layers = changed_layers(pruned, build_model(config))
+        rebuilt = build_model(replace(config, pruned_layers=layers))
+        rebuilt.load_state_dict(pruned.state_dict())
+        images = torch.rand(2, 3, size, size)
+        with torch.no_grad():
+            if not torch.allclose(rebuilt.eval()(images), pruned(images), atol=1e-5):
+                raise RuntimeError("the model rebuilt from its pruned layers differs from the pruned one")
+        row["prune"] = "ok"
+        step = "export"
+        with tempfile.TemporaryDirectory() as scratch:
+            path = export_onnx(model, Path(scratch) / "model.onnx", size)
+            images = (torch.rand(8, 3, size, size) * 255).to(torch.uint8)
+            report = parity(model, session(path), images, batch_size=8)
+        if report["top1_agreement"] < 100.0 or report["max_abs_logit_diff"] >= 1e-3:
+            raise RuntimeError(
+                f"ONNX parity {report['top1_agreement']:.1f} % top-1, max |Δlogit| {report['max_abs_logit_diff']:.2e}"
+            )
+        row["export"] = "ok"
+    except Exception as error:  # the survey records why a model fails, whatever the library raised
+        row[step] = "fail"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        row["failure"] = f"{step}: {type(error).__name__}: {reason}"[:300]
+    finally:
+        row["seconds"] = f"{time.perf_counter() - start:.1f}"
+    return row
+
+
+def summary(path: Path) -> str:
+    rows = list(csv.DictReader(path.open()))
+    lines = [
+        "| source | size | models | skipped (too large) | build | KD step | prune | ONNX export |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for source in sorted({row["source"] for row in rows}):
+        for size in sorted({int(row["size"]) for row in rows if row["source"] == source}):
+            group = [row for row in rows if row["source"] == source and int(row["size"]) == size]
+            tried = [row for row in group if row["build"] != "skipped"]
+            counts = [sum(row[step] == "ok" for row in tried) for step in STEPS]
+            cells = " | ".join(f"{count}/{len(tried)} ({100 * count / max(len(tried), 1):.0f} %)" for count in counts)
+            skipped = len(group) - len(tried)
+            lines.append(f"| {source} | {size} | {len(group)} | {skipped} | {cells} |")
+    failures = [row for row in rows if row["failure"] and row["build"] != "skipped"]
+    lines += ["", "Failures:", ""]
+    lines += [f"- {row['source']}:{row['model']} at {row['size']}: {row['failure']}" for row in failures]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="32,224")
+    parser.add_argument("--timm-sample", type=int, default=50)
+    parser.add_argument("--max-params", type=float, default=100e6)
+    parser.add_argument("--out", type=Path, default=Path("bench/out/zoo_coverage.csv"))
+    parser.add_argument("--summary", type=Path, help="print the table of an existing CSV and exit")
+    args = parser.parse_args()
+    if args.summary is not None:
+        print(summary(args.summary))
+        return
+    torch.set_num_threads(2)
+    done = set()
+    if args.out.exists():
+        done = {(row["source"], row["model"], row["size"]) for row in csv.DictReader(args.out.open())}
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w", newline="") as handle:
+            csv.DictWriter(handle, FIELDS).writeheader()
+    models = [("torchvision", name) for name in torchvision_names()]
+    models += [("timm", name) for name in timm_sample(args.timm_sample)]
+    for size in (int(size) for size in args.sizes.split(",")):
+        for source, name in models:
+            if (source, name, str(size)) in done:
+                continue
+            row = survey(source, name, size, args.max_params)
+            with args.out.open("a", newline="") as handle:
+                csv.DictWriter(handle, FIELDS).writerow(row)
+            print(f"{source}:{name} @{size}: " + " ".join(f"{step}={row[step] or '-'}" for step in STEPS)
+                  + f" ({row['seconds']} s) {row['failure']}", flush=True)  # fmt: skip
+    print(summary(args.out))
+
+
+if __name__ == "__main__":
+    main()
