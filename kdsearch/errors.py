@@ -1,8 +1,11 @@
-"""Errors a user can fix. The CLI prints them as one line on stderr and exits with code 2."""
+"""Errors a user can fix. The CLI prints them as one line on stderr and exits with their ``exit_code``:
+2 for bad input (found before anything is written), 1 for a run that produced nothing."""
 
 
 class KdsearchError(Exception):
     """Base class: bad input, missing files, unreachable services — never a bug in kdsearch."""
+
+    exit_code = 2
 
 
 class ConfigError(KdsearchError, ValueError):
@@ -27,3 +30,10 @@ class TrainingDiverged(KdsearchError):
 
 class NotWritable(KdsearchError):
     """A folder kdsearch must write to is read-only, or a file stands where a folder should be."""
+
+
+class NoTrialCompleted(KdsearchError):
+    """A study command ran trials and none of them completed (each failed, or was pruned). Not bad input:
+    the inputs were accepted and the study kept, so the exit code is 1, not 2."""
+
+    exit_code = 1

@@ -94,8 +94,18 @@ def _json_safe(value):
 def _check_teacher_file(path: str | None) -> None:
     from kdsearch.errors import CheckpointError
 
+    if path is not None and Path(path).is_dir():
+        raise CheckpointError(f"teacher checkpoint {path} is a folder; give the checkpoint file (--teacher-checkpoint)")
     if path is not None and not Path(path).is_file():
         raise CheckpointError(f"teacher checkpoint {path} does not exist (--teacher-checkpoint)")
+
+
+def _check_resume(run_dir: Path | None, resume: bool) -> None:
+    """--resume continues RUN_DIR/last.pt; without one it would silently train from scratch."""
+    if resume and run_dir is None:
+        raise KdsearchError("--resume needs --run-dir")
+    if resume and not (run_dir / "last.pt").is_file():
+        raise KdsearchError(f"--resume: nothing to resume in {run_dir} (no last.pt); leave out --resume to start a run")
 
 
 @app.command("train")
@@ -161,8 +171,7 @@ def train_command(
     from kdsearch.distill.train import train
     from kdsearch.infra.storage import check_writable
 
-    if resume and run_dir is None:
-        raise KdsearchError("--resume needs --run-dir")
+    _check_resume(run_dir, resume)
     config = TrainConfig(
         data=data_config(dataset, data_dir, data_label, val_size, train_subset, split_seed),
         student=ModelConfig(
@@ -230,8 +239,7 @@ def teacher_train_command(
     from kdsearch.infra.storage import check_writable
     from kdsearch.models.classifiers import save_checkpoint
 
-    if resume and run_dir is None:
-        raise KdsearchError("--resume needs --run-dir")
+    _check_resume(run_dir, resume)
     data = data_config(dataset, data_dir, data_label, val_size, train_subset, split_seed)
     config = replace(
         recipe_config(data, ModelConfig(arch=arch), TeacherRecipe(epochs, batch_size, lr, seed)),
@@ -369,10 +377,13 @@ def ig_show_command(
 
     from kdsearch.data.datasets import folder_files
     from kdsearch.distill.attribution import ig_panel
+    from kdsearch.errors import NotWritable
     from kdsearch.infra.storage import check_writable
 
     if out.suffix.lower() != ".png":
         raise KdsearchError(f"--out must end in .png but got {out}")
+    if out.is_dir():
+        raise NotWritable(f"--out {out} is a folder; give the PNG's file name")
     if index < 0:
         raise KdsearchError(f"--index must be >= 0 but got {index}")
     check_writable(out.parent, "--out folder")
@@ -395,7 +406,8 @@ INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 a usage or input error the user can fix)."""
+    """Run the CLI; returns the exit code: 0 ok, 2 a usage or input error the user can fix, 1 a study
+    command none of whose trials completed, 130 interrupted."""
     # kdsearch's own progress lines; libraries (the ONNX exporter's passes, MLflow) only warnings.
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -417,7 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         if message:  # empty for a bare `kdsearch`, whose help was already shown
             typer.echo(f"error: {message}", err=True)
         return 2
-    except (KdsearchError, FileNotFoundError) as error:
+    except KdsearchError as error:
+        typer.echo(f"error: {error}", err=True)
+        return error.exit_code
+    except FileNotFoundError as error:
         typer.echo(f"error: {error}", err=True)
         return 2
     except (KeyboardInterrupt, typer.Abort):

@@ -135,7 +135,7 @@ def _run(kind: str, spec, run: RunOptions, max_trials: int | None = None):
     from kdsearch.search.study import describe_progress, run_study
 
     workspace = run.workspace()
-    handle, tracker = workspace.open(kind, spec, run.study_name)
+    handle, tracker = workspace.open(kind, spec, run.study_name, run.experiment)
     typer.echo(f"study {handle.name} in {hide_password(workspace.storage_url)}: {describe_progress(handle)}")
     return handle, tracker, run_study(handle, tracker, run.experiment, run.progress, max_trials, workspace.checkpoints)
 
@@ -149,12 +149,22 @@ def _spec(study_file: Path | None, overrides: dict[str, Any], section: str):
     return build_spec(apply_overrides(raw, overrides))
 
 
-def _report(summary) -> None:
+def _report(summary, kind) -> None:
+    """The study's progress, its best trial, and exit code 1 when none of the trials run now completed."""
     from kdsearch.search.study import describe_trial
 
-    typer.echo(f"{summary.done} of {summary.total} complete ({summary.ran} run now); states {_states(summary.counts)}")
+    states = _states(summary.counts)
+    typer.echo(f"{summary.done} of {summary.total} {kind.done_word} ({summary.ran} run now); states {states}")
     if summary.best is not None:
         typer.echo("best: " + json.dumps(describe_trial(summary.best), default=str))
+    _check_completed(summary)
+
+
+def _check_completed(summary) -> None:
+    from kdsearch.errors import NoTrialCompleted
+
+    if summary.none_completed is not None:
+        raise NoTrialCompleted(f"none of the {summary.ran} trial(s) run now completed: {summary.none_completed}")
 
 
 def _states(counts: dict[str, int]) -> str:
@@ -189,7 +199,8 @@ def grid_command(
         if text is not None:
             overrides[f"grid.{name}"] = parse_number_list(flag, text)
     spec = _spec(study_file, overrides, "grid")
-    _report(_run("grid", spec, run, max_trials)[2])
+    handle, _, summary = _run("grid", spec, run, max_trials)
+    _report(summary, handle.kind)
 
 
 @study_app.command("tpe")
@@ -211,7 +222,8 @@ def tpe_command(
     if pruner is not None:
         overrides["tpe.pruner"] = pruner
     spec = _spec(study_file, overrides, "tpe")
-    _report(_run("tpe", spec, run, max_trials)[2])
+    handle, _, summary = _run("tpe", spec, run, max_trials)
+    _report(summary, handle.kind)
 
 
 @study_app.command("pareto")
@@ -253,7 +265,8 @@ def pareto_command(
     overrides |= {f"pareto.{name}": str(value) if name in ("sampler", "latency") else value
                   for name, value in flags.items() if value is not None}  # fmt: skip
     spec = _spec(study_file, overrides, "pareto")
-    _report(_run("pareto", spec, run, max_trials)[2])
+    handle, _, summary = _run("pareto", spec, run, max_trials)
+    _report(summary, handle.kind)
 
 
 @study_app.command("worker")
@@ -296,10 +309,10 @@ def worker_command(
         grace_period=grace_period,
     )
     workspace = run.workspace()
-    storage_url, tracker = workspace.stores()
+    storage_url, tracker = workspace.stores(experiment)
     handle = join_study(study_name, storage_url, workspace.heartbeat, STUDY_KINDS, run.overrides(), wait_s=wait)
     typer.echo(f"joined {handle.kind.name} study {handle.name}: {describe_progress(handle)}")
-    _report(run_study(handle, tracker, experiment, progress, max_trials, workspace.checkpoints))
+    _report(run_study(handle, tracker, experiment, progress, max_trials, workspace.checkpoints), handle.kind)
 
 
 @study_app.command("status")
@@ -319,7 +332,8 @@ def status_command(
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
         return
-    typer.echo(f"study {report['study']} ({report['kind']}): {report['done']} of {report['total']} complete")
+    word = STUDY_KINDS[report["kind"]].done_word
+    typer.echo(f"study {report['study']} ({report['kind']}): {report['done']} of {report['total']} {word}")
     typer.echo(f"  trials: {_states(report['states']) or 'none'}")
     best = report["best"]
     if best is not None:
@@ -447,6 +461,7 @@ def ablate_command(
             overrides[f"ablation.{name}"] = [item.strip() for item in text.split(",") if item.strip()]
     spec = _spec(study_file, overrides, "ablation")
     handle, tracker, summary = _run("ablation", spec, run)
+    _check_completed(summary)
     table = ablation_table(handle.study)
     if summary.parent_run is not None:
         log_table(tracker, summary.parent_run, table)

@@ -75,6 +75,7 @@ class Layout:
     classes: int
     train_images: int  # before the validation split
     download: tuple[str, Path] | None = None  # (URL, folder) that decode would download the source from/into
+    test_images: int | None = None  # the test split's size, where known without decoding
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,9 @@ def _torchvision_source(name: str) -> Source:
     import torchvision
 
     dataset_class = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
-    layout = {"cifar10": Layout(10, 50_000), "cifar100": Layout(100, 50_000)}[name]
+    layout = {"cifar10": Layout(10, 50_000, test_images=10_000), "cifar100": Layout(100, 50_000, test_images=10_000)}[
+        name
+    ]
 
     def fingerprint(config: DataConfig, cache_dir: Path) -> str:
         return f"{name}:{_torchvision_root(config, cache_dir).resolve()}"
@@ -197,7 +200,7 @@ def _folder_inspect(config: DataConfig, cache_dir: Path) -> Layout:
             f"images in {root} differ in size: {first} is {first_size[0]}x{first_size[1]}, "
             f"{other} is {other_size[0]}x{other_size[1]}; resize them to one size first"
         )
-    return Layout(len(classes), len(files["train"]))
+    return Layout(len(classes), len(files["train"]), test_images=len(files["test"]))
 
 
 def _folder_fingerprint(config: DataConfig, cache_dir: Path) -> str:
@@ -294,7 +297,7 @@ DATASETS: dict[Dataset, Callable[[], Source]] = {
         _synthetic_fingerprint,
         _synthetic_decode,
         lambda config: "synthetic",
-        lambda config, cache_dir: Layout(10, config.synthetic_size),
+        lambda config, cache_dir: Layout(10, config.synthetic_size, test_images=config.synthetic_size // 4),
     ),
 }
 

@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 
 from kdsearch.config import ExportFormat, Runtime, TrainConfig, choice, from_dict, replace
 from kdsearch.errors import CheckpointError, ConfigError, StudyError
+from kdsearch.infra.storage import check_writable
 from kdsearch.track.tracking import ROLE_TAG, MlflowTracker, TrackingError, mlflow_client, run_tags
 
 MODEL, INT8, CARD, SUMMARY = "model.onnx", "model.int8.onnx", "MODEL_CARD.md", "export.json"
@@ -74,6 +75,8 @@ class ExportConfig:
             raise ConfigError("--study needs a study storage (--storage)")
         if self.register is not None and not self.register.strip():
             raise ConfigError("--register needs a model name")
+        if self.register is not None:
+            _check_model_name(self.register)
         if not 0 <= self.min_agreement <= 100:
             raise ConfigError(f"min_agreement must be in [0, 100] but got {self.min_agreement}")
         for name in ("calibration_images", "threads", "repeats"):
@@ -87,6 +90,19 @@ class ExportConfig:
             raise ConfigError(f"--out {self.out} is a file; give a directory")
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise ConfigError(f"--out {self.out} already exists and is not empty; give a new directory")
+        check_writable(self.out, "--out")  # the export is staged beside it and renamed at the end
+
+
+def _check_model_name(name: str) -> None:
+    """A name MLflow's model registry takes, checked by MLflow's own rule: the registry refuses others
+    only when the export is logged, after the export's work, leaving a FAILED run behind."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as error:
+        raise ConfigError(f"--register {name!r}: {error.message}") from None
 
 
 @dataclass(frozen=True)

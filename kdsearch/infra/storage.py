@@ -3,12 +3,24 @@ checked before anything is written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
 
-from kdsearch.errors import KdsearchError, NotWritable, StudyError
+from kdsearch.errors import ConfigError, KdsearchError, NotWritable, StudyError
 from kdsearch.infra.urls import sqlite_url
+
+# Study and experiment names become folder names (a file name has at most 255 bytes), and a study's
+# default name adds up to 18 characters to the study file's name ("-ablation-1a2b3c4d").
+NAME_BYTES = 200
+
+
+def check_name_length(name: str, what: str) -> None:
+    """Raise ConfigError when ``name`` is too long to name a folder; ``what`` is how the user gave it."""
+    size = len(name.encode())
+    if size > NAME_BYTES:
+        raise ConfigError(f"{what} {name[:24]!r}... is {size} bytes long; at most {NAME_BYTES}, as it names a folder")
 
 
 def default_storage(workdir: str | Path = ".") -> str:
@@ -70,6 +82,7 @@ def check_database(
             raise error(f"{what} {shown}: no such file (no study has been created there)")
         if writes if writes is not None else not must_exist:
             _check_sqlite_writable(path, f"{what} {shown}", error)
+        check_sqlite_file(path, f"{what} {shown}", error)
         return
     connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
     try:
@@ -94,6 +107,27 @@ def _check_sqlite_writable(path: Path, what: str, error: type[KdsearchError]) ->
         raise error(str(failure)) from None
     if path.is_file() and not os.access(path, os.W_OK):
         raise error(f"{what}: file {path} is read-only")
+
+
+def check_sqlite_file(path: Path, what: str, error: type[KdsearchError]) -> None:
+    """Raise ``error`` when ``path`` exists but is not a sound SQLite database (another file, a truncated
+    or corrupt one): the stores would fail on it with a traceback, some after writing elsewhere.
+
+    ``quick_check`` reads every page, so a database cut short is found too; an empty file is an empty
+    database, as SQLite takes it.
+    """
+    import sqlite3
+
+    if not path.is_file():
+        return
+    try:
+        # mode=rw: never creates the file; a hot journal left by a killed writer is rolled back, as the store would.
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True)) as connection:
+            problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as failure:
+        raise error(f"{what}: {failure} (not a sound SQLite database file)") from None
+    if problems != ["ok"]:
+        raise error(f"{what}: {problems[0]} (not a sound SQLite database file)")
 
 
 def check_writable(path: str | Path, what: str) -> None:

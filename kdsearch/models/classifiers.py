@@ -270,6 +270,8 @@ def save_checkpoint(model: CifarClassifier, config: ModelConfig, path: str | Pat
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(state dict, model config or None) from a kdsearch checkpoint or a bare state dict."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -302,18 +304,37 @@ def adapt_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, t
     return state
 
 
-def _drop_blocks_hint(model: nn.Module, state: dict[str, torch.Tensor], config: ModelConfig) -> str:
-    """ "; it looks like --drop-blocks N" when the checkpoint has fewer feature blocks than the model."""
+def _fit_hint(model: nn.Module, state: dict[str, torch.Tensor], config: ModelConfig) -> str:
+    """What would fit the checkpoint: "; it looks like --drop-blocks N" when it is the model's first blocks,
+    else "; it looks like --arch A" for a built-in architecture whose layers it has; "" when neither."""
+    drop = _fitting_drop(model, state, config.drop_blocks)
+    if drop is not None and drop != config.drop_blocks:
+        return f"; its feature blocks end at {len(model.features) + config.drop_blocks - drop - 1}: it looks like --drop-blocks {drop}"
+    for arch in Architecture:
+        if arch == config.arch:
+            continue
+        with torch.device("meta"):
+            other = build_model(ModelConfig(arch=arch, num_classes=config.num_classes))
+        drop = _fitting_drop(other, state, 0)
+        if drop is not None:
+            return f"; it looks like --arch {arch.value}" + (f" --drop-blocks {drop}" if drop else "")
+    return ""
+
+
+def _fitting_drop(model: nn.Module, state: dict[str, torch.Tensor], dropped: int) -> int | None:
+    """The drop_blocks at which ``state`` is this (``dropped``-block-shorter) model's first feature blocks,
+    names and shapes alike; None when it is not."""
+    if not isinstance(model, CifarClassifier):
+        return None
     stored = {int(key.split(".")[1]) for key in state if key.startswith("features.") and key.split(".")[1].isdigit()}
-    if not stored or not hasattr(model, "features"):
-        return ""
-    kept = max(stored) + 1
-    drop = config.drop_blocks + len(model.features) - kept
-    return (
-        f"; its feature blocks end at {kept - 1}: it looks like --drop-blocks {drop}"
-        if drop != config.drop_blocks
-        else ""
-    )
+    if not stored:
+        return None
+    kept, expected = max(stored) + 1, model.state_dict()
+    drop = dropped + len(model.features) - kept
+    blocks = [key for key in state if key.startswith("features.")]
+    if drop < 0 or any(key not in expected or expected[key].shape != state[key].shape for key in blocks):
+        return None
+    return drop
 
 
 def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, config: ModelConfig) -> None:
@@ -328,7 +349,7 @@ def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pat
             parts.append(f"{len(missing)} missing key(s) e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[0]}")
-        raise CheckpointError(f"{where}: {'; '.join(parts)}{_drop_blocks_hint(model, state, config)}")
+        raise CheckpointError(f"{where}: {'; '.join(parts)}{_fit_hint(model, state, config)}")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise CheckpointError(

@@ -129,7 +129,16 @@ def trials_table(rows: Sequence[dict[str, Any]], title: str, notes: list[str]) -
         frame.insert(len(frame.columns) - 1, "rank", ranks.map(lambda r: None if math.isnan(r) else int(r)))
         frame = frame.sort_values(["rank", "trial"], na_position="last", key=_nan_last).reset_index(drop=True)
     formats = {"val acc (%)": ACCURACY, "test acc (%)": ACCURACY, "Spearman": ".3f", "IoU@10%": ".3f"}
-    formats |= {"trial": ".0f", "rank": ".0f", "T": "g", "α": "g", "p": "g", "lr": ".3g", "seed": ".0f", "blocks dropped": ".0f"}
+    formats |= {
+        "trial": ".0f",
+        "rank": ".0f",
+        "T": "g",
+        "α": "g",
+        "p": "g",
+        "lr": ".3g",
+        "seed": ".0f",
+        "blocks dropped": ".0f",
+    }
     return Table("trials", title, frame, formats, notes)
 
 

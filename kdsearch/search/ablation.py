@@ -113,6 +113,14 @@ class AblationKind(StudyKind):
                 "ablations record validation accuracy as the trials' value: train.data.val_size must be > 0"
             )
         check_files(spec)
+        if spec.ablation.agreement_images > 0:
+            from kdsearch.distill.preflight import check_data
+
+            test_images = check_data(spec.train.data, spec.train.cache_dir).test_images
+            if test_images is not None and spec.ablation.agreement_images > test_images:
+                raise ConfigError(
+                    f"ablation agreement_images={spec.ablation.agreement_images} exceeds the {test_images} test images"
+                )
         for arm in spec.ablation.all_arms:
             arm_config(spec, arm, spec.train.seed)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kdsearch.errors import ConfigError
 from kdsearch.search.optuna_storage import HeartbeatConfig
-from kdsearch.search.study import RunSummary, StudyHandle, StudyKind, open_study, run_study
+from kdsearch.search.study import RunSummary, StudyHandle, StudyKind, open_planned, plan_study, run_study
 from kdsearch.search.studyfile import StudySpec
 from kdsearch.track.tracking import Tracker
 
@@ -39,32 +39,51 @@ class Workspace:
 
         return self.storage or default_storage(self.workdir)
 
-    def stores(self) -> tuple[str, Tracker]:
-        """(Optuna storage URL, MLflow tracker), the tracking store checked; only the workdir is created."""
+    def stores(self, experiment: str | None = None) -> tuple[str, Tracker]:
+        """(Optuna storage URL, MLflow tracker), both checked, and the workdir and ``experiment`` (an MLflow
+        experiment name) too; writes nothing.
+
+        A workdir that does not exist yet holds no store: its default stores are new files in a folder
+        that can be created, and only stores named elsewhere are checked.
+        """
         import optuna
 
+        from kdsearch.infra.storage import check_database, check_name_length, check_writable
         from kdsearch.track.tracking import MlflowTracker, default_tracking_uri
 
-        if self.workdir.exists() and not self.workdir.is_dir():
-            raise ConfigError(f"--workdir {self.workdir} is a file, not a directory")
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        check_writable(self.workdir, "--workdir")
+        if experiment is not None:
+            check_name_length(experiment, "--experiment")
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdsearch reports progress itself
         tracker = MlflowTracker(self.tracking_uri or default_tracking_uri(self.workdir))
-        tracker.check()
+        if self.tracking_uri is not None or self.workdir.is_dir():
+            tracker.check()
+        if self.storage is not None or self.workdir.is_dir():
+            check_database(self.storage_url)
         return self.storage_url, tracker
 
     def open(
-        self, kind: StudyKind | str, spec: StudySpec, study_name: str | None = None
+        self,
+        kind: StudyKind | str,
+        spec: StudySpec,
+        study_name: str | None = None,
+        experiment: str | None = None,
     ) -> tuple[StudyHandle, Tracker]:
-        """Create the study of ``kind`` ("grid", "tpe", "ablation", "pareto") for ``spec``, or resume it."""
+        """Create the study of ``kind`` ("grid", "tpe", "ablation", "pareto") for ``spec``, or resume it.
+
+        Everything is checked (the spec, the study name, the stores, ``experiment``, the name its runs
+        will be logged under) before the workdir is created and the study written.
+        """
         from kdsearch.search.kinds import STUDY_KINDS
 
         if isinstance(kind, str):
             if kind not in STUDY_KINDS:
                 raise ConfigError(f"study kind must be one of {sorted(STUDY_KINDS)} but got {kind!r}")
             kind = STUDY_KINDS[kind]
-        storage_url, tracker = self.stores()
-        return open_study(kind, spec, storage_url, self.heartbeat, study_name), tracker
+        plan = plan_study(kind, spec, study_name)
+        storage_url, tracker = self.stores(experiment)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return open_planned(plan, storage_url, self.heartbeat), tracker
 
     def run(
         self,
@@ -76,5 +95,5 @@ class Workspace:
         max_trials: int | None = None,
     ) -> RunSummary:
         """Create or resume the study and run its remaining trials (at most ``max_trials`` in this process)."""
-        handle, tracker = self.open(kind, spec, study_name)
+        handle, tracker = self.open(kind, spec, study_name, experiment)
         return run_study(handle, tracker, experiment, progress, max_trials, self.checkpoints)

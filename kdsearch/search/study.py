@@ -24,7 +24,6 @@ from __future__ import annotations
 import abc
 import json
 import logging
-import re
 import threading
 import time
 import warnings
@@ -42,7 +41,7 @@ from kdsearch.errors import ConfigError, StudyError, TrainingDiverged
 from kdsearch.infra.storage import check_database, database_url
 from kdsearch.infra.tensor_cache import content_key
 from kdsearch.search.optuna_storage import HeartbeatConfig, open_storage
-from kdsearch.search.studyfile import StudySpec, apply_overrides, build_spec
+from kdsearch.search.studyfile import StudySpec, apply_overrides, build_spec, check_study_name
 from kdsearch.search.trial import Prepared, TrialRunner, prepare
 from kdsearch.track.tracking import Tracker, run_tags
 
@@ -107,6 +106,11 @@ class StudyKind(abc.ABC):
             return len(study.get_trials(deepcopy=False, states=FINISHED))
         return len({point_key(trial) for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))})
 
+    @property
+    def done_word(self) -> str:
+        """What ``done`` counts, for progress lines: complete points, or finished (complete or pruned) trials."""
+        return "complete" if self.queue else "finished"
+
 
 # --- a study handle: what is stored, how far it got -----------------------------------------
 
@@ -129,14 +133,20 @@ class StudyHandle:
         return self.study.get_trials(deepcopy=False, states=tuple(states) if states is not None else None)
 
     def counts(self) -> dict[str, int]:
-        counts = Counter(trial.state.name for trial in self.trials())
-        return {state.name: counts.get(state.name, 0) for state in TrialState}
+        return state_counts(self.trials())
 
     def done(self) -> int:
         return self.kind.done(self.study)
 
     def running(self) -> int:
         return len(self.trials((TrialState.RUNNING,)))
+
+
+def state_counts(trials: Iterable[optuna.trial.FrozenTrial]) -> dict[str, int]:
+    """Trials by state name, and DEFERRED: a deferred trial is failed only to take it out of the queue
+    (``defer_queued``), so it is not counted as FAIL."""
+    counts = Counter(DEFERRED.upper() if DEFERRED in trial.user_attrs else trial.state.name for trial in trials)
+    return {name: counts.get(name, 0) for name in [state.name for state in TrialState] + [DEFERRED.upper()]}
 
 
 def point_key(trial: optuna.trial.FrozenTrial) -> str:
@@ -161,6 +171,28 @@ def study_identity(spec: StudySpec, kind: StudyKind, space: dict[str, Any]) -> s
     return content_key({"kind": kind.name, "spec": source, "space": space})
 
 
+@dataclass(frozen=True)
+class StudyPlan:
+    """A study as it is checked before anything is written: its kind, spec, search space and name."""
+
+    kind: StudyKind
+    spec: StudySpec
+    space: dict[str, Any]
+    identity: str
+    name: str
+
+
+def plan_study(kind: StudyKind, spec: StudySpec, study_name: str | None = None) -> StudyPlan:
+    """Validate ``spec`` (and ``study_name``) for ``kind``, touching no storage: everything a bad input
+    can be refused for, before a caller creates folders or stores."""
+    if study_name is not None:
+        check_study_name(study_name)
+    kind.validate(spec)
+    space = kind.space(spec)
+    identity = study_identity(spec, kind, space)
+    return StudyPlan(kind, spec, space, identity, study_name or f"{spec.name}-{kind.name}-{identity[:8]}")
+
+
 def open_study(
     kind: StudyKind,
     spec: StudySpec,
@@ -169,20 +201,20 @@ def open_study(
     study_name: str | None = None,
 ) -> StudyHandle:
     """Validate ``spec``, then create the study, or load it when the same spec and space made it
-    before (a resume); a queue kind then queues every point without a complete, running or queued trial.
+    before (a resume); a queue kind then queues every point without a complete, running or queued trial."""
+    return open_planned(plan_study(kind, spec, study_name), storage_url, heartbeat)
+
+
+def open_planned(plan: StudyPlan, storage_url: str, heartbeat: HeartbeatConfig) -> StudyHandle:
+    """Create the study of ``plan`` (``plan_study``), or load it when the same spec and space made it before.
 
     Checks the storage first, so a bad URL creates nothing. A name that exists with another spec or
     space is an error rather than a silent mix of two experiments. The kind's ``growing`` lists (an
     ablation's arms and seeds) may differ: the study keeps the union of old and new members, so
     finished runs are kept and only new ones are added.
     """
-    if study_name is not None:
-        check_study_name(study_name)
-    kind.validate(spec)
-    space = kind.space(spec)
+    kind, spec, space, identity, name = plan.kind, plan.spec, plan.space, plan.identity, plan.name
     check_database(storage_url)
-    identity = study_identity(spec, kind, space)
-    name = study_name or f"{spec.name}-{kind.name}-{identity[:8]}"
     sampler, pruner = kind.algorithms(spec, joining=False)
     storage = open_storage(storage_url, heartbeat)
     study = optuna.create_study(
@@ -223,12 +255,6 @@ def _grown(kind: StudyKind, name: str, stored: dict[str, Any], space: dict[str, 
                 f"study {name} ran with {kind.name} {key} {stored[key]}; give the same value (or another --study-name)"
             )
     return space
-
-
-def check_study_name(name: str) -> None:
-    """A study's name also names its checkpoint folder: a plain name, never a path."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
-        raise StudyError(f"study name {name!r} must be a plain name (letters, digits, . _ -), not a path")
 
 
 def stored_kind(study: optuna.Study) -> str:
@@ -301,6 +327,8 @@ def enqueue_missing(handle: StudyHandle, points: list[dict[str, Any]]) -> int:
 
 
 DEFERRED = "deferred"  # user attribute of a queued trial taken out of the queue: why
+FAIL_REASON = "fail_reason"  # user attribute of a trial failed by kdsearch (its training diverged): why
+PRUNE_REASON = "prune_reason"  # user attribute of a pruned trial: why (a pruner, or a Pareto latency constraint)
 
 
 def defer_queued(storage_url: str, study_name: str | None, where: Mapping[str, list[Any]], reason: str) -> list[dict]:
@@ -440,6 +468,9 @@ class RunSummary:
     counts: dict[str, int]
     best: optuna.trial.FrozenTrial | None
     parent_run: str | None  # the tracking parent run, None when nothing had to run
+    # Why none of the trials this process ran completed, e.g. "2 pruned (trial 1: 3.10 ms > max_latency_ms
+    # 1.0: not trained)"; None when one did, or none ran.
+    none_completed: str | None = None
 
 
 def run_trials(
@@ -447,8 +478,9 @@ def run_trials(
     objective: Callable[[optuna.Trial], float],
     progress: bool = True,
     max_trials: int | None = None,
-) -> int:
-    """Evaluate trials until none is left to start and no other worker's trial is running.
+) -> list[int]:
+    """Evaluate trials until none is left to start and no other worker's trial is running; returns the
+    numbers of the trials this process evaluated.
 
     Waiting for running trials matters: if their worker dies, their retry is queued only after the
     grace period, and someone must be there to run it. A trial whose training diverged (NaN loss) is
@@ -457,9 +489,9 @@ def run_trials(
     """
     from tqdm import tqdm
 
-    ran, waiting_said = 0, False
+    ran, waiting_said = [], False
     with tqdm(total=handle.total, initial=handle.done(), desc=handle.name, unit="trial", disable=not progress) as bar:
-        while max_trials is None or ran < max_trials:
+        while max_trials is None or len(ran) < max_trials:
             _fail_stale(handle)
             trial = next_trial(handle)
             if trial is None:
@@ -479,10 +511,12 @@ def run_trials(
             with _Heartbeat(handle, trial):
                 try:
                     value = objective(trial)
-                except optuna.TrialPruned:
+                except optuna.TrialPruned as pruned:
+                    if str(pruned):
+                        trial.set_user_attr(PRUNE_REASON, str(pruned))
                     _tell(handle, trial, state=TrialState.PRUNED)
                 except TrainingDiverged as error:
-                    trial.set_user_attr("fail_reason", str(error))
+                    trial.set_user_attr(FAIL_REASON, str(error))
                     _tell(handle, trial, state=TrialState.FAIL)
                     log.warning("trial %d failed: %s", trial.number, error)
                 except BaseException:
@@ -490,7 +524,7 @@ def run_trials(
                     raise
                 else:
                     _tell(handle, trial, value)
-            ran += 1
+            ran.append(trial.number)
             bar.n = handle.done()
             bar.refresh()
     return ran
@@ -518,7 +552,7 @@ def run_study(
         finish_parent(handle, tracker, parent)
         _remove_empty_checkpoint_folders(handle, checkpoint_root)
         return summarize(handle, ran, parent)
-    return summarize(handle, 0, None)
+    return summarize(handle, [], None)
 
 
 def _remove_empty_checkpoint_folders(handle: StudyHandle, checkpoint_root: Path | None) -> None:
@@ -565,30 +599,51 @@ def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(study.best_trials, key=lambda trial: -trial.values[0])
 
 
-def summarize(handle: StudyHandle, ran: int, parent: str | None) -> RunSummary:
-    return RunSummary(ran, handle.done(), handle.total, handle.counts(), best_trial(handle.study), parent)
+def summarize(handle: StudyHandle, ran: list[int], parent: str | None) -> RunSummary:
+    """The study now, and what became of the trials ``ran`` (their numbers) that this process evaluated."""
+    trials, numbers = handle.trials(), set(ran)
+    mine = [trial for trial in trials if trial.number in numbers]
+    none_completed = None
+    if mine and all(trial.state != TrialState.COMPLETE for trial in mine):
+        none_completed = why_not_complete(mine)
+    return RunSummary(
+        len(ran), handle.done(), handle.total, state_counts(trials), best_trial(handle.study), parent, none_completed
+    )
+
+
+def why_not_complete(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """How trials that did not complete ended, with the last reason recorded: "2 failed (trial 3: ...)"."""
+    counts = Counter("failed" if trial.state == TrialState.FAIL else trial.state.name.lower() for trial in trials)
+    text = ", ".join(f"{count} {state}" for state, count in counts.items())
+    reasons = [
+        (trial.number, trial.user_attrs.get(FAIL_REASON) or trial.user_attrs.get(PRUNE_REASON)) for trial in trials
+    ]
+    explained = [(number, reason) for number, reason in reasons if reason]
+    if explained:
+        number, reason = explained[-1]
+        text += f" (trial {number}: {reason})"
+    return text
 
 
 def describe_progress(handle: StudyHandle) -> str:
     """ "8 of 12 grid points already complete; 4 to run" — said before a run starts."""
-    unit = handle.kind.unit
+    unit, word = handle.kind.unit, handle.kind.done_word
     done = handle.done()
     if done >= handle.total:
-        return f"{done} of {handle.total} {unit} already complete; nothing to run"
-    return f"{done} of {handle.total} {unit} already complete; {handle.total - done} to run"
+        return f"{done} of {handle.total} {unit} already {word}; nothing to run"
+    return f"{done} of {handle.total} {unit} already {word}; {handle.total - done} to run"
 
 
 def status(study: optuna.Study, kind: StudyKind) -> dict[str, Any]:
     """Counts by state, progress and the best trial so far, as plain values (the CLI prints them)."""
     stored = study.user_attrs.get(ATTR, {})
-    counts = Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
     best = best_trial(study)
     return {
         "study": study.study_name,
         "kind": kind.name,
         "total": stored.get("total"),
         "done": kind.done(study),
-        "states": {state.name: counts.get(state.name, 0) for state in TrialState},
+        "states": state_counts(study.get_trials(deepcopy=False)),
         "deferred": [
             {"trial": trial.number, "point": json.loads(point_key(trial)), "reason": trial.user_attrs[DEFERRED]}
             for trial in outstanding_deferred(study)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -41,6 +42,7 @@ from kdsearch.config import (
 from kdsearch.distill.preflight import check_inputs
 from kdsearch.distill.teacher import recipe_config, trained_teacher_path
 from kdsearch.errors import ConfigError, DataError
+from kdsearch.infra.storage import check_name_length
 from kdsearch.runtime.latency import LatencyConfig
 
 
@@ -67,6 +69,51 @@ class Arm(StrEnum):
 
 
 AT_ARMS = (Arm.AT, Arm.IG_AT, Arm.KD_AT, Arm.KD_IG_AT)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but with the floats people write and without silent duplicate keys.
+
+    PyYAML follows YAML 1.1, which reads 1e-3, 1E-3, -1e+2 and +.5 as strings (a float needs a dot and a
+    signed exponent there); YAML 1.2 and TOML read them as numbers, and so does this loader. A key written
+    twice in one mapping is an error naming it: PyYAML keeps the last one silently.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            # Scalar keys only: a merge key (`<<: *defaults`) may be overridden by its own mapping, and a
+            # complex key is refused by PyYAML itself.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:  # also `1` and `true`: equal in Python, they would collapse into one key
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found key {key!r} twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds no Python objects
 
 
 SEARCH_PARAMS = ("t", "alpha", "p")  # KD temperature, KD weight, IG overlay probability: named like the flags
@@ -222,11 +269,11 @@ class AblationSpec:
         return self.arms + self.extra_arms
 
 
-def _ranges(spec: Any, names: tuple[str, ...]) -> None:
+def _ranges(spec: Any, section: str, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(spec, name)
         if value is not None and not isinstance(value, Range):
-            object.__setattr__(spec, name, _range(name, value))
+            object.__setattr__(spec, name, _range(f"{section} {name}", value))
 
 
 @dataclass(frozen=True)
@@ -259,7 +306,7 @@ class ParetoSpec:
     enqueue: tuple[dict, ...] = ()
 
     def __post_init__(self) -> None:
-        _ranges(self, ("t", "alpha", "p", "gamma"))
+        _ranges(self, "pareto", ("t", "alpha", "p", "gamma"))
         object.__setattr__(self, "enqueue", tuple(self.enqueue))
         check_field_types(self)
         if self.trials < 1:
@@ -302,8 +349,16 @@ class StudySpec:
     source: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.name or any(c in self.name for c in "/\\ '\""):
-            raise ConfigError(f"study name must be non-empty without spaces, quotes or slashes but got {self.name!r}")
+        check_study_name(self.name, "study file name")
+
+
+def check_study_name(name: str, what: str = "study name") -> None:
+    """One rule for a study's name, from --study-name or a study file (whose name makes the default study
+    name and MLflow experiment): it names folders, so a plain name in any script, never a path, short
+    enough for a file name."""
+    if not re.fullmatch(r"[^\W_][\w.-]*", name) or ".." in name:
+        raise ConfigError(f"{what} {name!r} must be a plain name (letters, digits, . _ -), not a path")
+    check_name_length(name, what)
 
 
 SECTIONS = ("name", "train", "teacher", "grid", "tpe", "ablation", "pareto", "latency")
@@ -317,20 +372,33 @@ def read_study_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"study file {path} is a directory; give a .yaml or .toml file in it")
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
+    if path.suffix.lower() not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"study file {path} must end in .yaml, .yml or .toml")
     try:
-        if path.suffix.lower() == ".toml":
-            raw = tomllib.loads(path.read_text())
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            raw = yaml.safe_load(path.read_text())
-        else:
-            raise ConfigError(f"study file {path} must end in .yaml, .yml or .toml")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = error.object[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"study file {path} is not UTF-8 text: byte 0x{error.object[error.start]:02x} on line {line}"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read study file {path}: {error.strerror}") from None
+    try:
+        raw = tomllib.loads(text) if path.suffix.lower() == ".toml" else _load_yaml(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
-        reason = str(error).replace("\n", " ")
-        raise ConfigError(f"study file {path} is not valid {path.suffix[1:].upper()}: {reason}") from error
+        raise ConfigError(f"study file {path} is not valid {path.suffix[1:].upper()}: {_reason(error)}") from error
     if not isinstance(raw, dict):
         raise ConfigError(f"study file {path} must hold a mapping of sections {list(SECTIONS)}")
     raw.setdefault("name", path.stem)
     return raw
+
+
+def _reason(error: Exception) -> str:
+    """A YAML or TOML error in one line, with its line and column (PyYAML's own text spans several lines)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"{error.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(error).split())
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -352,12 +420,12 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 
 
 def parse_value(text: str) -> Any:
-    """A ``--set`` value: YAML scalars and lists (2, 0.5, true, null, [1, 2], text)."""
+    """A ``--set`` value, read as a study file's values are: YAML scalars and lists (2, 1e-3, true, null,
+    [1, 2], text)."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError as error:
-        reason = " ".join(str(error).split())
-        raise ConfigError(f"cannot parse value {text!r}: {reason}") from error
+        raise ConfigError(f"cannot parse value {text!r}: {_reason(error)}") from error
 
 
 def parse_number_list(flag: str, text: str) -> list[float]:
@@ -378,6 +446,7 @@ def build_spec(raw: dict[str, Any], cwd: Path | None = None) -> StudySpec:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown study file key(s) {unknown}; known: {list(SECTIONS)}")
+    _check_finite(raw)
     source = _absolute_paths(copy.deepcopy(raw), cwd or Path.cwd())
     train_raw = dict(_section(source, "train"))
     if "teacher_checkpoint" in train_raw:
@@ -400,6 +469,19 @@ def build_spec(raw: dict[str, Any], cwd: Path | None = None) -> StudySpec:
         latency=LatencyConfig(**_known(LatencyConfig, _section(source, "latency"), "latency")),
         source=source,
     )
+
+
+def _check_finite(value: Any, key: str = "") -> None:
+    """No value of a study (file, --set or flag) is infinite or NaN: no setting means one (a learning rate
+    of .inf would only fail the trials, after the study was written)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number but got {value}")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_finite(item, key)
 
 
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
@@ -481,19 +563,25 @@ def _grid_spec(values: dict[str, Any], train: TrainConfig) -> GridSpec:
     return GridSpec(**{**held, **_known(GridSpec, values, "grid")})
 
 
-def _range(name: str, value: Any) -> Range:
+def _range(key: str, value: Any) -> Range:
+    """``value`` as a Range; every error names ``key`` ("tpe t"), as the study file has it."""
     if isinstance(value, dict):
-        return Range(**_known(Range, value, f"tpe {name}"))
-    if isinstance(value, list | tuple) and len(value) == 2:
-        return Range(_number(f"tpe {name} low", value[0]), _number(f"tpe {name} high", value[1]))
-    raise ConfigError(f"tpe {name} must be [low, high] or {{low, high, log}} but got {value!r}")
+        values = _known(Range, value, key)
+    elif isinstance(value, list | tuple) and len(value) == 2:
+        values = {"low": _number(f"{key} low", value[0]), "high": _number(f"{key} high", value[1])}
+    else:
+        raise ConfigError(f"{key} must be [low, high] or {{low, high, log}} but got {value!r}")
+    try:
+        return Range(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{key}: {error}") from None
 
 
 def _tpe_spec(values: dict[str, Any]) -> TPESpec:
     values = dict(_known(TPESpec, values, "tpe"))
     for name in ("t", "alpha", "p", "lr", "gamma"):
         if values.get(name) is not None:
-            values[name] = _range(name, values[name])
+            values[name] = _range(f"tpe {name}", values[name])
     if values.get("student_drop") is not None:
         drop = values["student_drop"]
         if not (isinstance(drop, list | tuple) and len(drop) == 2 and all(isinstance(v, int) for v in drop)):
@@ -514,6 +602,8 @@ def _absolute_paths(source: dict[str, Any], cwd: Path) -> dict[str, Any]:
 
 def check_files(spec: StudySpec) -> None:
     """Fail early, before a study is created, on a teacher checkpoint or data folder that is missing."""
+    if spec.teacher.checkpoint is not None and Path(spec.teacher.checkpoint).is_dir():
+        raise ConfigError(f"teacher checkpoint {spec.teacher.checkpoint} is a folder; give the checkpoint file")
     if spec.teacher.checkpoint is not None and not Path(spec.teacher.checkpoint).is_file():
         raise ConfigError(f"teacher checkpoint {spec.teacher.checkpoint} does not exist")
     data = spec.train.data

@@ -115,23 +115,31 @@ class MlflowTracker(Tracker):
     def check(self) -> None:
         scheme = self.uri.split(":", 1)[0].lower() if ":" in self.uri else "file"
         if scheme == "sqlite":
-            parent = sqlite_file(self.uri).parent
+            from kdsearch.infra.storage import check_sqlite_file
+
+            store = sqlite_file(self.uri)
             # ./mlruns itself is created on first use; beyond it, a missing directory is a typo.
-            if not (parent.is_dir() or (parent.name == "mlruns" and parent.parent.is_dir())):
-                raise TrackingError(f"tracking store {self.uri}: directory {parent} does not exist")
+            if not (store.parent.is_dir() or (store.parent.name == "mlruns" and store.parent.parent.is_dir())):
+                raise TrackingError(f"tracking store {self.uri}: directory {store.parent} does not exist")
+            check_sqlite_file(store, f"tracking store {self.uri}", TrackingError)
         elif scheme in ("http", "https"):
             try:
                 with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5):
                     pass
             except (urllib.error.URLError, OSError) as error:
                 raise TrackingError(f"cannot reach the MLflow server at {self.uri} ({error})") from None
-        elif scheme in ("postgresql", "mysql", "mssql") or scheme.startswith(("postgresql+", "mysql+")):
+        elif scheme in ("postgresql", "mysql", "mssql") or scheme.startswith(("postgresql+", "mysql+", "mssql+")):
             from kdsearch.infra.storage import check_database
 
             check_database(self.uri, what="tracking store", error=TrackingError)
         elif scheme == "file":
             raise TrackingError(
                 f"tracking store {self.uri}: MLflow 3 refuses the file store; use sqlite:///PATH/mlflow.db or a server"
+            )
+        else:  # MLflow would take it, then fail on its first write with a traceback (or its UI after seconds)
+            raise TrackingError(
+                f"tracking store {self.uri}: not a tracking URI kdsearch can use; give sqlite:///PATH/mlflow.db, "
+                "an MLflow server http(s)://HOST:PORT, or a database postgresql://, mysql://, mssql://"
             )
 
     def _artifact_location(self, experiment: str) -> str | None:

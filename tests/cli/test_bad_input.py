@@ -390,3 +390,147 @@ def test_a_set_value_of_the_wrong_type_is_one_line(tmp_path, capsys, monkeypatch
     args = ["study", command] if command != "ablate" else ["ablate"]
     args += ["--study", SMOKE, "--workdir", workdir, "--set", setting]
     _fails_cleanly(capsys, args, message, workdir)
+
+
+# --- issue 31: the long tail of bad input ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("workdir", "message"),
+    [("afile/sub", "cannot be created: {tmp}/afile is a file, not a folder"), ("/proc/x", "/proc is not writable")],
+)
+def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path, capsys, monkeypatch, workdir, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    args = ["study", "grid", "--study", SMOKE, "--workdir", workdir, "--cache-dir", tmp_path / "cache"]
+    _fails_cleanly(capsys, args, message.format(tmp=tmp_path), tmp_path / "cache")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
+
+
+def test_errors_found_once_the_workdir_is_known_leave_no_folder(tmp_path, capsys):
+    new = tmp_path / "new"
+    args = ["study", "grid", "--study", SMOKE, "--workdir", new / "work", "--set", "train.data.val_size=0"]
+    _fails_cleanly(capsys, args, "studies select on validation accuracy: train.data.val_size must be > 0")
+    (tmp_path / "stores").mkdir()
+    args = ["study", "worker", "--study-name", "nope", "--workdir", new / "work"]
+    _fails_cleanly(capsys, [*args, "--storage", f"sqlite:///{tmp_path}/stores/studies.db"], "no such file")
+    assert not new.exists()
+
+
+def _truncated(template: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(template.read_bytes()[: template.stat().st_size // 2])
+    return target
+
+
+@pytest.mark.parametrize("store", ["storage file", "studies.db", "mlflow.db"])
+def test_a_store_that_is_not_a_database_is_one_line_and_nothing_is_written(tmp_path, capsys, _mlflow_template, store):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    args = ["study", "grid", "--study", SMOKE, "--workdir", workdir, "--cache-dir", tmp_path / "cache"]
+    if store == "storage file":
+        broken = tmp_path / "some.pt"
+        torch.save({"weight": torch.zeros(2)}, broken)
+        args += ["--storage", f"sqlite:///{broken}"]
+    else:
+        broken = _truncated(_mlflow_template, workdir / ("mlruns" if store == "mlflow.db" else "") / store)
+    before = broken.read_bytes()
+    err = _fails_cleanly(capsys, args, f"{broken}: ", tmp_path / "cache")
+    assert err.endswith("(not a sound SQLite database file)\n"), err
+    assert broken.read_bytes() == before
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*") if path.is_file()) == [
+        broken.relative_to(tmp_path)
+    ]
+
+
+def test_a_tracking_uri_of_no_known_kind_is_one_line(study, capsys, monkeypatch):
+    study(["--tracking-uri", "foo://bar"], "tracking store foo://bar: not a tracking URI kdsearch can use")
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # `ui` handles SIGTERM: not in pytest's process
+    started = time.monotonic()
+    _fails_cleanly(capsys, ["ui", "--tracking-uri", "foo://bar"], "not a tracking URI kdsearch can use")
+    assert time.monotonic() - started < 5  # refused, not a server that fails to start
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--study-name", "a" * 300], "study name 'aaaaaaaaaaaaaaaaaaaaaaaa'... is 300 bytes long; at most 200"),
+        (["--experiment", "e" * 300], "--experiment 'eeeeeeeeeeeeeeeeeeeeeeee'... is 300 bytes long; at most 200"),
+        (["--set", "train.optim.lr=.inf"], "train.optim.lr must be a finite number but got inf"),
+        (["--set", "grid.t=[1, -.inf]"], "grid.t must be a finite number but got -inf"),
+    ],
+)
+def test_a_name_too_long_for_a_folder_or_an_infinite_value_is_one_line(study, flags, message):
+    study(flags, message)
+
+
+def test_a_teacher_checkpoint_that_is_a_folder_says_so(study, tmp_path, capsys):
+    folder = tmp_path / "teacher.pt"
+    folder.mkdir()
+    study(["--teacher-checkpoint", folder], f"teacher checkpoint {folder} is a folder")
+    args = [*TRAIN, "--dataset", "synthetic", "--val-size", "100", "--teacher-checkpoint", folder]
+    _fails_cleanly(capsys, [*args, "--run-dir", tmp_path / "run"], "is a folder", tmp_path / "run")
+
+
+@pytest.mark.parametrize("device", ["cuda:abc", "cuda:-1", "gpu:0"])
+def test_a_worker_on_a_misspelt_device_is_one_line_and_runs_nothing(tmp_path, capsys, device):
+    from kdsearch.search.optuna_storage import HeartbeatConfig
+    from kdsearch.search.study import open_study
+    from kdsearch.search.studyfile import load_study
+    from kdsearch.search.tune import GRID
+
+    handle = open_study(GRID, load_study(SMOKE), f"sqlite:///{tmp_path}/studies.db", HeartbeatConfig(), "queued")
+    args = ["study", "worker", "--study-name", "queued", "--workdir", tmp_path, "--device", device]
+    _fails_cleanly(capsys, args, f"device must be auto, cpu or cuda[:N] but got '{device}'", tmp_path / "mlruns")
+    assert {trial.state.name for trial in handle.trials()} == {"WAITING"}
+
+
+def test_a_study_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    study_file = tmp_path / "latin1.yaml"
+    study_file.write_bytes("name: latin1\ntrain: {epochs: 1}  # étude\n".encode("latin-1"))
+    workdir = tmp_path / "work"
+    args = ["study", "grid", "--study", study_file, "--workdir", workdir]
+    _fails_cleanly(capsys, args, f"study file {study_file} is not UTF-8 text: byte 0xe9 on line 2", workdir)
+
+
+def test_ablation_attention_pairs_that_do_not_exist_are_refused_before_any_arm_trains(tmp_path, capsys):
+    workdir = tmp_path / "work"
+    args = ["ablate", "--study", SMOKE, "--workdir", workdir, "--cache-dir", tmp_path / "cache"]
+    args += ["--extra-arms", "at", "--gamma", "0.5", "--set", "train.attention.pairs=[[99, 99]]"]
+    message = "attention pair (99, 99): the student has feature blocks 0-2, not 99"
+    _fails_cleanly(capsys, args, message, workdir, tmp_path / "cache")
+
+
+def test_ig_show_refuses_an_out_that_is_a_folder_before_computing_maps(tmp_path, capsys, tiny_teacher_checkpoint):
+    out = tmp_path / "panel.png"
+    out.mkdir()
+    args = ["ig", "show", "--teacher-checkpoint", tiny_teacher_checkpoint, "--arch", "tiny_cnn"]
+    args += ["--dataset", "synthetic", "--val-size", "100", "--index", "0", "--out", out]
+    _fails_cleanly(capsys, [*args, "--cache-dir", tmp_path / "cache"], f"--out {out} is a folder", out)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_train_resume_with_nothing_to_resume_is_refused(tmp_path, capsys):
+    run_dir, cache = tmp_path / "new-run", tmp_path / "cache"
+    args = [*TRAIN, *NO_TEACHER, "--dataset", "synthetic", "--val-size", "100", "--run-dir", run_dir, "--resume"]
+    message = f"--resume: nothing to resume in {run_dir} (no last.pt)"
+    _fails_cleanly(capsys, [*args, "--cache-dir", cache], message, run_dir, cache)
+    assert not run_dir.exists()
+
+
+def test_a_bare_tiny_cnn_state_dict_is_told_its_arch_not_a_negative_drop(tmp_path, capsys):
+    torch.save(build_model(ModelConfig(arch="tiny_cnn")).state_dict(), tmp_path / "bare.pt")
+    args = ["eval", "--checkpoint", tmp_path / "bare.pt", "--dataset", "synthetic", "--cache-dir", tmp_path / "c"]
+    err = _fails_cleanly(capsys, args, "; it looks like --arch tiny_cnn")
+    assert "--drop-blocks" not in err.split("; it looks like")[1]
+
+
+def test_a_checkpoint_that_is_a_folder_says_so(tmp_path, capsys):
+    (tmp_path / "model.pt").mkdir()
+    args = ["eval", "--checkpoint", tmp_path / "model.pt", "--dataset", "synthetic", "--cache-dir", tmp_path / "c"]
+    _fails_cleanly(capsys, args, f"checkpoint {tmp_path / 'model.pt'} is a folder, not a checkpoint file")
+
+
+def test_more_agreement_images_than_the_test_set_has_is_refused_before_the_study(tmp_path, capsys):
+    args = ["ablate", "--study", SMOKE, "--workdir", tmp_path / "w", "--agreement-images", "100000"]
+    _fails_cleanly(capsys, args, "agreement_images=100000 exceeds the 100 test images", tmp_path / "w")

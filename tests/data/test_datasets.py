@@ -119,7 +119,7 @@ def test_inspect_sees_the_layout_without_decoding(tmp_path):
     root = _write_folder(tmp_path / "data")
     (root / "train" / "cat" / "0005.jpg").write_bytes(b"not decoded by inspect")  # not a class's first image
     layout = DATASETS["folder"]().inspect(DataConfig(dataset="folder", data_dir=str(root)), tmp_path)
-    assert layout == Layout(classes=3, train_images=18)
+    assert layout == Layout(classes=3, train_images=18, test_images=18)
     assert not (tmp_path / "decoded").exists()
 
 

@@ -273,6 +273,7 @@ def fake_stores(tmp_path_factory, _mlflow_template) -> dict:
         (["--run-id", "BARE", "--trial", "0"], "--trial selects a trial of --study"),
         (["--study", "single", "--trial", "-1"], "--trial must be >= 0 but got -1"),
         (["--study", "single", "--register", " "], "--register needs a model name"),
+        (["--study", "single", "--register", "a/b:c"], "--register 'a/b:c': Invalid model name 'a/b:c'"),
         (["--study", "single", "--tracking-uri", "sqlite:///TMP/mlruns/other.db"], "no such file"),
     ],
 )
@@ -284,6 +285,17 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(fake_stores, tmp_path,
     assert code == 2 and printed == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not out.exists() and not out.parent.exists()
+    assert _export_runs(fake_stores["tracking"]) == []
+
+
+@pytest.mark.parametrize("under", ["a file", "/proc"])
+def test_an_out_that_cannot_be_created_is_refused_before_the_export(fake_stores, tmp_path, capsys, under):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "export" if under == "a file" else Path("/proc/kdsearch-export")
+    args = ["export", "--out", str(out), "--study", "single", "--storage", fake_stores["storage"]]
+    code, _, err = _run(capsys, [*args, "--tracking-uri", fake_stores["tracking"]])
+    assert code == 2 and err.count("\n") == 1
+    assert f"error: --out {out} cannot be created: {out.parent} is " in err
     assert _export_runs(fake_stores["tracking"]) == []
 
 

@@ -33,7 +33,7 @@ def _data(**changes) -> DataConfig:
 
 
 def test_check_data_returns_the_layout_and_writes_nothing(tmp_path):
-    assert check_data(SYNTHETIC, tmp_path / "cache") == Layout(classes=10, train_images=400)
+    assert check_data(SYNTHETIC, tmp_path / "cache") == Layout(classes=10, train_images=400, test_images=100)
     assert not (tmp_path / "cache").exists()
 
 
@@ -66,7 +66,9 @@ def test_a_folder_dataset_is_named_by_its_folder(tmp_path):
         for name in ("cat", "dog"):
             (root / split / name).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(root / split / name / "a.png")
-    assert check_data(DataConfig(dataset="folder", data_dir=str(root), val_size=1), tmp_path) == Layout(2, 2)
+    assert check_data(DataConfig(dataset="folder", data_dir=str(root), val_size=1), tmp_path) == Layout(
+        2, 2, test_images=2
+    )
     with pytest.raises(DataError, match=re.escape(f"must be smaller than the 2 training images of {root}")):
         check_data(DataConfig(dataset="folder", data_dir=str(root), val_size=2), tmp_path)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from kdsearch.errors import ConfigError
+from kdsearch.errors import ConfigError, NotWritable
 from kdsearch.search.launch import Workspace
 from kdsearch.search.studyfile import load_study
 from tests.fakes import SMOKE
@@ -37,7 +39,24 @@ def test_an_unknown_kind_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "ws").exists()
 
 
-def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+@pytest.mark.parametrize("workdir", ["afile", "afile/sub"])
+def test_a_workdir_that_is_or_is_under_a_file_is_refused(tmp_path, workdir):
     (tmp_path / "afile").write_text("")
-    with pytest.raises(ConfigError, match="is a file, not a directory"):
-        Workspace(tmp_path / "afile").stores()
+    with pytest.raises(NotWritable, match="afile is a file, not a folder"):
+        Workspace(tmp_path / workdir).stores()
+    with pytest.raises(NotWritable, match="afile is a file, not a folder"):
+        Workspace(tmp_path / workdir).open("grid", load_study(SMOKE))
+    assert (tmp_path / "afile").read_text() == ""
+
+
+@pytest.mark.parametrize(
+    ("overrides", "experiment", "message"),
+    [
+        ({"train.data.val_size": 0}, None, "train.data.val_size must be > 0"),  # found by the grid's validation
+        ({}, "x" * 201, "--experiment 'xxxxxxxxxxxxxxxxxxxxxxxx'... is 201 bytes long; at most 200"),
+    ],
+)
+def test_a_study_refused_after_the_workdir_was_named_leaves_no_folder(tmp_path, overrides, experiment, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Workspace(tmp_path / "new" / "ws").open("grid", load_study(SMOKE, overrides), experiment=experiment)
+    assert not (tmp_path / "new").exists()

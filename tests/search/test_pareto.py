@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import optuna
 import pytest
@@ -126,11 +127,19 @@ def test_smoke_pareto_study_has_a_front_and_a_report(tmp_path, shared_cache, cap
 
 
 @pytest.mark.slow
-def test_an_architecture_slower_than_the_constraint_is_timed_but_not_trained(tmp_path, shared_cache):
+def test_an_architecture_slower_than_the_constraint_is_timed_but_not_trained(tmp_path, shared_cache, capsys):
     args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
     args += ["--set", "latency.repeats=2", "--set", "pareto.trials=2", "--latency", "torch", "--max-latency-ms", "1e-6"]
     args += ["--set", "pareto.enqueue=[{student_drop: 1, prune_ratio: 0.5, alpha: 0.5}]"]
-    assert main(args) == 0
+    # No trial completed: exit code 1, and the one line says the constraint excluded every candidate.
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "2 of 2 finished (2 run now); states pruned 2" in captured.out
+    assert re.fullmatch(
+        r"error: none of the 2 trial\(s\) run now completed: 2 pruned \(trial 1: [0-9.]+ ms > max_latency_ms 1e-06: "
+        r"not trained\)\n",
+        captured.err,
+    ), captured.err
     storage = f"sqlite:///{tmp_path}/studies.db"
     [summary] = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials

@@ -10,14 +10,23 @@ from optuna.trial import TrialState
 
 from kdsearch.cli.main import main
 from kdsearch.data.datasets import load_splits
-from kdsearch.errors import ConfigError, StudyError
+from kdsearch.errors import ConfigError, StudyError, TrainingDiverged
 from kdsearch.infra.device import resolve_precision
 from kdsearch.infra.storage import check_database, database_url
 from kdsearch.models.classifiers import load_model
 from kdsearch.models.inference import accuracy
 from kdsearch.search.kinds import STUDY_KINDS
 from kdsearch.search.optuna_storage import HeartbeatConfig
-from kdsearch.search.study import claim_waiting, join_study, open_study, run_study, study_identity
+from kdsearch.search.study import (
+    RunSummary,
+    claim_waiting,
+    join_study,
+    open_study,
+    run_study,
+    run_trials,
+    study_identity,
+    summarize,
+)
 from kdsearch.search.studyfile import Pruner, load_study
 from kdsearch.search.trial import PRECISION_NAMES
 from kdsearch.search.tune import GRID, PRUNERS, TPE
@@ -414,3 +423,44 @@ def test_the_hyperband_pruner_stops_weak_trials_within_the_epoch_budget():
     # One of Hyperband's brackets always trains to the full budget; the others stop weak trials early.
     assert not any(strong[:3]) and sum(weak) >= len(weak) // 2
     assert all(max(t.intermediate_values) < 9 for t in study.trials if t.state == TrialState.PRUNED)
+
+
+# --- a run none of whose trials completed (issue 31) ---------------------------------------------------------
+
+DIVERGED = TrainingDiverged("the training loss became nan at epoch 1")
+TOO_SLOW = optuna.TrialPruned("3.10 ms > max_latency_ms 1.0: not trained")
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "none_completed"),
+    [
+        ([DIVERGED, DIVERGED], "2 failed (trial 1: the training loss became nan at epoch 1)"),
+        ([TOO_SLOW, TOO_SLOW], "2 pruned (trial 1: 3.10 ms > max_latency_ms 1.0: not trained)"),
+        ([TOO_SLOW, 80.0], None),
+    ],
+)
+def test_a_run_says_how_its_trials_ended_when_none_completed(outcomes, none_completed, tmp_path):
+    handle = open_study(GRID, load_study(SMOKE, {"grid.t": [1.0]}), f"sqlite:///{tmp_path}/studies.db", FAST)
+    pending = iter(outcomes)
+
+    def objective(trial):
+        outcome = next(pending)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    summary = summarize(handle, run_trials(handle, objective, progress=False), None)
+    assert summary.ran == 2 and summary.none_completed == none_completed
+
+
+def test_a_study_command_none_of_whose_trials_completed_exits_1_saying_why(tmp_path, capsys, monkeypatch):
+    import kdsearch.search.study
+
+    def none_completed(handle, *args, **kwargs):
+        return RunSummary(2, 0, handle.total, handle.counts(), None, None, "2 failed (trial 1: loss nan)")
+
+    monkeypatch.setattr(kdsearch.search.study, "run_study", none_completed)
+    code = main(["study", "grid", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1 and "0 of 4 complete (2 run now)" in captured.out
+    assert captured.err == "error: none of the 2 trial(s) run now completed: 2 failed (trial 1: loss nan)\n"

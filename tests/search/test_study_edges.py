@@ -12,12 +12,12 @@ from optuna.trial import TrialState
 from kdsearch.cli.main import main
 from kdsearch.config import DataConfig, ModelConfig
 from kdsearch.distill.teacher import recipe_config, trained_teacher_fields
-from kdsearch.errors import StudyError
+from kdsearch.errors import ConfigError
 from kdsearch.report.tables import ablation_tables
 from kdsearch.search.ablation import AblationTable, ArmRow
 from kdsearch.search.optuna_storage import HeartbeatConfig
-from kdsearch.search.study import DEFERRED, check_study_name, claim_waiting, defer_queued, open_study, point_key
-from kdsearch.search.studyfile import load_study
+from kdsearch.search.study import DEFERRED, claim_waiting, defer_queued, open_study, point_key
+from kdsearch.search.studyfile import check_study_name, load_study
 from kdsearch.search.tune import GRID
 from tests.fakes import SMOKE
 
@@ -30,7 +30,7 @@ def _error(capsys) -> str:
 
 @pytest.mark.parametrize("name", ["../../escape", "a/b", "..", "-x", "with space"])
 def test_a_study_name_that_is_a_path_is_refused(name, tmp_path, capsys):
-    with pytest.raises(StudyError, match="must be a plain name"):
+    with pytest.raises(ConfigError, match="must be a plain name"):
         check_study_name(name)
     args = ["study", "grid", "--study", str(SMOKE), "--workdir", str(tmp_path), "--study-name", name]
     assert main(args) == 2 and "must be a plain name" in _error(capsys)
@@ -193,3 +193,13 @@ def test_a_report_says_which_points_are_deferred_and_does_not_count_them_as_fail
         "partial: 0 of 4 grid points complete; 0 running, 2 queued; 1 deferred (taken out of the queue: later); "
         "1 failed trial(s) (each queued again)"
     )
+
+
+def test_status_counts_deferred_trials_as_deferred_not_failed(tmp_path, capsys):
+    handle = _queued_grid(tmp_path)
+    handle.study.tell(claim_waiting(handle), state=TrialState.FAIL)  # a real failure
+    defer_queued(f"sqlite:///{tmp_path}/studies.db", "queue", {"t": [4.0]}, "later")
+    states = _status(tmp_path, capsys)["states"]
+    assert (states["FAIL"], states["DEFERRED"], states["WAITING"]) == (1, 2, 1)
+    assert main(["study", "status", "--workdir", str(tmp_path), "--study-name", "queue"]) == 0
+    assert "  trials: fail 1, waiting 1, deferred 2\n" in capsys.readouterr().out

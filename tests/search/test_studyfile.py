@@ -9,6 +9,7 @@ from kdsearch.errors import ConfigError
 from kdsearch.search.studyfile import (
     apply_overrides,
     build_spec,
+    check_study_name,
     load_study,
     parse_number_list,
     parse_value,
@@ -198,3 +199,91 @@ def test_spec_source_round_trips(tmp_path):
     spec = load_study(SMOKE)
     again = build_spec(spec.source, cwd=Path("/elsewhere"))
     assert to_dict(again.train) == to_dict(spec.train) and again.grid == spec.grid
+
+
+# --- how values are read: numbers, duplicate keys, text, names (issue 31) ----------------------------------
+
+FLOATS = {"1e-3": 1e-3, "1E-3": 1e-3, ".5": 0.5, "5.": 5.0, "-1e+2": -100.0, "+.5": 0.5, "2.5e-4": 2.5e-4}
+
+
+@pytest.mark.parametrize(("text", "number"), FLOATS.items())
+def test_every_float_spelling_is_a_number_in_yaml_toml_and_set(text, number, tmp_path):
+    (tmp_path / "s.yaml").write_text(f"name: s\nvalue: {text}\nvalues: [{text}, 1]\n")
+    assert read_study_file(tmp_path / "s.yaml") == {"name": "s", "value": number, "values": [number, 1]}
+    assert parse_value(text) == number and parse_value(f"[{text}, 1]") == [number, 1]
+    if not text.startswith((".", "+")) and not text.endswith("."):  # what TOML itself accepts
+        (tmp_path / "s.toml").write_text(f"value = {text}\n")
+        assert read_study_file(tmp_path / "s.toml")["value"] == number
+
+
+def test_a_learning_rate_written_1e_3_is_the_papers_in_a_file_and_in_set(tmp_path):
+    (tmp_path / "s.yaml").write_text("teacher: {checkpoint: t.pt}\ntrain: {optim: {lr: 1e-3}}\n")
+    assert load_study(tmp_path / "s.yaml").train.optim.lr == 0.001
+    assert load_study(tmp_path / "s.yaml", {"train.optim.lr": parse_value("5E-4")}).train.optim.lr == 0.0005
+
+
+def test_text_that_only_looks_numeric_stays_text():
+    texts = ["1e", "e3", "1.2.3", "1e-3", "cpu"]
+    assert [parse_value(text) for text in ["1e", "e3", "1.2.3", "'1e-3'", "cpu"]] == texts
+    assert parse_value("3") == 3 and type(parse_value("3")) is int
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "toml"])
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_an_infinite_or_nan_value_is_refused_with_its_key(tmp_path, value, suffix):
+    toml_value = {".inf": "inf", "-.inf": "-inf", ".nan": "nan"}[value]
+    study = tmp_path / f"s.{suffix}"
+    if suffix == "yaml":
+        study.write_text(f"teacher: {{checkpoint: t.pt}}\ntrain: {{optim: {{lr: {value}}}}}\n")
+    else:
+        study.write_text(f'[teacher]\ncheckpoint = "t.pt"\n[train.optim]\nlr = {toml_value}\n')
+    with pytest.raises(ConfigError, match="^train.optim.lr must be a finite number but got"):
+        load_study(study)
+    with pytest.raises(ConfigError, match=r"^grid.t must be a finite number but got inf"):
+        build_spec(apply_overrides(MINIMAL, {"grid.t": [1.0, parse_value(".inf")]}))
+
+
+def test_a_yaml_key_written_twice_is_refused_and_named(tmp_path):
+    study = tmp_path / "twice.yaml"
+    study.write_text("teacher: {checkpoint: t.pt}\ngrid: {t: [1]}\ntrain: {epochs: 1}\ngrid: {t: [2]}\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML: found key 'grid' twice \(line 4, column 1\)"):
+        read_study_file(study)
+    with pytest.raises(ConfigError, match="found key 't' twice"):
+        parse_value("{t: 1, t: 2}")
+    study.write_text("base: &base {epochs: 1, batch_size: 8}\ntrain: {<<: *base, epochs: 2}\n")
+    assert read_study_file(study)["train"] == {"epochs": 2, "batch_size": 8}  # a merge key may be overridden
+
+
+def test_a_study_file_that_is_not_utf8_is_one_line(tmp_path):
+    study = tmp_path / "latin1.yaml"
+    study.write_bytes("name: s\n# étude\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text: byte 0xe9 on line 2$"):
+        read_study_file(study)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"tpe": {"t": [5, 1]}}, r"^tpe t: range low must be <= high but got \[5.0, 1.0\]"),
+        ({"tpe": {"lr": {"low": 0, "high": 1, "log": True}}}, "^tpe lr: a log range needs low > 0 but got 0"),
+        ({"tpe": {"t": {"low": "x", "high": 2}}}, "^tpe t: low must be a number but got 'x'"),
+        ({"pareto": {"alpha": [0.9, 0.1]}}, r"^pareto alpha: range low must be <= high but got \[0.9, 0.1\]"),
+    ],
+)
+def test_a_range_error_names_its_key(section, message):
+    with pytest.raises(ConfigError, match=message):
+        build_spec({**MINIMAL, **section})
+
+
+@pytest.mark.parametrize("name", ["étude", "研究-1", "smoke_2.b"])
+def test_a_unicode_study_name_is_accepted_in_a_file_and_as_study_name(name):
+    check_study_name(name)
+    assert build_spec({**MINIMAL, "name": name}).name == name
+
+
+@pytest.mark.parametrize(("name", "message"), [("a b", "must be a plain name"), ("é" * 101, "is 202 bytes long")])
+def test_a_study_name_is_refused_alike_in_a_file_and_as_study_name(name, message):
+    with pytest.raises(ConfigError, match=message):
+        check_study_name(name)
+    with pytest.raises(ConfigError, match=message):
+        build_spec({**MINIMAL, "name": name})

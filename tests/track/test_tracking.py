@@ -59,6 +59,7 @@ def test_mlflow_tracker_nests_runs_under_one_parent(mlflow_uri, tmp_path):
         ("http://127.0.0.1:9/", "cannot reach the MLflow server"),
         ("file:///tmp/mlruns", "refuses the file store"),
         ("postgresql://nobody@127.0.0.1:9/db", "cannot reach tracking store"),
+        ("foo://bar", "foo://bar: not a tracking URI kdsearch can use"),
     ],
 )
 def test_check_rejects_unusable_stores_without_writing(uri, message, tmp_path, monkeypatch):
@@ -66,6 +67,16 @@ def test_check_rejects_unusable_stores_without_writing(uri, message, tmp_path, m
     with pytest.raises(TrackingError, match=message):
         MlflowTracker(uri).check()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", [b"not a database", b"SQLite format 3\x00" + b"\x00" * 200])
+def test_check_rejects_a_local_store_that_is_not_a_sound_sqlite_file(content, tmp_path):
+    store = tmp_path / "mlruns" / "mlflow.db"
+    store.parent.mkdir()
+    store.write_bytes(content)
+    with pytest.raises(TrackingError, match=rf"{store}: .* \(not a sound SQLite database file\)$"):
+        MlflowTracker(f"sqlite:///{store}").check()
+    assert store.read_bytes() == content and list(store.parent.iterdir()) == [store]
 
 
 def test_check_accepts_a_new_local_store_and_writes_nothing(tmp_path):
