@@ -33,8 +33,7 @@ def check_inputs(config: TrainConfig) -> None:
     check_device(config.device)
     check_writable(config.cache_dir, "cache_dir (--cache-dir)")
     layout = check_data(config.data, config.cache_dir)
-    # A folder's image size is known only once decoded: its students' forward is checked at set-up instead.
-    size = config.data.image_size or (None if config.data.dataset == Dataset.FOLDER else 32)
+    size = student_image_size(config.data)
     check_student(replace(config.student, num_classes=layout.classes), size)
     if config.prune.active and not is_built_in(config.student.arch):
         check_prunable(replace(config.student, num_classes=layout.classes), size or 32)
@@ -42,6 +41,12 @@ def check_inputs(config: TrainConfig) -> None:
         check_attention(config, layout.classes, size)
     if config.teacher_checkpoint is not None and Path(config.teacher_checkpoint).exists():
         check_teacher(config.teacher_checkpoint, replace(config.teacher, num_classes=layout.classes))
+
+
+def student_image_size(data: DataConfig) -> int | None:
+    """The image size a student's forward is checked at; None for a folder at its own size, which is
+    known only once decoded (its students' forward is checked at set-up instead)."""
+    return data.image_size or (None if data.dataset == Dataset.FOLDER else 32)
 
 
 def check_device(name: str) -> None:

@@ -234,13 +234,17 @@ def ablation_bars(table, reported: dict[str, float], progress: str = "") -> go.F
 def grid_heatmaps(rows: Sequence[dict], space: dict[str, list[float]]) -> go.Figure:
     """Validation accuracy over T (rows) × α (columns), one panel per p; empty cells are not complete yet.
 
-    ``rows``: {"params": {"t", "alpha", "p"}, "val_acc", "test_acc"} per complete trial.
+    ``rows``: {"params": {"t", "alpha", "p"}, "val_acc", "test_acc"} per complete trial. A grid with more
+    axes (gamma, student) shows each cell's best point over them, and says so in the title.
     """
     ts, alphas, ps = sorted(space["t"]), sorted(space["alpha"]), sorted(space["p"])
     figure = make_subplots(rows=1, cols=len(ps), subplot_titles=[f"p = {p:g}" for p in ps], horizontal_spacing=0.08)
-    found = {
-        (r["params"]["t"], r["params"]["alpha"], r["params"]["p"]): r for r in rows if r.get("val_acc") is not None
-    }
+    found: dict[tuple, dict] = {}
+    for row in (r for r in rows if r.get("val_acc") is not None):
+        cell = (row["params"]["t"], row["params"]["alpha"], row["params"]["p"])
+        if cell not in found or row["val_acc"] > found[cell]["val_acc"]:
+            found[cell] = row
+    others = [name for name in space if name not in ("t", "alpha", "p")]
     for column, p in enumerate(ps, start=1):
         cells = [[found.get((t, alpha, p)) for alpha in alphas] for t in ts]
         figure.add_trace(
@@ -261,7 +265,8 @@ def grid_heatmaps(rows: Sequence[dict], space: dict[str, list[float]]) -> go.Fig
         figure.update_xaxes(title_text="α", type="category", row=1, col=column)
         figure.update_yaxes(title_text="T" if column == 1 else None, type="category", row=1, col=column)
     figure.update_layout(
-        title="Validation accuracy (%) of each grid point: T × α, one panel per p",
+        title="Validation accuracy (%) of each grid point: T × α, one panel per p"
+        + (f" (each cell the best over {' and '.join(others)})" if others else ""),
         coloraxis={"colorscale": "Viridis", "colorbar": {"title": "val acc (%)"}},
         template="plotly_white",
     )

@@ -156,6 +156,8 @@ def pareto_result(study: optuna.Study, spec: StudySpec, client) -> ParetoResult:
 def _architecture(params: dict[str, Any]) -> str:
     if not params:
         return "teacher"
+    if "student" in params:  # a named student of the study's students
+        return str(params["student"])
     text = f"drop {params.get('student_drop', 0)}, width {params.get('width', 1.0):g}"
     ratio = params.get("prune_ratio", 0.0)
     return text + (f", pruned {ratio:.0%}" if ratio else "")

@@ -100,7 +100,15 @@ def html_page(title: str, body: str) -> str:
 
 # --- a study's trials -------------------------------------------------------------------------
 
-TRIAL_COLUMNS = {"t": "T", "alpha": "α", "p": "p", "lr": "lr", "student_drop": "blocks dropped", "arm": "arm"}
+TRIAL_COLUMNS = {
+    "t": "T",
+    "alpha": "α",
+    "p": "p",
+    "lr": "lr",
+    "student_drop": "blocks dropped",
+    "student": "student",
+    "arm": "arm",
+}
 
 
 def trials_table(rows: Sequence[dict[str, Any]], title: str, notes: list[str]) -> Table:

@@ -26,9 +26,9 @@ from kdsearch.errors import ConfigError
 from kdsearch.models.classifiers import build_model
 from kdsearch.runtime.timing import CALIBRATION_IMAGES, metric_name, runtime_latency
 from kdsearch.search.study import Objective, StudyHandle, StudyKind
-from kdsearch.search.studyfile import ParetoSpec, StudySpec, check_files, with_params
+from kdsearch.search.studyfile import ParetoSpec, StudySpec, check_files
 from kdsearch.search.trial import TrialRunner
-from kdsearch.search.tune import check_selectable
+from kdsearch.search.tune import check_selectable, check_students
 
 SAMPLERS = {
     ParetoSampler.TPE: lambda pareto, seed: optuna.samplers.TPESampler(
@@ -40,11 +40,14 @@ SAMPLERS = {
 
 def trial_params(trial: optuna.Trial, pareto: ParetoSpec) -> dict[str, Any]:
     """The trial's architecture and hyperparameters, suggested in a fixed order."""
-    params: dict[str, Any] = {
-        "student_drop": trial.suggest_int("student_drop", *pareto.student_drop),
-        "width": trial.suggest_categorical("width", list(pareto.widths)),
-        "prune_ratio": trial.suggest_categorical("prune_ratio", list(pareto.prune_ratios)),
-    }
+    if pareto.students is not None:
+        params: dict[str, Any] = {"student": trial.suggest_categorical("student", list(pareto.students))}
+    else:
+        params = {
+            "student_drop": trial.suggest_int("student_drop", *pareto.student_drop),
+            "width": trial.suggest_categorical("width", list(pareto.widths)),
+            "prune_ratio": trial.suggest_categorical("prune_ratio", list(pareto.prune_ratios)),
+        }
     for name in ("t", "alpha", "p", "gamma"):
         bounds = getattr(pareto, name)
         if bounds is not None:
@@ -52,8 +55,8 @@ def trial_params(trial: optuna.Trial, pareto: ParetoSpec) -> dict[str, Any]:
     return params
 
 
-def pareto_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
-    config = with_params(base, params)
+def pareto_config(spec: StudySpec, params: dict[str, Any]) -> TrainConfig:
+    config = spec.configure(params)
     ratio = params.get("prune_ratio", 0.0)
     return replace(
         config,
@@ -87,6 +90,9 @@ class ParetoSearch(StudyKind):
             raise ConfigError("no Pareto search space: add a 'pareto' section to the study file")
         check_selectable(spec)
         check_files(spec)
+        if pareto.students is not None:  # the named students, each trained as it is named
+            check_students([spec.configure({"student": name}) for name in pareto.students])
+            return
         build_model(replace(spec.train.student, drop_blocks=pareto.student_drop[1]))  # the deepest drop must fit
         from_teacher = spec.train.student_init == "teacher" or any(ratio > 0 for ratio in pareto.prune_ratios)
         if from_teacher and any(width != spec.train.teacher.width_mult for width in pareto.widths):
@@ -110,7 +116,7 @@ class ParetoSearch(StudyKind):
     def trial_configs(self, spec: StudySpec, space: dict[str, Any]) -> list[TrainConfig]:
         pareto = spec.pareto
         most = {name: getattr(pareto, name).high for name in ("alpha", "p", "gamma") if getattr(pareto, name)}
-        return [with_params(spec.train, most)]
+        return [spec.configure(most)]
 
     def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
         spec, prepared = handle.spec, runner.prepared
@@ -128,7 +134,7 @@ class ParetoSearch(StudyKind):
                 trial.set_user_attr("same_as_trial", twin.number)
                 _constrain(trial, pareto, *twin.values)
                 return tuple(twin.values)
-            config = pareto_config(spec.train, params)
+            config = pareto_config(spec, params)
             model, architecture = build_student(config, prepared.inputs)
             timing = runtime_latency(
                 model, architecture, pareto.latency, pareto.batch, pareto.threads, spec.latency, calibration,

@@ -30,6 +30,8 @@ from typing import Any
 import yaml
 
 from kdsearch.config import (
+    ADDED_LATER,
+    ModelConfig,
     ParetoSampler,
     Runtime,
     TeacherRecipe,
@@ -157,8 +159,11 @@ class GridSpec:
     alpha: tuple[float, ...]
     p: tuple[float, ...]
     gamma: tuple[float, ...] | None = None  # attention-transfer weights; None: no AT axis (gamma 0)
+    student: tuple[str, ...] | None = None  # names of the study's `students`; None: train.student only
 
     def __post_init__(self) -> None:
+        if self.student is not None:
+            object.__setattr__(self, "student", _names("grid student", self.student))
         for name in (*SEARCH_PARAMS, "gamma"):
             values = getattr(self, name)
             if name == "gamma" and values is None:
@@ -176,6 +181,8 @@ class GridSpec:
         axes = {"t": list(self.t), "alpha": list(self.alpha), "p": list(self.p)}
         if self.gamma is not None:
             axes["gamma"] = list(self.gamma)
+        if self.student is not None:
+            axes["student"] = list(self.student)
         return axes
 
 
@@ -204,6 +211,8 @@ class TPESpec:
     lr: Range | None = None  # also search Adam's learning rate (log range)
     gamma: Range | None = None  # also search the attention-transfer weight
     student_drop: tuple[int, int] | None = None  # also search the student depth, [low, high] blocks removed
+    # also search the student: names of the study's `students` (left out of the stored space when unset)
+    student: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
     pruner: str = "median"  # median | hyperband | none, fed with the per-epoch validation accuracy
     startup_trials: int = 4  # median pruner: trials that are never pruned, to get a reference
     seed: int = 0  # TPE's seed in the process that creates the study
@@ -212,6 +221,8 @@ class TPESpec:
         check_field_types(self)
         if self.trials < 1:
             raise ConfigError(f"tpe trials must be >= 1 but got {self.trials}")
+        if self.student is not None:
+            object.__setattr__(self, "student", _names("tpe student", self.student))
         object.__setattr__(self, "pruner", choice("tpe pruner", self.pruner, Pruner))
         for name in ("alpha", "p"):
             bounds = getattr(self, name)
@@ -304,9 +315,14 @@ class ParetoSpec:
     # Points trained first whatever the sampler proposes, e.g. the paper's student for reference:
     # [{student_drop: 5, width: 1.0, prune_ratio: 0.0}]; names left out are sampled.
     enqueue: tuple[dict, ...] = ()
+    # Names of the study's `students`: the architecture axis is then which student (each trained as it
+    # is named; student_drop, widths and prune_ratios are not searched).
+    students: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _ranges(self, "pareto", ("t", "alpha", "p", "gamma"))
+        if self.students is not None:
+            object.__setattr__(self, "students", _names("pareto students", self.students))
         object.__setattr__(self, "enqueue", tuple(self.enqueue))
         check_field_types(self)
         if self.trials < 1:
@@ -344,12 +360,26 @@ class StudySpec:
     ablation: AblationSpec | None = None
     pareto: ParetoSpec | None = None
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    # Named students a grid, TPE or Pareto study chooses among (its `student` axis): model specs.
+    students: dict[str, ModelConfig] = field(default_factory=dict)
     # The normalised mapping this spec was built from (absolute paths): stored with a study so a
     # worker on another machine rebuilds the same spec, with its own cache_dir.
     source: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_study_name(self.name, "study file name")
+        for where, names in (
+            ("grid student", self.grid.student if self.grid else None),
+            ("tpe student", self.tpe.student if self.tpe else None),
+            ("pareto students", self.pareto.students if self.pareto else None),
+        ):
+            unknown = [name for name in names or () if name not in self.students]
+            if unknown:
+                raise ConfigError(f"{where} {unknown[0]!r} is not in the study's students {sorted(self.students)}")
+
+    def configure(self, params: dict[str, Any]) -> TrainConfig:
+        """A trial's config: its search parameters set on the base config (``with_params``)."""
+        return with_params(self.train, params, self.students)
 
 
 def check_study_name(name: str, what: str = "study name") -> None:
@@ -361,7 +391,7 @@ def check_study_name(name: str, what: str = "study name") -> None:
     check_name_length(name, what)
 
 
-SECTIONS = ("name", "train", "teacher", "grid", "tpe", "ablation", "pareto", "latency")
+SECTIONS = ("name", "train", "teacher", "students", "grid", "tpe", "ablation", "pareto", "latency")
 PATH_KEYS = (("train", "data", "data_dir"), ("train", "cache_dir"), ("teacher", "checkpoint"))
 
 
@@ -467,6 +497,7 @@ def build_spec(raw: dict[str, Any], cwd: Path | None = None) -> StudySpec:
         ablation=_optional(source, "ablation", lambda s: AblationSpec(**_known(AblationSpec, s, "ablation"))),
         pareto=_optional(source, "pareto", lambda s: ParetoSpec(**_known(ParetoSpec, s, "pareto"))),
         latency=LatencyConfig(**_known(LatencyConfig, _section(source, "latency"), "latency")),
+        students=_students(_section(source, "students"), train.student),
         source=source,
     )
 
@@ -512,8 +543,13 @@ PARAM_FIELDS: dict[str, tuple[str, str, type]] = {
 }
 
 
-def with_params(config: TrainConfig, params: dict[str, Any]) -> TrainConfig:
-    """The trial's config: search parameters (t, alpha, p, gamma, lr, student_drop) set on the base config."""
+def with_params(
+    config: TrainConfig, params: dict[str, Any], students: dict[str, ModelConfig] | None = None
+) -> TrainConfig:
+    """The trial's config: search parameters (t, alpha, p, gamma, lr, student_drop) set on the base config,
+    and ``student``, a name of ``students``, as its student."""
+    if "student" in params:
+        config = replace(config, student=(students or {})[params["student"]])
     sections: dict[str, Any] = {}
     for name, value in params.items():
         if name in PARAM_FIELDS:
@@ -521,6 +557,26 @@ def with_params(config: TrainConfig, params: dict[str, Any]) -> TrainConfig:
             current = sections.get(section, getattr(config, section))
             sections[section] = replace(current, **{field_name: kind(value)})
     return replace(config, **sections)
+
+
+def _names(where: str, values: Any) -> tuple[str, ...]:
+    values = tuple(values) if isinstance(values, list | tuple) else (values,)
+    if not values or not all(isinstance(value, str) for value in values) or len(set(values)) != len(values):
+        raise ConfigError(f"{where} must be distinct student names, at least one, but got {list(values)}")
+    return values
+
+
+def _students(values: dict[str, Any], base: ModelConfig) -> dict[str, ModelConfig]:
+    """The study's named students: each a model spec (train.student's keys) with the base's class count."""
+    students = {}
+    for name, spec in values.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"students {name!r} must be a model spec such as {{arch: ...}} but got {spec!r}")
+        try:
+            students[str(name)] = from_dict(ModelConfig, {"num_classes": base.num_classes, **spec})
+        except ConfigError as error:
+            raise ConfigError(f"students {name!r}: {error}") from None
+    return students
 
 
 def _section(source: dict[str, Any], name: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from kdsearch.config import TrainConfig, replace, to_dict
 from kdsearch.errors import ConfigError
 from kdsearch.models.classifiers import build_model
 from kdsearch.search.study import Objective, StudyHandle, StudyKind
-from kdsearch.search.studyfile import Pruner, StudySpec, check_files, with_params
+from kdsearch.search.studyfile import Pruner, StudySpec, check_files
 from kdsearch.search.trial import TrialRunner
 
 # Trials report 1-based epochs, and Optuna prunes once a step is >= n_warmup_steps: 2 keeps the
@@ -28,6 +28,15 @@ PRUNERS: dict[Pruner, Callable[[StudySpec], optuna.pruners.BasePruner]] = {
     Pruner.HYPERBAND: lambda spec: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.train.epochs),
     Pruner.NONE: lambda spec: optuna.pruners.NopPruner(),
 }
+
+
+def check_students(configs: list[TrainConfig]) -> None:
+    """Each distinct student of the trials' configs can be built and gives logits (a named student of
+    another family included), checked once each."""
+    from kdsearch.distill.preflight import check_student, student_image_size
+
+    for student in dict.fromkeys(config.student for config in configs):
+        check_student(student, student_image_size(configs[0].data))
 
 
 def check_selectable(spec: StudySpec) -> None:
@@ -45,8 +54,8 @@ class GridSearch(StudyKind):
             raise ConfigError("no grid: give --t, --alpha and --p, or a 'grid' section in the study file")
         check_selectable(spec)
         check_files(spec)
-        for point in self.points(self.space(spec)):
-            with_params(spec.train, point)  # every trial's config is built, and so checked
+        # Every trial's config is built, and so checked; each student once.
+        check_students([spec.configure(point) for point in self.points(self.space(spec))])
 
     def space(self, spec: StudySpec) -> dict[str, Any]:
         return spec.grid.axes()
@@ -59,14 +68,19 @@ class GridSearch(StudyKind):
         return [dict(zip(names, values, strict=True)) for values in itertools.product(*space.values())]
 
     def trial_configs(self, spec: StudySpec, space: dict[str, Any]) -> list[TrainConfig]:
-        return [with_params(spec.train, point) for point in self.points(space)]
+        return [spec.configure(point) for point in self.points(space)]
 
     def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
         space = handle.space
 
         def objective(trial: optuna.Trial) -> float:
-            params = {name: trial.suggest_float(name, min(values), max(values)) for name, values in space.items()}
-            return runner.train(trial, with_params(handle.spec.train, params)).val_acc
+            params = {
+                name: trial.suggest_categorical(name, values)
+                if name == "student"
+                else trial.suggest_float(name, min(values), max(values))
+                for name, values in space.items()
+            }
+            return runner.train(trial, handle.spec.configure(params)).val_acc
 
         return objective
 
@@ -82,6 +96,7 @@ class TPESearch(StudyKind):
         check_files(spec)
         if spec.tpe.student_drop is not None:
             build_model(replace(spec.train.student, drop_blocks=spec.tpe.student_drop[1]))  # the deepest drop must fit
+        check_students([spec.configure({"student": name}) for name in spec.tpe.student or ()])
 
     def space(self, spec: StudySpec) -> dict[str, Any]:
         space = json.loads(json.dumps(to_dict(spec.tpe)))
@@ -104,7 +119,7 @@ class TPESearch(StudyKind):
         most = {"alpha": spec.tpe.alpha.high, "p": spec.tpe.p.high}
         if spec.tpe.gamma is not None:
             most["gamma"] = spec.tpe.gamma.high
-        return [with_params(spec.train, most)]
+        return [spec.configure(most)]
 
     def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
         tpe = handle.spec.tpe
@@ -123,7 +138,9 @@ class TPESearch(StudyKind):
             }
             if tpe.student_drop is not None:
                 params["student_drop"] = trial.suggest_int("student_drop", *tpe.student_drop)
-            return runner.train(trial, with_params(handle.spec.train, params), prune=True).val_acc
+            if tpe.student is not None:
+                params["student"] = trial.suggest_categorical("student", list(tpe.student))
+            return runner.train(trial, handle.spec.configure(params), prune=True).val_acc
 
         return objective
 

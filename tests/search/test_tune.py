@@ -208,3 +208,79 @@ def test_tpe_objective_trains_the_sampled_params_with_pruning(spec):
         assert 0.1 <= params["alpha"] <= 0.9 and params["student_drop"] in (0, 1, 2)
         assert trial.distributions["t"].log and trial.distributions["lr"].log
     assert [trial.value for trial in study.trials] == [10.0, 20.0, 30.0]
+
+
+STUDENTS = {
+    "tiny": {"arch": "tiny_cnn", "drop_blocks": 1},
+    "factory": {"arch": "python:tests.models.sample_factory:small_net", "normalization": "none"},
+}
+
+
+def test_a_grid_student_axis_names_the_studys_students_and_each_point_gets_its_own(spec):
+    made = spec(students=STUDENTS, grid={"t": [2.0], "alpha": [0.5], "p": [0.0], "student": ["tiny", "factory"]})
+    points = GRID.points(GRID.space(made))
+    assert points == [
+        {"t": 2.0, "alpha": 0.5, "p": 0.0, "student": "tiny"},
+        {"t": 2.0, "alpha": 0.5, "p": 0.0, "student": "factory"},
+    ]
+    configs = GRID.trial_configs(made, GRID.space(made))
+    assert [config.student.arch for config in configs] == ["tiny_cnn", "python:tests.models.sample_factory:small_net"]
+    assert configs[1].student.normalization == "none" and configs[1].student.num_classes == 10
+    GRID.validate(made)  # both students build and give logits
+
+
+def test_a_student_axis_naming_no_student_of_the_study_is_refused(spec):
+    with pytest.raises(
+        ConfigError, match=r"grid student 'resnet' is not in the study's students \['factory', 'tiny'\]"
+    ):
+        spec(students=STUDENTS, grid={"t": [2.0], "alpha": [0.5], "p": [0.0], "student": ["tiny", "resnet"]})
+    with pytest.raises(ConfigError, match="students 'bad': arch must be one of"):
+        spec(students={"bad": {"arch": "resnet18"}})
+
+
+def test_a_student_that_cannot_give_logits_is_refused_when_the_grid_is_validated(spec):
+    students = {**STUDENTS, "wrong": {"arch": "python:tests.models.sample_factory:wrong_width"}}
+    made = spec(students=students, grid={"t": [2.0], "alpha": [0.5], "p": [0.0], "student": ["tiny", "wrong"]})
+    with pytest.raises(ConfigError, match=r"returns shape \(2, 11\)"):
+        GRID.validate(made)
+
+
+def test_the_stored_space_of_a_study_without_a_student_axis_is_unchanged(spec):
+    tpe = TPE.space(spec(tpe={"trials": 3}))
+    assert "student" not in tpe and "student" not in GRID.space(spec(grid={"t": [1.0], "alpha": [0.5], "p": [0.0]}))
+    with_axis = TPE.space(spec(students=STUDENTS, tpe={"trials": 3, "student": ["tiny", "factory"]}))
+    assert with_axis["student"] == ["tiny", "factory"]
+
+
+@pytest.mark.slow
+def test_a_grid_over_two_students_trains_each_and_logs_its_architecture(spec, tmp_path):
+    from mlflow import MlflowClient
+
+    from kdsearch.search.launch import Workspace
+
+    made = spec(
+        students=STUDENTS,
+        grid={"t": [2.0], "alpha": [0.5], "p": [0.0], "student": ["tiny", "factory"]},
+        train={"epochs": 1, "batch_size": 50},
+        latency={"repeats": 1, "warmup": 0, "batch_sizes": [1], "onnx_runtimes": []},
+    )
+    workspace = Workspace(tmp_path / "ws")
+    summary = workspace.run("grid", made, study_name="students", progress=False)
+    assert (summary.done, summary.total) == (2, 2)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'ws' / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`kdsearch.role` = 'child'")
+    assert sorted(run.data.params["student.arch"] for run in runs) == [
+        "python:tests.models.sample_factory:small_net",
+        "tiny_cnn",
+    ]
+
+
+def test_a_pareto_student_axis_replaces_the_built_in_architecture_axes(spec):
+    from kdsearch.search.pareto import PARETO, pareto_config, trial_params
+
+    made = spec(students=STUDENTS, pareto={"trials": 2, "students": ["tiny", "factory"]})
+    params = trial_params(optuna.trial.FixedTrial({"student": "factory"}), made.pareto)
+    assert params == {"student": "factory"}  # no student_drop, width or prune_ratio drawn
+    config = pareto_config(made, params)
+    assert config.student.arch == "python:tests.models.sample_factory:small_net" and not config.prune.active
+    PARETO.validate(made)
