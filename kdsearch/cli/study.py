@@ -348,6 +348,10 @@ def status_command(
             f"  test_acc {trial['test_acc']}  {trial['params']}"
             + (f"  (the student of trial {trial['same_as_trial']})" if "same_as_trial" in trial else "")
         )
+    for candidate in report["rungs"] or []:
+        reached = "  ".join(f"{epochs} ep {acc:.2f}" for epochs, acc in candidate["val_acc_after_epochs"].items())
+        where = f"stopped after {candidate['stopped_at']} epochs" if candidate["stopped_at"] else candidate["state"]
+        typer.echo(f"  rungs: trial {candidate['trial']}  {reached}  ({where})")
 
 
 @study_app.command("defer")

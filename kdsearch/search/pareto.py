@@ -25,6 +25,7 @@ from kdsearch.distill.train import build_student
 from kdsearch.errors import ConfigError
 from kdsearch.models.classifiers import build_model
 from kdsearch.runtime.timing import CALIBRATION_IMAGES, metric_name, runtime_latency
+from kdsearch.search.rungs import RUNG_ATTR, STOPPED_ATTR, promotable
 from kdsearch.search.study import Objective, StudyHandle, StudyKind
 from kdsearch.search.studyfile import ParetoSpec, StudySpec, check_files
 from kdsearch.search.trial import TrialRunner
@@ -71,6 +72,42 @@ def _constrain(trial: optuna.Trial, pareto: ParetoSpec, val_acc: float | None, l
     trial.set_constraint("latency", latency - pareto.max_latency_ms if pareto.max_latency_ms is not None else -1.0)
     short = pareto.min_val_acc - val_acc if pareto.min_val_acc is not None and val_acc is not None else -1.0
     trial.set_constraint("val_acc", 0.0 if val_acc is None else short)
+
+
+def _rung_gate(trial: optuna.Trial, pareto: ParetoSpec, latency: float, params: dict[str, Any]):
+    """After each epoch: at a rung's end, record the candidate's accuracy there and stop it (TrialPruned)
+    unless it is among the best 1/reduction of the candidates that ended the rung; references (the
+    enqueued points) always go on, so they give every rung a student at equal training."""
+    reference = any(all(params.get(key) == value for key, value in point.items()) for point in pareto.enqueue)
+
+    def after_epoch(epoch: int, row: dict) -> None:
+        epochs = epoch + 1
+        if epochs not in pareto.rungs[:-1]:
+            return
+        key = RUNG_ATTR.format(epochs=epochs)
+        others = [
+            (other.user_attrs[key], other.user_attrs["latency_ms"])
+            for other in trial.study.get_trials(deepcopy=False)
+            if other.number != trial.number
+            and key in other.user_attrs
+            and "latency_ms" in other.user_attrs
+            and "same_as_trial" not in other.user_attrs  # a repeated point: its twin already counts
+        ]
+        trial.set_user_attr(key, row["val_acc"])
+        if not reference and not promotable((row["val_acc"], latency), others, pareto.reduction):
+            trial.set_user_attr(STOPPED_ATTR, epochs)
+            raise optuna.TrialPruned(
+                f"val_acc {row['val_acc']:.2f} at {latency:.2f} ms after {epochs} epochs: not among the best "
+                f"1/{pareto.reduction} of {len(others) + 1} at that rung"
+            )
+
+    return after_epoch
+
+
+def _stopped_twin(trial: optuna.Trial, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
+    """A trial of the same study with exactly these params that was stopped at a rung, if any."""
+    pruned = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+    return next((other for other in pruned if other.params == params and STOPPED_ATTR in other.user_attrs), None)
 
 
 def _complete_twin(trial: optuna.Trial, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
@@ -134,7 +171,16 @@ class ParetoSearch(StudyKind):
                 trial.set_user_attr("same_as_trial", twin.number)
                 _constrain(trial, pareto, *twin.values)
                 return tuple(twin.values)
+            stopped = _stopped_twin(trial, params)
+            if stopped is not None:  # the same point stopped at a rung before: it would stop there again
+                for key, value in stopped.user_attrs.items():
+                    if key.startswith("rung_") or key in ("latency_ms", STOPPED_ATTR):
+                        trial.set_user_attr(key, value)
+                trial.set_user_attr("same_as_trial", stopped.number)
+                raise optuna.TrialPruned(f"the same point as trial {stopped.number}, stopped at a rung")
             config = pareto_config(spec, params)
+            if pareto.rungs is not None:
+                config = replace(config, epochs=pareto.rungs[-1])  # one schedule, stopped at a rung or not
             model, architecture = build_student(config, prepared.inputs)
             timing = runtime_latency(
                 model, architecture, pareto.latency, pareto.batch, pareto.threads, spec.latency, calibration,
@@ -147,7 +193,10 @@ class ParetoSearch(StudyKind):
                 _constrain(trial, pareto, None, latency)
                 raise optuna.TrialPruned(f"{latency:.2f} ms > max_latency_ms {pareto.max_latency_ms}: not trained")
             name = metric_name(pareto.latency, pareto.batch)
-            result = runner.train(trial, config, evaluate=lambda result: {name: latency})
+            after_epoch = _rung_gate(trial, pareto, latency, params) if pareto.rungs is not None else None
+            result = runner.train(trial, config, evaluate=lambda result: {name: latency}, after_epoch=after_epoch)
+            if pareto.rungs is not None:
+                trial.set_user_attr(RUNG_ATTR.format(epochs=pareto.rungs[-1]), result.val_acc)
             _constrain(trial, pareto, result.val_acc, latency)
             return result.val_acc, latency
 

@@ -650,7 +650,28 @@ def status(study: optuna.Study, kind: StudyKind) -> dict[str, Any]:
         ],
         "best": describe_trial(best) if best is not None else None,
         "front": [describe_trial(trial) for trial in front(study)] if len(study.directions) > 1 else None,
+        "rungs": rung_progress(study.get_trials(deepcopy=False)),
     }
+
+
+def rung_progress(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]] | None:
+    """Each multi-fidelity candidate's validation accuracy at the end of every rung it reached, and the
+    rung after which it was stopped (None: it went on, or is still running); None for other studies."""
+    rows = []
+    for trial in trials:
+        reached = {
+            int(key.removeprefix("rung_")): value for key, value in trial.user_attrs.items() if key.startswith("rung_")
+        }
+        if reached:
+            rows.append(
+                {
+                    "trial": trial.number,
+                    "state": trial.state.name.lower(),
+                    "val_acc_after_epochs": dict(sorted(reached.items())),
+                    "stopped_at": trial.user_attrs.get("stopped_at"),
+                }
+            )
+    return rows or None
 
 
 def describe_trial(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -318,9 +318,26 @@ class ParetoSpec:
     # Names of the study's `students`: the architecture axis is then which student (each trained as it
     # is named; student_drop, widths and prune_ratios are not searched).
     students: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
+    # Multi-fidelity (search.rungs): epochs at the end of each rung of one schedule, e.g. [1, 3, 9]; a
+    # candidate goes on past a rung only among the best 1/reduction of those that ended it. None: every
+    # candidate trains train.epochs. Enqueued points (references) always go on.
+    rungs: tuple[int, ...] | None = field(default=None, metadata=ADDED_LATER)
+    reduction: int = field(default=3, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _ranges(self, "pareto", ("t", "alpha", "p", "gamma"))
+        if self.rungs is not None:
+            rungs = tuple(self.rungs)
+            increasing = all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in rungs) and all(
+                a < b for a, b in zip(rungs, rungs[1:], strict=False)
+            )
+            if len(rungs) < 2 or not increasing:
+                raise ConfigError(
+                    f"pareto rungs must be increasing epochs, at least two, e.g. [1, 3, 9]; got {list(rungs)}"
+                )
+            object.__setattr__(self, "rungs", rungs)
+        if isinstance(self.reduction, bool) or not isinstance(self.reduction, int) or self.reduction < 2:
+            raise ConfigError(f"pareto reduction must be an integer >= 2 but got {self.reduction!r}")
         if self.students is not None:
             object.__setattr__(self, "students", _names("pareto students", self.students))
         object.__setattr__(self, "enqueue", tuple(self.enqueue))

@@ -154,15 +154,18 @@ class TrialRunner:
         extra_params: dict[str, Any] | None = None,
         prune: bool = False,
         evaluate: Callable[[TrainResult], dict[str, float]] | None = None,
+        after_epoch: Callable[[int, dict], None] | None = None,
     ) -> TrainResult:
         """Train ``config`` as ``trial``; raises optuna.TrialPruned to prune.
 
-        ``evaluate(result)`` adds metrics after training (the ablation's explanation agreement).
+        ``evaluate(result)`` adds metrics after training (the ablation's explanation agreement);
+        ``after_epoch(epoch, row)`` runs after each epoch's metrics are logged and may raise TrialPruned
+        (the Pareto study's rungs).
         """
         run_id = self._start_run(trial, config, run_name, extra_params)
         run_dir = self.checkpoint_dir(trial)
         try:
-            result, metrics, extra = self._train_tracked(trial, config, run_id, run_dir, prune, evaluate)
+            result, metrics, extra = self._train_tracked(trial, config, run_id, run_dir, prune, evaluate, after_epoch)
         except optuna.TrialPruned:
             self.tracker.set_tags(run_id, {"kdsearch.state": "PRUNED"})
             self.tracker.end_run(run_id, "KILLED")
@@ -204,6 +207,7 @@ class TrialRunner:
         run_dir: Path | None,
         prune: bool,
         evaluate: Callable[[TrainResult], dict[str, float]] | None,
+        after_epoch: Callable[[int, dict], None] | None = None,
     ) -> tuple[TrainResult, dict[str, float], dict[str, float]]:
         """Train with per-epoch metrics (and pruning), then log the final metrics and the student."""
         logged: set[int] = set()
@@ -216,6 +220,8 @@ class TrialRunner:
 
         def on_epoch(epoch: int, row: dict) -> None:
             log_epoch(row)
+            if after_epoch is not None:
+                after_epoch(epoch, row)
             if prune:
                 trial.report(row["val_acc"], epoch + 1)
                 # After the last epoch there is nothing left to save: the trial completes with its value.
