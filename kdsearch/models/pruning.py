@@ -83,8 +83,29 @@ def _prune(
     seed: int,
     image_size: int,
 ) -> nn.Module:
+    pruned = copy.deepcopy(model).cpu().eval()  # eval: tracing runs a forward that must not move BN statistics
+    for parameter in pruned.parameters():
+        parameter.requires_grad_(True)  # Torch-Pruning traces the graph through autograd
     try:
-        pruned = _pruned_copy(model, ratio, flops_target, importance, round_to, seed, image_size)
+        with torch.enable_grad():
+            example = torch.zeros(1, 3, image_size, image_size)
+            graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=example)
+        # Only convolutions root a group, so the linear head's outputs (the classes) are never pruned.
+        groups = list(graph.get_all_groups(root_module_types=[nn.Conv2d]))
+        if flops_target is not None:
+            ratio = _ratio_for_flops(pruned, graph, groups, flops_target, round_to, image_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            scorer = IMPORTANCES[importance]()
+            # Rank every group on the unpruned network first, then prune: one-shot, as Torch-Pruning's pruners do.
+            removals = []
+            for group in groups:
+                channels = len(group[0][1])
+                removed = channels - _kept_channels(channels, ratio, round_to)
+                if removed > 0:
+                    removals.append((group, torch.argsort(scorer(group), stable=True)[:removed].tolist()))
+        for group, indices in removals:
+            group.prune(idxs=sorted(indices))
     except ConfigError:
         raise
     except Exception as error:  # inside Torch-Pruning: the model has a structure it does not handle
@@ -92,41 +113,6 @@ def _prune(
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ConfigError(f"Torch-Pruning cannot prune {name}: {type(error).__name__}: {reason}") from None
     return pruned.to(next(model.parameters()).device).train(model.training)
-
-
-def _pruned_copy(
-    model: nn.Module,
-    ratio: float | None,
-    flops_target: float | None,
-    importance: str,
-    round_to: int | None,
-    seed: int,
-    image_size: int,
-) -> nn.Module:
-    pruned = copy.deepcopy(model).cpu().eval()  # eval: tracing runs a forward that must not move BN statistics
-    for parameter in pruned.parameters():
-        parameter.requires_grad_(True)  # Torch-Pruning traces the graph through autograd
-    with torch.enable_grad():
-        example = torch.zeros(1, 3, image_size, image_size)
-        graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=example)
-    # Only convolutions root a group, so the linear head's outputs (the classes) are never pruned.
-    groups = list(graph.get_all_groups(root_module_types=[nn.Conv2d]))
-    if flops_target is not None:
-        ratio = _ratio_for_flops(pruned, graph, groups, flops_target, round_to, image_size)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        scorer = IMPORTANCES[importance]()
-        # Rank every group on the unpruned network first, then prune: one-shot, as Torch-Pruning's pruners do.
-        removals = []
-        for group in groups:
-            channels = len(group[0][1])
-            removed = channels - _kept_channels(channels, ratio, round_to)
-            if removed > 0:
-                removals.append((group, torch.argsort(scorer(group), stable=True)[:removed].tolist()))
-    for group, indices in removals:
-        group.prune(idxs=sorted(indices))
-    return pruned
 
 
 def _check_fraction(name: str, value: float) -> None:
