@@ -207,7 +207,7 @@ check ig_cache <<'PY'
 # same img/s, but maps of random weights to compare are meaningless).
 import os, time, torch
 from pathlib import Path
-from kdsearch.distill.attribution import BASELINES, ig_in_calls, ig_maps, resolve_ig_precision
+from kdsearch.distill.attribution import BASELINES, Attribution, ig_maps, maps_in_calls, resolve_ig_precision
 from kdsearch.config import DataConfig, IGConfig, ModelConfig, default_cache_dir
 from kdsearch.data.datasets import load_splits
 from kdsearch.models.classifiers import build_model, fold_batchnorm, load_model
@@ -233,7 +233,8 @@ compared = "not compared with the CPU's"
 if real:
     baseline = BASELINES[config.baseline](teacher, splits)
     fp32 = IGConfig(precision="fp32")
-    cpu, _ = ig_in_calls(fold_batchnorm(teacher), splits.train_images[:32], splits.train_labels[:32], baseline, fp32)
+    images, labels = splits.train_images[:32], splits.train_labels[:32]
+    cpu, _ = maps_in_calls(fold_batchnorm(teacher), images, labels, baseline, Attribution(ig=fp32))
     a, b = maps[:32].float().flatten(1), cpu.flatten(1)
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     agreement = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean().item()

@@ -9,7 +9,7 @@ CIFAR-10 (JPEG q75 copy) training split (val_size 5000), in index order:
   8 images per call, internal_batch_size=None, fp32, default (NCHW) memory format, teacher parameters
   left with requires_grad=True (as a naive user would), black baseline.
 - kdsearch: ``kdsearch.distill.attribution.ig_maps`` end to end (it prepares its own teacher copy: BatchNorm
-  folded, parameters frozen, channels_last; calls ``integrated_gradients`` ``images_per_call`` images at
+  folded, parameters frozen, channels_last; calls Captum's IG (``explain``) ``images_per_call`` images at
   a time; writes and reads back the cache) on a split holding only these images, into a fresh
   temporary cache directory, with IGConfig's images_per_call, at each
   METHOD:STEPS[:PRECISION[:INTERNAL_BATCH_SIZE]] of ``--settings`` (gl gausslegendre, rt

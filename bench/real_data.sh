@@ -10,6 +10,8 @@
 #   bench/real_data.sh ablate-at  # the teacher-init ablation grown with the four AT arms (GAMMA=the chosen one, ARMS=…)
 #   bench/real_data.sh ablate-at-bf16  # the AT arms, kd_ig and baseline at 3 seeds, afresh, in a study of its own
 #   bench/real_data.sh pareto     # the accuracy x latency study (24 trials) of issue 12
+#   bench/real_data.sh ablate-attribution  # issue 28: kd_ig, kd_saliency, kd_smoothgrad, kd_grad_cam beside baseline and kd
+#   bench/real_data.sh ablate-attribution-control  # then the shuffled control of the best method (CONTROL=saliency_shuffled)
 #   bench/real_data.sh reports # reports of the grid, TPE and ablation into studies/results/
 #
 # Two steps may run side by side on the 2 cores: give each one thread (THREADS=1, the default here)
@@ -75,6 +77,19 @@ ablate-at-bf16)
         --arms "${ARMS:-baseline,at,kd_at,ig_at,kd_ig_at,kd_ig}" --gamma "${GAMMA:-10}" --seeds "${SEEDS:-3}" \
         --workdir runs/cifar10-ablation --study-name cifar10-ablation-teacher-init-bf16-at --no-progress
     ;;
+ablate-attribution)
+    # The method arms at the teacher-init budget, 3 seeds; before the first run it computes the saliency,
+    # SmoothGrad and GradCAM caches of the 10,000 training images (IG's is the teacher-init ablation's).
+    # Run it twice side by side (two workers) to use both cores; it resumes after an interruption.
+    $KDSEARCH ablate --study studies/cifar10-ablation-attribution.yaml --seeds "${SEEDS:-3}" \
+        --workdir runs/cifar10-ablation --study-name cifar10-ablation-attribution --no-progress
+    ;;
+ablate-attribution-control)
+    # The shuffled control of whichever method did best in ablate-attribution, grown into the same study.
+    $KDSEARCH ablate --study studies/cifar10-ablation-attribution.yaml --seeds "${SEEDS:-3}" \
+        --extra-arms "${CONTROL:?give CONTROL, e.g. saliency_shuffled for the best method}" \
+        --workdir runs/cifar10-ablation --study-name cifar10-ablation-attribution --no-progress
+    ;;
 pareto)
     $KDSEARCH study pareto --study studies/cifar10-pareto.yaml --workdir runs/cifar10-pareto --no-progress
     ;;
@@ -90,9 +105,11 @@ reports)
         --out studies/results/cifar10-ablation-teacher-init-bf16-at --plotly-js cdn
     $KDSEARCH report --study cifar10-pareto-pareto-d4e0f54e --workdir runs/cifar10-pareto \
         --out studies/results/cifar10-pareto --plotly-js cdn
+    $KDSEARCH report --ablation cifar10-ablation-attribution --workdir runs/cifar10-ablation \
+        --out studies/results/cifar10-ablation-attribution --plotly-js cdn
     ;;
 *)
-    echo "usage: bench/real_data.sh grid|noise|ablate|ablate-teacher-init|at-gamma|ablate-at|ablate-at-bf16|pareto|reports" >&2
+    echo "usage: bench/real_data.sh grid|noise|ablate|ablate-teacher-init|at-gamma|ablate-at|ablate-at-bf16|ablate-attribution|ablate-attribution-control|pareto|reports" >&2
     exit 2
     ;;
 esac

@@ -26,6 +26,7 @@ _EXPORTS = {
             "KDConfig",
             "OverlayConfig",
             "IGConfig",
+            "AttributionConfig",
             "OptimConfig",
             "AttentionConfig",
             "PruneConfig",

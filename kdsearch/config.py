@@ -75,6 +75,16 @@ class IGPrecision(StrEnum):
     BF16 = "bf16"
 
 
+class AttributionMethod(StrEnum):  # the teacher's maps, each computed by Captum (distill.attribution.METHODS)
+    INTEGRATED_GRADIENTS = "integrated_gradients"  # the paper's
+    SALIENCY = "saliency"  # |gradient|
+    INPUT_X_GRADIENT = "input_x_gradient"
+    SMOOTHGRAD = "smoothgrad"  # the gradient averaged over noisy copies of the image (NoiseTunnel over Saliency)
+    GRADIENT_SHAP = "gradient_shap"
+    DEEPLIFT = "deeplift"
+    GRAD_CAM = "grad_cam"  # LayerGradCam of a convolutional stage, upsampled to the image
+
+
 class OverlayMode(StrEnum):
     ALIGNED = "aligned"  # each image's own map
     SHUFFLED = "shuffled"  # another image's map: the control for the maps' alignment
@@ -336,14 +346,38 @@ class IGConfig:
 
 
 @dataclass(frozen=True)
+class AttributionConfig:
+    """Settings of the attribution methods other than IG, whose own settings (IGConfig) also give them
+    their baseline (deeplift, gradient_shap), precision and batch sizes."""
+
+    # smoothgrad, gradient_shap: noisy copies per image. 24: the passes of IG's default 24 steps, so the
+    # three cost alike.
+    samples: int = 24
+    # smoothgrad, gradient_shap: std of the Gaussian noise in pixel units ([0, 1] images); 0.15 is within the
+    # 10-20 % of the input range that SmoothGrad's authors found to work best.
+    sigma: float = 0.15
+    # grad_cam: the module (a name of named_modules(), e.g. "features.16") whose output is explained;
+    # None: the model's last convolutional stage (the last module whose output is a map larger than 1x1).
+    layer: str | None = None
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        _check(self.samples >= 1, f"attribution samples must be >= 1 but got {self.samples}")
+        _check(self.sigma >= 0 and math.isfinite(self.sigma), f"attribution sigma must be >= 0 but got {self.sigma!r}")
+        _check(self.layer is None or self.layer.strip() != "", "attribution layer must be a module name or null")
+
+
+@dataclass(frozen=True)
 class OverlayConfig:
-    p: float = 0.1  # probability that an image gets the IG overlay (Eq. 7)
+    p: float = 0.1  # probability that an image gets the overlay (Eq. 7)
     mode: str = "aligned"  # an OverlayMode
+    method: str = field(default="integrated_gradients", metadata=ADDED_LATER)  # an AttributionMethod: whose maps
 
     def __post_init__(self) -> None:
         check_field_types(self)
         _check_unit_interval("p", self.p)
         object.__setattr__(self, "mode", choice("overlay mode", self.mode, OverlayMode))
+        object.__setattr__(self, "method", choice("overlay method", self.method, AttributionMethod))
 
 
 @dataclass(frozen=True)
@@ -460,6 +494,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig, metadata=ADDED_LATER)
     prune: PruneConfig = field(default_factory=PruneConfig, metadata=ADDED_LATER)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig, metadata=ADDED_LATER)
     epochs: int = 100
     batch_size: int = 64
     eval_batch_size: int = 500
@@ -567,6 +602,7 @@ _NESTED = {
     "OptimConfig": OptimConfig,
     "AttentionConfig": AttentionConfig,
     "PruneConfig": PruneConfig,
+    "AttributionConfig": AttributionConfig,
 }
 
 

@@ -227,6 +227,7 @@ def test_only_the_top_knows_every_study_kind():
         (classifiers.ARCHITECTURES, config.Architecture),
         (classifiers.NORMALIZATIONS, config.Normalization),
         (attribution.BASELINES, config.IGBaseline),
+        (attribution.METHODS, config.AttributionMethod),
         (augment.OVERLAY_MODES, config.OverlayMode),
         (tune.PRUNERS, studyfile.Pruner),
         (ablation.ARMS, studyfile.Arm),

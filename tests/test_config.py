@@ -14,6 +14,7 @@ from kdsearch.config import (
     ADDED_LATER,
     Architecture,
     AttentionConfig,
+    AttributionConfig,
     DataConfig,
     Dataset,
     IGConfig,
@@ -68,6 +69,11 @@ def _train(**changes) -> TrainConfig:
         (lambda: IGConfig(images_per_call=0), "images_per_call must be >= 1 but got 0"),
         (lambda: IGConfig(precision="fp16"), "IG precision must be one of ['auto', 'fp32', 'bf16'] but got 'fp16'"),
         (lambda: OverlayConfig(p=1.01), "p must be in [0, 1] but got 1.01"),
+        (lambda: OverlayConfig(method="lime"), "overlay method must be one of ['integrated_gradients', 'saliency', 'input_x_gradient', 'smoothgrad', 'gradient_shap', 'deeplift', 'grad_cam'] but got 'lime'"),
+        (lambda: AttributionConfig(samples=0), "attribution samples must be >= 1 but got 0"),
+        (lambda: AttributionConfig(sigma=-0.1), "attribution sigma must be >= 0 but got -0.1"),
+        (lambda: AttributionConfig(sigma=float("inf")), "attribution sigma must be >= 0 but got inf"),
+        (lambda: AttributionConfig(layer=" "), "attribution layer must be a module name or null"),
         (lambda: OptimConfig(optimizer="rmsprop"), "optimizer must be one of ['adam', 'sgd'] but got 'rmsprop'"),
         (lambda: OptimConfig(lr=0.0), "lr must be > 0 but got 0.0"),
         (lambda: OptimConfig(weight_decay=-1e-4), "weight_decay must be >= 0 but got -0.0001"),
@@ -249,7 +255,17 @@ def test_to_dict_keeps_an_option_added_later_once_it_is_used():
     assert at["attention"] == {"gamma": 0.0, "p": 2.0, "pairs": ((0, 1),)}
 
 
-CONFIGS = (DataConfig, ModelConfig, KDConfig, IGConfig, OverlayConfig, OptimConfig, AttentionConfig, PruneConfig)
+CONFIGS = (
+    DataConfig,
+    ModelConfig,
+    KDConfig,
+    IGConfig,
+    OverlayConfig,
+    OptimConfig,
+    AttentionConfig,
+    PruneConfig,
+    AttributionConfig,
+)
 
 
 def test_every_field_added_later_is_left_out_at_its_default_and_no_other():
@@ -260,10 +276,12 @@ def test_every_field_added_later_is_left_out_at_its_default_and_no_other():
         if item.metadata == ADDED_LATER
     }
     assert {("ModelConfig", "channels"), ("TrainConfig", "attention"), ("TrainConfig", "prune")} <= marked
+    assert {("OverlayConfig", "method"), ("TrainConfig", "attribution")} <= marked  # the other attribution methods
     config = _train(cache_dir="/c")
     values = to_dict(config)
     sections = {"TrainConfig": values} | {
-        type(getattr(config, name)).__name__: values.get(name) for name in ("data", "student", "kd", "ig", "optim")
+        type(getattr(config, name)).__name__: values.get(name)
+        for name in ("data", "student", "kd", "ig", "overlay", "optim")
     }
     for cls, section in sections.items():
         fields = {item.name for item in dataclasses.fields(_CLASSES[cls])}

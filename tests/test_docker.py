@@ -1,7 +1,8 @@
-"""docker/: static checks, without a container engine. The Dockerfiles and compose files are parsed; every
-kdsearch command the compose stack would run is parsed by the real CLI (options, types, required
-values), without running it; compose.check.yaml is merged over compose.yaml as Compose does. The
-stack itself is run for real, with podman, by bench/container_check.sh (see bench/container_check.md)."""
+"""docker/: static checks, without a container engine. The Dockerfiles, compose files and Kubernetes
+manifests are parsed; every kdsearch command the compose stack or the cluster would run is parsed by the
+real CLI (options, types, required values), without running it; compose.check.yaml is merged over
+compose.yaml as Compose does. The stack itself is run for real, with podman, by bench/container_check.sh
+(see bench/container_check.md), and the manifests by bench/kube_check.sh (bench/kube_check.md)."""
 
 from __future__ import annotations
 
@@ -267,7 +268,7 @@ def test_check_override_replaces_commands_merges_mappings_and_keeps_the_rest():
 def test_dockerfiles_install_kdsearch_as_the_entrypoint(dockerfile):
     text = (DOCKER / dockerfile).read_text()
     assert text.startswith("#") and "\nFROM " in text
-    assert 'ENTRYPOINT ["kdsearch"]' in text and '".[postgres]"' in text
+    assert 'ENTRYPOINT ["kdsearch"]' in text and '".[postgres,grpc]"' in text
     assert "COPY studies" in text and "KDSEARCH_CACHE_DIR=/cache" in text
     makefile = (ROOT / "Makefile").read_text()
     torch_pin = re.search(r"torch==([\d.]+)", makefile).group(1)
@@ -305,7 +306,12 @@ def test_postgres_standin_reads_the_official_images_variables_and_init_scripts()
 
 @pytest.mark.parametrize(
     ("shell", "script"),
-    [("sh", DOCKER / "postgres-standin" / "entrypoint.sh"), ("bash", ROOT / "bench" / "container_check.sh")],
+    [
+        ("sh", DOCKER / "postgres-standin" / "entrypoint.sh"),
+        ("bash", ROOT / "bench" / "container_check.sh"),
+        ("bash", ROOT / "bench" / "container_images.sh"),
+        ("bash", ROOT / "bench" / "kube_check.sh"),
+    ],
 )
 def test_scripts_parse(shell, script):
     if shutil.which(shell) is None:
@@ -349,3 +355,139 @@ def test_the_database_server_and_its_clients_agree_on_user_password_and_database
 def test_a_storage_given_to_compose_replaces_the_built_in_one():
     given = {"KDSEARCH_STORAGE": "postgresql://kd:pw@db-host:5432/optuna", "POSTGRES_PASSWORD": "ignored"}
     assert _interpolate(COMPOSE["x-kdsearch"]["environment"]["KDSEARCH_STORAGE"], given) == given["KDSEARCH_STORAGE"]
+
+
+# --- kubernetes.yaml: the cluster recipe -----------------------------------------------------------------
+
+KUBE = [doc for doc in yaml.safe_load_all((DOCKER / "kubernetes.yaml").read_text()) if doc]
+
+
+def _kube(kind: str) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for doc in KUBE if doc["kind"] == kind}
+
+
+def _pod_spec(doc: dict) -> dict:
+    return doc["spec"]["template"]["spec"]
+
+
+def _env(container: dict) -> dict[str, str]:
+    """A container's env as Kubernetes resolves it: secrets from the manifests' Secrets, then $(VAR)."""
+    secrets = {name: doc["stringData"] for name, doc in _kube("Secret").items()}
+    values: dict[str, str] = {}
+    for variable in container.get("env", []):
+        if "valueFrom" in variable:
+            reference = variable["valueFrom"]["secretKeyRef"]
+            value = secrets[reference["name"]][reference["key"]]
+        else:
+            value = re.sub(r"\$\((\w+)\)", lambda match: values[match.group(1)], variable["value"])
+        values[variable["name"]] = value
+    return values
+
+
+def _kdsearch_containers() -> dict[str, dict]:
+    """Containers that run kdsearch (the image's entrypoint, no command of their own), by workload name."""
+    workloads = {**_kube("Deployment"), **_kube("Job")}
+    return {
+        name: container
+        for name, doc in workloads.items()
+        for container in _pod_spec(doc)["containers"]
+        if container["image"].startswith("kdsearch:") and "command" not in container
+    }
+
+
+def test_the_cluster_has_its_services_volumes_and_jobs():
+    assert set(_kube("Deployment")) == set(_kube("Service")) == {"postgres", "mlflow", "storage-proxy"}
+    assert set(_kube("Job")) == {"study", "workers"}
+    claims = _kube("PersistentVolumeClaim")
+    assert claims["kdsearch-shared"]["spec"]["accessModes"] == ["ReadWriteMany"]  # every worker, every node
+    for name, doc in {**_kube("Deployment"), **_kube("Job")}.items():
+        for volume in _pod_spec(doc).get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims, name
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in _kube("ConfigMap"), name
+    init = _kube("ConfigMap")["postgres-init"]["data"]
+    assert any("CREATE DATABASE mlflow OWNER kdsearch" in script for script in init.values())
+
+
+def test_each_service_selects_its_deployments_pods_on_a_port_they_open():
+    for name, service in _kube("Service").items():
+        template = _kube("Deployment")[name]["spec"]["template"]
+        assert service["spec"]["selector"] == template["metadata"]["labels"]
+        assert _kube("Deployment")[name]["spec"]["selector"]["matchLabels"] == template["metadata"]["labels"]
+        ports = {port["containerPort"] for c in template["spec"]["containers"] for port in c.get("ports", [])}
+        assert {port["targetPort"] for port in service["spec"]["ports"]} <= ports, name
+
+
+def test_the_workers_are_a_work_queue_job_of_n_pods():
+    workers = _kube("Job")["workers"]["spec"]
+    # Work-queue Job: parallelism without completions; it completes when its pods have exited 0.
+    assert workers["parallelism"] >= 2 and "completions" not in workers
+    for job in _kube("Job").values():
+        assert _pod_spec(job)["restartPolicy"] == "OnFailure"  # a crashed worker comes back
+
+
+@pytest.mark.parametrize("workload", sorted(_kdsearch_containers()))
+def test_each_kdsearch_command_in_the_cluster_is_accepted_by_the_cli_parser(workload, monkeypatch):
+    container = _kdsearch_containers()[workload]
+    environment = _env(container)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)  # options read KDSEARCH_STORAGE and MLFLOW_TRACKING_URI from here
+    monkeypatch.chdir(ROOT)  # the image's working directory holds studies/ as the repo does
+    params = dry_parse([str(arg) for arg in container["args"]])
+    assert params, f"{workload}: {container['args']} did not reach a command"
+    assert params["storage"] == environment["KDSEARCH_STORAGE"]
+    if "tracking_uri" in params:
+        assert params["tracking_uri"] == environment["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    if "study_file" in params:
+        assert Path(params["study_file"]).is_file()
+
+
+def test_every_kdsearch_process_but_the_proxy_goes_through_the_proxy_and_only_it_to_postgresql():
+    proxy = _kdsearch_containers()["storage-proxy"]
+    port = _kube("Service")["storage-proxy"]["spec"]["ports"][0]["port"]
+    assert "--host=0.0.0.0" in proxy["args"] and f"--port={port}" in proxy["args"]
+    database = _url(_env(proxy)["KDSEARCH_STORAGE"])
+    postgres_env = _env(_pod_spec(_kube("Deployment")["postgres"])["containers"][0])
+    assert (database.host, database.port, database.database) == ("postgres", 5432, postgres_env["POSTGRES_DB"])
+    assert (database.username, database.password) == (postgres_env["POSTGRES_USER"], postgres_env["POSTGRES_PASSWORD"])
+    for name in ("study", "workers"):
+        assert _env(_kdsearch_containers()[name])["KDSEARCH_STORAGE"] == f"grpc://storage-proxy:{port}"
+
+
+def test_the_study_and_its_workers_share_one_study_and_one_cache():
+    study, workers = _kdsearch_containers()["study"], _kdsearch_containers()["workers"]
+    name = next(arg for arg in study["args"] if arg.startswith("--study-name="))
+    assert name in workers["args"] and any(arg.startswith("--wait=") for arg in workers["args"])
+    for container in (study, workers):
+        [mount] = container["volumeMounts"]
+        assert _env(container)["KDSEARCH_CACHE_DIR"].startswith(mount["mountPath"] + "/")
+        assert _env(container)["KDSEARCH_DATA_DIR"].startswith(mount["mountPath"] + "/")
+    assert _env(study) == _env(workers)
+
+
+def test_the_mlflow_server_uses_its_own_database_and_accepts_the_name_workers_use():
+    [mlflow] = _pod_spec(_kube("Deployment")["mlflow"])["containers"]
+    args = [re.sub(r"\$\((\w+)\)", lambda match: _env(mlflow)[match.group(1)], arg) for arg in mlflow["args"]]
+    backend = _url(next(arg for arg in args if arg.startswith("--backend-store-uri=")).split("=", 1)[1])
+    assert (backend.host, backend.database, backend.drivername) == ("postgres", "mlflow", "postgresql+psycopg2")
+    allowed = next(arg for arg in args if arg.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
+    assert _host_allowed(allowed, "mlflow:5000") and _host_allowed(allowed, "mlflow.default.svc.cluster.local:5000")
+    assert not _host_allowed(allowed, "evil.example:5000")
+
+
+def test_podman_gets_pods_named_after_the_services_and_n_worker_pods():
+    from bench.kube_podman import for_podman
+
+    played = for_podman(KUBE, {"kdsearch:cpu": "localhost/kdsearch:cpu"})
+    pods = {doc["metadata"]["name"]: doc for doc in played if doc["kind"] == "Pod"}
+    workers = _kube("Job")["workers"]["spec"]["parallelism"]
+    assert set(pods) == {*_kube("Service"), "study", *(f"workers-{i}" for i in range(workers))}
+    assert {doc["kind"] for doc in played} == {"Pod", "PersistentVolumeClaim", "ConfigMap"}
+    proxy = pods["storage-proxy"]["spec"]["containers"][0]
+    assert proxy["image"] == "localhost/kdsearch:cpu" and pods["storage-proxy"]["spec"]["restartPolicy"] == "Always"
+    env = {variable["name"]: variable["value"] for variable in proxy["env"]}
+    assert env["KDSEARCH_STORAGE"] == _env(_kdsearch_containers()["storage-proxy"])["KDSEARCH_STORAGE"]
+    assert "$(" not in yaml.safe_dump(played)
+    # podman publishes a containerPort on the host's 0.0.0.0: none may reach it.
+    assert not [c for pod in pods.values() for c in pod["spec"]["containers"] if "ports" in c]

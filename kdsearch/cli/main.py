@@ -19,16 +19,19 @@ import typer
 from kdsearch.cli.dashboard import register as register_dashboard
 from kdsearch.cli.export import register as register_export
 from kdsearch.cli.options import (
+    DEFAULT_ATTRIBUTION,
     DEFAULT_CACHE_DIR,
     DEFAULT_DATA,
     DEFAULT_DATA_DIR,
     DEFAULT_IG,
     DEFAULT_KD,
+    DEFAULT_METHOD,
     DEFAULT_MODEL,
     DEFAULT_OPTIM,
     DEFAULT_OVERLAY,
     PAPER_STUDENT,
     RECIPE,
+    AttributionMethodName,
     CacheDir,
     DataDir,
     DataLabel,
@@ -47,6 +50,7 @@ from kdsearch.cli.options import (
     with_options,
 )
 from kdsearch.cli.report import register as register_report
+from kdsearch.cli.storage_proxy import register as register_storage_proxy
 from kdsearch.cli.study import register
 from kdsearch.config import TrainConfig
 from kdsearch.errors import KdsearchError
@@ -63,11 +67,18 @@ ig_app = typer.Typer(
     help="Integrated Gradients maps of the teacher: compute the cache, look at a map.", no_args_is_help=True
 )
 app.add_typer(teacher_app, name="teacher")
+attr_app = typer.Typer(
+    help="Attribution maps of the teacher by any method (IG, saliency, SmoothGrad, GradientShap, DeepLift, GradCAM): "
+    "compute a cache, look at one image's maps side by side.",
+    no_args_is_help=True,
+)
 app.add_typer(ig_app, name="ig")
+app.add_typer(attr_app, name="attr")
 register(app)
 register_report(app)
 register_export(app)
 register_dashboard(app)
+register_storage_proxy(app)
 
 
 Progress = Annotated[
@@ -121,6 +132,9 @@ def train_command(
     overlay_mode: Annotated[
         str, typer.Option(help="aligned (each image's own map) | shuffled (control).")
     ] = DEFAULT_OVERLAY.mode,
+    overlay_method: Annotated[
+        AttributionMethodName, typer.Option(help="Whose maps the overlay blends in (the attribution method).")
+    ] = DEFAULT_METHOD,
     teacher_logits: Annotated[
         str, typer.Option(help="online (teacher on each augmented batch) | cached.")
     ] = DEFAULT_KD.teacher_logits,
@@ -182,7 +196,7 @@ def train_command(
         student_init=student_init,
         kd=KDConfig(alpha=alpha, temperature=temperature, teacher_logits=teacher_logits),
         ig=ig_config(ig_steps, ig_method, ig_baseline, ig_precision),
-        overlay=OverlayConfig(p=p, mode=overlay_mode),
+        overlay=OverlayConfig(p=p, mode=overlay_mode, method=overlay_method),
         optim=OptimConfig(lr=lr),
         epochs=epochs,
         batch_size=batch_size,
@@ -299,7 +313,8 @@ def eval_command(
 
 @dataclass(frozen=True)
 class IGInputs:
-    """What the ``ig`` commands share: the teacher, the training split and the IG settings."""
+    """What the ``ig`` and ``attr`` commands share: the teacher, the training split and IG's settings
+    (whose baseline, precision and batch sizes the other methods use too)."""
 
     teacher_checkpoint: TeacherCheckpoint = None
     arch: Annotated[str, typer.Option(help="Teacher architecture.")] = DEFAULT_MODEL.arch
@@ -320,17 +335,28 @@ class IGInputs:
     cache_dir: CacheDir = DEFAULT_CACHE_DIR
     progress: Progress = True
 
-    def maps(self):
-        """(teacher, splits, IG cache artifact): settings are validated before any data is loaded."""
+    def attribution(self, method: str):
+        """``method`` with these settings (the ``ig`` commands: the other methods' defaults)."""
+        from kdsearch.distill.attribution import Attribution
+
+        return Attribution(method, ig_config(self.ig_steps, self.ig_method, self.ig_baseline, self.ig_precision))
+
+    def load(self, attributions: list):
+        """(teacher, splits, device), once every input and each attribution's fit to the teacher is checked:
+        a bad one is refused before anything is written (the data's cache included)."""
         from kdsearch.config import ModelConfig
         from kdsearch.data.datasets import load_splits
-        from kdsearch.distill.attribution import ig_maps
-        from kdsearch.distill.preflight import check_data, check_device, check_teacher
+        from kdsearch.distill.preflight import (
+            check_data,
+            check_device,
+            check_explainable,
+            check_teacher,
+            student_image_size,
+        )
         from kdsearch.infra.device import resolve_device
         from kdsearch.infra.storage import check_writable
         from kdsearch.models.classifiers import load_model
 
-        settings = ig_config(self.ig_steps, self.ig_method, self.ig_baseline, self.ig_precision)
         if self.teacher_checkpoint is None:
             raise KdsearchError("--teacher-checkpoint is required")
         data = data_config(
@@ -342,41 +368,52 @@ class IGInputs:
         classes = check_data(data, self.cache_dir).classes
         teacher_config = ModelConfig(arch=self.arch, normalization=self.normalization, num_classes=classes)
         check_teacher(self.teacher_checkpoint, teacher_config)
+        check_explainable(teacher_config, attributions, student_image_size(data))
         splits = load_splits(data, self.cache_dir)
         teacher, _ = load_model(self.teacher_checkpoint, teacher_config)
-        device = resolve_device(self.device)
-        return teacher, splits, ig_maps(teacher, splits, settings, self.cache_dir, device, self.progress)
+        return teacher, splits, resolve_device(self.device)
 
 
-@ig_app.command("compute")
-@with_options(IGInputs, "inputs")
-def ig_compute_command(*, inputs: IGInputs) -> None:
-    """Compute (or find) the IG cache of the training split and print its location and statistics.
+@dataclass(frozen=True)
+class AttrInputs(IGInputs):
+    """The ``attr`` commands' inputs: the ``ig`` commands' and the other methods' settings."""
 
-    Resumable: an interrupted run continues from its last finished chunk. Concurrent runs compute once.
-    """
-    _, _, artifact = inputs.maps()
-    _print_json(
-        {
-            "cache": artifact.path,
-            **{k: artifact.meta[k] for k in ("images", "completeness_relative_error", "settings")},
-        }
-    )
+    samples: Annotated[
+        int, typer.Option("--samples", help="smoothgrad, gradient_shap: noisy copies of each image (>= 1).")
+    ] = DEFAULT_ATTRIBUTION.samples
+    sigma: Annotated[
+        float, typer.Option("--sigma", help="smoothgrad, gradient_shap: std of the noise, in [0, 1] pixel units.")
+    ] = DEFAULT_ATTRIBUTION.sigma
+    layer: Annotated[
+        str | None,
+        typer.Option("--layer", help="grad_cam: the teacher's module to explain (default: its last conv stage)."),
+    ] = DEFAULT_ATTRIBUTION.layer
+
+    def attribution(self, method: str):
+        from kdsearch.config import AttributionConfig, replace
+
+        settings = AttributionConfig(samples=self.samples, sigma=self.sigma, layer=self.layer)
+        return replace(super().attribution(method), settings=settings)
 
 
-@ig_app.command("show")
-@with_options(IGInputs, "inputs")
-def ig_show_command(
-    index: Annotated[int, typer.Option(help="Position of the image in the training split.")],
-    out: Annotated[Path, typer.Option(help="PNG to write: original | IG map | overlay.")],
-    *,
-    inputs: IGInputs,
-) -> None:
-    """Write a PNG of one training image, its cached IG map and the overlay (computes the cache if needed)."""
-    from torchvision.io import write_png
+def _compute(inputs: IGInputs, method: str) -> None:
+    """Compute (or find) ``method``'s cache of the training split and print where it is and what it holds."""
+    from kdsearch.distill.attribution import attribution_maps
+
+    attribution = inputs.attribution(method)
+    teacher, splits, device = inputs.load([attribution])
+    artifact = attribution_maps(teacher, splits, attribution, inputs.cache_dir, device, inputs.progress)
+    recorded = ("method", "images", "cost", "completeness_relative_error", "settings")
+    # A cache made before other methods existed records neither its method nor its cost.
+    _print_json({"cache": artifact.path, **{k: artifact.meta[k] for k in recorded if k in artifact.meta}})
+
+
+def _show(inputs: IGInputs, methods: list[str], index: int, out: Path) -> None:
+    """Write the PNG of one training image and its map and overlay by each method."""
+    import torch
 
     from kdsearch.data.datasets import folder_files
-    from kdsearch.distill.attribution import ig_panel
+    from kdsearch.distill.attribution import attribution_panel, maps_of
     from kdsearch.errors import NotWritable
     from kdsearch.infra.storage import check_writable
 
@@ -387,19 +424,80 @@ def ig_show_command(
     if index < 0:
         raise KdsearchError(f"--index must be >= 0 but got {index}")
     check_writable(out.parent, "--out folder")
-    _, splits, artifact = inputs.maps()
+    attributions = [inputs.attribution(method) for method in dict.fromkeys(methods)]
+    teacher, splits, device = inputs.load(attributions)
     if index >= len(splits.train_labels):
         raise KdsearchError(f"--index must be in [0, {len(splits.train_labels) - 1}] but got {index}")
+    maps, sources = {}, []
+    for attribution in attributions:
+        found, source = maps_of(teacher, splits, attribution, torch.tensor([index]), inputs.cache_dir, device)
+        maps[attribution.method] = found[0]
+        sources.append(f"{attribution.method} {source}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_png(ig_panel(splits.train_images[index], artifact.tensors["maps"][index]), str(out))
+    attribution_panel(splits.train_images[index], maps).save(out)
     source = int(splits.train_index[index])
     image = f"image {source} of the dataset's training set"
     if inputs.dataset == "folder":
         _, files = folder_files(Path(inputs.data_dir))
         image = str(files["train"][source][0])
-    typer.echo(
-        f"wrote {out}: training-split image {index} ({image}), class {splits.classes[int(splits.train_labels[index])]}"
-    )
+    label = splits.classes[int(splits.train_labels[index])]
+    typer.echo(f"wrote {out}: training-split image {index} ({image}), class {label}; maps: {', '.join(sources)}")
+
+
+Index = Annotated[int, typer.Option(help="Position of the image in the training split.")]
+
+
+@ig_app.command("compute")
+@with_options(IGInputs, "inputs")
+def ig_compute_command(*, inputs: IGInputs) -> None:
+    """Compute (or find) the IG cache of the training split and print its location and statistics.
+
+    Resumable: an interrupted run continues from its last finished chunk. Concurrent runs compute once.
+    """
+    _compute(inputs, "integrated_gradients")
+
+
+@ig_app.command("show")
+@with_options(IGInputs, "inputs")
+def ig_show_command(
+    index: Index,
+    out: Annotated[Path, typer.Option(help="PNG to write: original | IG map | overlay.")],
+    *,
+    inputs: IGInputs,
+) -> None:
+    """Write a PNG of one training image, its IG map and the overlay (the cached map, else computed now)."""
+    _show(inputs, ["integrated_gradients"], index, out)
+
+
+@attr_app.command("compute")
+@with_options(AttrInputs, "inputs")
+def attr_compute_command(
+    method: Annotated[AttributionMethodName, typer.Option("--method", help="The attribution method.")] = DEFAULT_METHOD,
+    *,
+    inputs: AttrInputs,
+) -> None:
+    """Compute (or find) a method's map cache of the training split and print its location, cost and statistics.
+
+    Resumable: an interrupted run continues from its last finished chunk. Concurrent runs compute once.
+    """
+    _compute(inputs, method)
+
+
+@attr_app.command("show")
+@with_options(AttrInputs, "inputs")
+def attr_show_command(
+    index: Index,
+    out: Annotated[Path, typer.Option(help="PNG to write: the image, then each method's map and overlay.")],
+    methods: Annotated[
+        list[AttributionMethodName] | None,
+        typer.Option("--method", help="A method to draw (repeat the option for several; default: all of them)."),
+    ] = None,
+    *,
+    inputs: AttrInputs,
+) -> None:
+    """Write a PNG of one training image beside its map and overlay under each method (cached maps, else
+    computed now for this image)."""
+    _show(inputs, [str(method) for method in methods or list(AttributionMethodName)], index, out)
 
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
@@ -449,8 +547,8 @@ def _interrupted(args: list[str]) -> str:
         if not any(arg == "--run-dir" or arg.startswith("--run-dir=") for arg in args):
             return "interrupted: nothing was kept (a run with --run-dir can be resumed)"
         return "interrupted: the per-epoch checkpoints in --run-dir are kept; run the same command with --resume"
-    if words[:1] == ["ig"]:
-        return "interrupted: finished chunks of the IG cache are kept; run the same command again to resume"
+    if words[:1] == ["ig"] or words[:1] == ["attr"]:
+        return "interrupted: finished chunks of the map cache are kept; run the same command again to resume"
     if words[:1] == ["ui"]:
         return "stopped the MLflow UI"
     return "interrupted"

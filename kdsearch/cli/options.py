@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from kdsearch.config import (
+    AttributionConfig,
     DataConfig,
     IGConfig,
     KDConfig,
@@ -24,6 +25,7 @@ from kdsearch.config import (
     default_cache_dir,
     default_data_dir,
 )
+from kdsearch.config import AttributionMethod as AttributionMethodName
 from kdsearch.config import Dataset as DatasetName
 from kdsearch.config import IGBaseline as IGBaselineName
 from kdsearch.config import IGMethod as IGMethodName
@@ -92,6 +94,8 @@ DEFAULT_KD = KDConfig()
 DEFAULT_OVERLAY = OverlayConfig()
 DEFAULT_OPTIM = OptimConfig()
 DEFAULT_IG = IGConfig()
+DEFAULT_ATTRIBUTION = AttributionConfig()
+DEFAULT_METHOD = AttributionMethodName(DEFAULT_OVERLAY.method)
 RECIPE = TeacherRecipe()
 
 

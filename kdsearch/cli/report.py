@@ -36,7 +36,7 @@ def report_command(
         str | None, typer.Option("--teacher-checkpoint", help="This machine's teacher file, for the IG figure.")
     ] = None,
     ig: Annotated[
-        bool, typer.Option("--ig/--no-ig", help="Draw the IG figure (needs the teacher and the data).")
+        bool, typer.Option("--ig/--no-ig", help="Draw the attribution figures (need the teacher and the data).")
     ] = True,
     log: Annotated[
         bool, typer.Option("--log/--no-log", help="Log the report to the study's MLflow parent run.")

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kdsearch.cli.options import with_options
+from kdsearch.cli.options import AttributionMethodName, with_options
 from kdsearch.config import ParetoSampler, Runtime
 from kdsearch.errors import ConfigError
 from kdsearch.infra.urls import hide_password
@@ -413,7 +413,10 @@ def ablate_command(
     arms: Annotated[
         str | None,
         typer.Option(
-            "--arms", help="Comma-separated, of baseline, kd, ig, kd_ig, ig_shuffled, at, ig_at, kd_at, kd_ig_at."
+            "--arms",
+            help="Comma-separated, of baseline, kd, ig, kd_ig, ig_shuffled, at, ig_at, kd_at, kd_ig_at, and per "
+            "attribution method M (saliency, input_x_gradient, smoothgrad, gradient_shap, deeplift, grad_cam) "
+            "kd_M and its control M_shuffled.",
         ),
     ] = None,
     extra_arms: Annotated[
@@ -424,7 +427,7 @@ def ablate_command(
     ] = None,
     t: Annotated[float | None, typer.Option("--t", help="KD temperature of the kd arms.")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", help="KD weight of the kd arms.")] = None,
-    p: Annotated[float | None, typer.Option("--p", help="IG overlay probability of the ig arms.")] = None,
+    p: Annotated[float | None, typer.Option("--p", help="Overlay probability of the arms with an overlay.")] = None,
     gamma: Annotated[
         float | None, typer.Option("--gamma", help="Attention-transfer weight of the *_at arms (ablation.gamma).")
     ] = None,
@@ -433,6 +436,10 @@ def ablate_command(
     ] = None,
     agreement_images: Annotated[
         int | None, typer.Option("--agreement-images", help="Test images for explanation agreement (0: skip).")
+    ] = None,
+    agreement_method: Annotated[
+        AttributionMethodName | None,
+        typer.Option("--agreement-method", help="Whose maps explanation agreement compares (default IG)."),
     ] = None,
     *,
     run: RunOptions,
@@ -457,6 +464,7 @@ def ablate_command(
         ("p", p),
         ("gamma", gamma),
         ("agreement_images", agreement_images),
+        ("agreement_method", agreement_method and str(agreement_method)),
     ):
         if value is not None:
             overrides[f"ablation.{name}"] = value

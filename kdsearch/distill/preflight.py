@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,37 @@ def check_inputs(config: TrainConfig) -> None:
         check_attention(config, layout.classes, size)
     if config.teacher_checkpoint is not None and Path(config.teacher_checkpoint).exists():
         check_teacher(config.teacher_checkpoint, replace(config.teacher, num_classes=layout.classes))
+    if config.overlay.p > 0:
+        check_attribution(config, [config.overlay.method], layout.classes)
+
+
+def check_attribution(config: TrainConfig, methods: Sequence[str], classes: int | None = None) -> None:
+    """The teacher can be explained by each of ``methods`` with ``config``'s attribution settings (a
+    grad_cam layer it has, a DeepLift Captum computes right); ``classes``: the data's, found when not given."""
+    from kdsearch.distill.attribution import METHODS, Attribution
+
+    checked = [Attribution.of(config, method) for method in methods if METHODS[method].check is not None]
+    if checked:
+        classes = classes if classes is not None else check_data(config.data, config.cache_dir).classes
+        check_explainable(replace(config.teacher, num_classes=classes), checked, student_image_size(config.data))
+
+
+def check_explainable(teacher: ModelConfig, attributions: Sequence, image_size: int | None) -> None:
+    """``teacher``'s architecture can be explained by each ``distill.attribution.Attribution`` (no weights
+    needed: a grad_cam layer's name and output, DeepLift's modules are the architecture's)."""
+    import torch
+
+    from kdsearch.distill.attribution import METHODS, check_method
+    from kdsearch.models.classifiers import build_model
+
+    checked = [attribution for attribution in attributions if METHODS[attribution.method].check is not None]
+    if not checked:
+        return
+    # As in check_student: shapes only on the meta device, where the builder allows it.
+    with torch.device("meta" if is_built_in(teacher.arch) else "cpu"):
+        model = build_model(teacher)
+    for attribution in checked:
+        check_method(model, attribution, image_size)
 
 
 def student_image_size(data: DataConfig) -> int | None:

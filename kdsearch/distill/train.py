@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from torch import nn
 from kdsearch.config import ModelConfig, OptimConfig, StudentInit, TeacherLogits, TrainConfig, replace, to_dict
 from kdsearch.data.datasets import Splits, load_splits
 from kdsearch.distill.attention import FeatureTaps, at_loss, check_pairs, default_pairs
-from kdsearch.distill.attribution import ig_maps
+from kdsearch.distill.attribution import Attribution, attribution_maps, map_ms
 from kdsearch.distill.augment import SMALL_IMAGE, BatchRecipe, training_batch
 from kdsearch.distill.losses import kd_loss
 from kdsearch.distill.teacher import cached_teacher_logits, load_teacher
@@ -54,18 +54,20 @@ EpochCallback = Callable[[int, dict], None]  # (epoch index, history row); may r
 
 @dataclass
 class TrainInputs:
-    """What a run reads besides its config: data, teacher, IG maps, cached teacher logits.
+    """What a run reads besides its config: data, teacher, attribution maps, cached teacher logits.
 
     A study builds them once (``prepare_inputs`` of the most demanding trial) and passes them to every
-    trial, so trials do not reload the teacher or re-verify the IG cache. A run uses only what its
-    config asks for: maps when p > 0, logits when alpha > 0 with cached teacher logits.
+    trial, so trials do not reload the teacher or re-verify the map caches. A run uses only what its
+    config asks for: its overlay method's maps when p > 0, logits when alpha > 0 with cached teacher logits.
     """
 
     splits: Splits
     teacher: CifarClassifier | None = None  # eval mode, on the run's device
     teacher_hash: str | None = None
-    ig_maps: torch.Tensor | None = None  # (N, H, W) float16 in training-split order, on the device
-    ig_cache_key: str | None = None
+    # By attribution method: (N, H, W) float16 in training-split order, on the device.
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    map_keys: dict[str, str] = field(default_factory=dict)  # each method's cache key
+    map_ms: dict[str, float | None] = field(default_factory=dict)  # each method's cost per map (None: not recorded)
     teacher_logits: torch.Tensor | None = None  # (N, classes) on the device
 
 
@@ -73,21 +75,24 @@ def prepare_inputs(
     config: TrainConfig,
     progress: bool = True,
     splits: Splits | None = None,
-    ig: bool | None = None,
+    methods: Iterable[str] | None = None,
     logits: bool | None = None,
     teacher: bool = False,
 ) -> TrainInputs:
-    """Load (or compute once and cache) what ``config`` needs; ``ig``/``logits`` override whether IG
-    maps and cached logits are loaded, ``teacher`` loads the teacher even when the config needs none."""
+    """Load (or compute once and cache) what ``config`` needs; ``methods``/``logits`` override whose maps
+    (with ``config``'s attribution settings) and whether cached logits are loaded, ``teacher`` loads the
+    teacher even when the config needs none."""
     device = resolve_device(config.device)
     splits = splits if splits is not None else load_splits(config.data, config.cache_dir)
-    if not (config.needs_teacher or teacher or ig or logits):
+    methods = list(methods if methods is not None else [config.overlay.method] if config.overlay.p > 0 else [])
+    if not (config.needs_teacher or teacher or methods or logits):
         return TrainInputs(splits)
     teacher = load_teacher(config, splits.num_classes, device)
     inputs = TrainInputs(splits, teacher, weights_hash(teacher))
-    if ig if ig is not None else config.overlay.p > 0:
-        artifact = ig_maps(teacher, splits, config.ig, config.cache_dir, device, progress)
-        inputs.ig_maps, inputs.ig_cache_key = artifact.tensors["maps"].to(device), artifact.path.name
+    for method in methods:
+        artifact = attribution_maps(teacher, splits, Attribution.of(config, method), config.cache_dir, device, progress)
+        inputs.maps[method] = artifact.tensors["maps"].to(device)
+        inputs.map_keys[method], inputs.map_ms[method] = artifact.path.name, map_ms(artifact)
     cached = config.kd.alpha > 0 and config.kd.teacher_logits == TeacherLogits.CACHED
     if logits if logits is not None else cached:
         inputs.teacher_logits = cached_teacher_logits(teacher, splits, config.cache_dir, device).to(device)
@@ -99,7 +104,7 @@ class TrainResult:
     val_acc: float  # % on the held-out validation split, after the last epoch
     test_acc: float  # % on the test set (for reporting only; never used for selection)
     train_time_s: float  # wall time of the epochs, including per-epoch validation, over every resume
-    setup_time_s: float  # data, teacher, IG maps and teacher logits (cached after the first run)
+    setup_time_s: float  # data, teacher, attribution maps and teacher logits (cached after the first run)
     images_per_s: float  # training images per second in the training steps alone
     epochs_completed: int
     history: list[dict] = field(default_factory=list)
@@ -107,7 +112,7 @@ class TrainResult:
     model: CifarClassifier | None = None
     model_config: ModelConfig | None = None  # rebuilds ``model`` (a pruned student's channels included)
     teacher_hash: str | None = None
-    ig_cache_key: str | None = None
+    maps_cache_key: str | None = None  # the cache of the maps the overlay used (None without overlay)
 
 
 def _optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
@@ -154,6 +159,7 @@ class _Run:
     train_labels: torch.Tensor
     recipe: BatchRecipe
     attention_pairs: list[tuple[int, int]]  # (student block, teacher block); empty without AT
+    maps: torch.Tensor | None  # the overlay method's maps; None without overlay
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 0
     earlier_train_time: float = 0.0  # spent before a resume, so that train_time_s is the whole run's
@@ -207,6 +213,7 @@ def _set_up(config: TrainConfig, inputs: TrainInputs) -> _Run:
         train_labels=splits.train_labels.to(device),
         recipe=recipe,
         attention_pairs=pairs,
+        maps=inputs.maps[config.overlay.method] if config.overlay.p > 0 else None,
     )
 
 
@@ -324,9 +331,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> tuple[float, float]:
         for step in steps:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             with share.step():
-                images = training_batch(
-                    run.train_images, index, run.inputs.ig_maps, run.recipe, generator, overlay_generator
-                )
+                images = training_batch(run.train_images, index, run.maps, run.recipe, generator, overlay_generator)
                 with autocast_context(run.device, run.dtype):
                     logits = run.student(images)
                     soft_targets = _soft_targets(run, images, index)
@@ -371,7 +376,7 @@ def train(
 ) -> TrainResult:
     """Train a student (or, with a teacher recipe, a teacher) and return its metrics.
 
-    ``inputs`` reuses data, teacher, IG maps and logits already in memory (a study's trials); without
+    ``inputs`` reuses data, teacher, attribution maps and logits already in memory (a study's trials); without
     it they are loaded or computed (and cached) here. ``run_dir`` receives ``last.pt`` after every
     epoch and ``model.pt`` at the end; ``resume`` continues from ``last.pt``, and refuses one written
     by another configuration unless ``discard_foreign_checkpoint`` (a study's retried trial, whose
@@ -435,5 +440,5 @@ def _finish(run: _Run, run_dir: Path | None, train_time: float, setup_time: floa
         model=run.student,
         model_config=run.student_config,
         teacher_hash=run.inputs.teacher_hash,
-        ig_cache_key=run.inputs.ig_cache_key if config.overlay.p > 0 else None,
+        maps_cache_key=run.inputs.map_keys[config.overlay.method] if config.overlay.p > 0 else None,
     )

@@ -1,5 +1,5 @@
-"""Where kdsearch writes: database URLs (a SQLite file by default, PostgreSQL to share) and folders,
-checked before anything is written."""
+"""Where kdsearch writes: database URLs (a SQLite file by default, PostgreSQL to share, or Optuna's gRPC
+storage proxy in front of one) and folders, checked before anything is written."""
 
 from __future__ import annotations
 
@@ -42,6 +42,27 @@ def database_url(url: str) -> str:
     return url
 
 
+PROXY_SCHEME = "grpc"  # grpc://HOST:PORT: Optuna's gRPC storage proxy (``kdsearch storage-proxy``)
+PROXY_TIMEOUT_S = 5.0  # how long a storage proxy may take to answer a check, as a database's connect_timeout
+
+
+def proxy_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of a ``grpc://HOST:PORT`` storage URL; None for a database URL."""
+    from urllib.parse import urlsplit
+
+    scheme, separator, _ = url.partition("://")
+    if not separator or scheme.lower() != PROXY_SCHEME:
+        return None
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port = None
+    if not parts.hostname or port is None or parts.path.strip("/") or parts.query or parts.username:
+        raise ConfigError(f"storage {url!r}: a storage proxy's URL is grpc://HOST:PORT")
+    return parts.hostname, port
+
+
 # What installs the driver SQLAlchemy asks for, by module name; kdsearch ships an extra for PostgreSQL only.
 DRIVER_PACKAGES = {
     "psycopg2": "'kdsearch[postgres]'",
@@ -49,6 +70,7 @@ DRIVER_PACKAGES = {
     "MySQLdb": "mysqlclient, or use mysql+pymysql://… with pip install pymysql",
     "pymysql": "pymysql",
     "mysql": "mysql-connector-python",
+    "grpc": "'kdsearch[grpc]'",
 }
 
 
@@ -63,10 +85,15 @@ def check_database(
 
     SQLite: its directory must exist (and with ``must_exist`` the file too); the file itself is only
     created by the first study. ``writes`` (default: when the file need not exist, i.e. for a caller that
-    creates) also requires that SQLite can write there. Servers: one connection is opened and closed.
+    creates) also requires that SQLite can write there. Servers: one connection is opened and closed; a
+    storage proxy must answer, and so must the database behind it.
     """
     import sqlalchemy
 
+    address = proxy_address(url)
+    if address is not None:
+        _check_proxy(url, *address, what, error)
+        return
     try:
         parsed = sqlalchemy.engine.make_url(database_url(url))
     except sqlalchemy.exc.ArgumentError:
@@ -97,6 +124,31 @@ def check_database(
     except Exception as failure:  # drivers raise their own errors: any failure means "cannot use it"
         reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
         raise error(f"cannot reach {what} {shown}: {reason}") from None
+
+
+def _check_proxy(url: str, host: str, port: int, what: str, error: type[KdsearchError]) -> None:
+    import warnings
+
+    import optuna
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the proxy is "experimental"
+            proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
+        try:
+            proxy.wait_server_ready(timeout=PROXY_TIMEOUT_S)
+            proxy.get_all_studies()  # a query of the database behind the proxy
+        finally:
+            proxy.close()
+    except ModuleNotFoundError as missing:
+        package = DRIVER_PACKAGES.get(missing.name, missing.name)
+        raise error(f"{what} {url} needs {missing.name}, which is not installed (pip install {package})") from None
+    except ConnectionError:
+        raise error(f"cannot reach {what} {url}: no storage proxy answers there within {PROXY_TIMEOUT_S:g} s") from None
+    except Exception as failure:  # grpc.RpcError: the proxy answers, the database behind it does not
+        details = failure.details() if hasattr(failure, "details") else str(failure)
+        reason = (details or type(failure).__name__).strip().splitlines()[0]
+        raise error(f"{what} {url}: the storage proxy answers but its database does not: {reason}") from None
 
 
 def _check_sqlite_writable(path: Path, what: str, error: type[KdsearchError]) -> None:

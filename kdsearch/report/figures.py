@@ -292,7 +292,7 @@ def parallel_coordinates(study, params: list[str]) -> go.Figure:
     return figure
 
 
-# --- Integrated Gradients (the paper's Fig. 3) -------------------------------------------------
+# --- attribution maps (the paper's Fig. 3) -----------------------------------------------------
 
 
 def ig_figure(images: torch.Tensor, maps: torch.Tensor, names: Sequence[str], title: str) -> go.Figure:
@@ -300,18 +300,33 @@ def ig_figure(images: torch.Tensor, maps: torch.Tensor, names: Sequence[str], ti
 
     ``images`` (N, 3, H, W) uint8, ``maps`` (N, H, W) non-negative; the overlay is Eq. 7 with s = 1.
     """
-    from kdsearch.distill.attribution import heat
-
     pixels = images.float() / 255
     low = maps.amin(dim=(1, 2), keepdim=True)
     scaled = (maps - low) / (maps.amax(dim=(1, 2), keepdim=True) - low).clamp_min(1e-12)
-    rows = {
-        "original": pixels,
-        "IG map": torch.stack([heat(m) for m in maps.float()]),
-        "overlay": 0.5 * pixels + 0.5 * scaled.unsqueeze(1),
-    }
+    rows = {"original": pixels, "IG map": _heat(maps), "overlay": 0.5 * pixels + 0.5 * scaled.unsqueeze(1)}
+    return _image_grid(rows, names, title)
+
+
+def methods_figure(images: torch.Tensor, maps: dict[str, torch.Tensor], names: Sequence[str], title: str) -> go.Figure:
+    """One column per image: the original, then one row per attribution method with its map ("hot" colours).
+
+    ``images`` (N, 3, H, W) uint8; ``maps`` by method, each (N, H, W) non-negative.
+    """
+    return _image_grid(
+        {"original": images.float() / 255, **{m: _heat(found) for m, found in maps.items()}}, names, title
+    )
+
+
+def _heat(maps: torch.Tensor) -> torch.Tensor:
+    from kdsearch.distill.attribution import heat
+
+    return torch.stack([heat(m) for m in maps.float()])
+
+
+def _image_grid(rows: dict[str, torch.Tensor], names: Sequence[str], title: str) -> go.Figure:
+    """A grid of images: one row per entry of ``rows`` ((N, 3, H, W) in [0, 1]), one column per name."""
     figure = make_subplots(
-        rows=3,
+        rows=len(rows),
         cols=len(names),
         column_titles=list(names),
         row_titles=list(rows),

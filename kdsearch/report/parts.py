@@ -1,5 +1,5 @@
 """What each study kind adds to its report. Every report has the trials table, the deployment table, the
-paper's Fig. 1 and the IG figure; a kind's part adds its own tables and figures between them and says which
+paper's Fig. 1 and the IG figure (and the maps by method where trials overlay several); a kind's part adds its own tables and figures between them and says which
 trial's student the deployment table shows. The report itself knows no kind by name."""
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ class ReportPart:
     def parts(self, rows: list[dict], measured: Deployment | None, progress: str, notes: list[str]) -> Parts:
         """This kind's tables and figures; ``progress`` is how far a partial study got (empty when complete)."""
         return [], []
+
+    def attribution_methods(self) -> list[str]:
+        """The attribution methods whose maps the study's trials overlay (drawn side by side where several)."""
+        return []
 
     def optuna_figures(self, rows: list[dict], notes: list[str]) -> list[Figure]:
         """Optuna's history and parallel coordinates (single-objective kinds), over the params trials have."""
@@ -109,7 +113,12 @@ class AblationPart(ReportPart):
             "Ablation: test accuracy with 95% CI",
             figures.ablation_bars(self.ablation, reported, progress),
         )
-        return list(tables.ablation_tables(titled, reported_accuracy())), [bars]
+        # Where several methods' arms ran: with kd_ig alone, the comparisons table says it all.
+        methods = [tables.methods_table(titled)] if len(self.ablation.methods) > 1 else []
+        return [*tables.ablation_tables(titled, reported_accuracy()), *methods], [bars]
+
+    def attribution_methods(self) -> list[str]:
+        return list(dict.fromkeys(row.maps for row in self.ablation.rows if row.maps is not None))
 
 
 class ParetoPart(ReportPart):

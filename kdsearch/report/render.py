@@ -7,8 +7,8 @@
 Everything comes from the Optuna storage (trials, their parameters, values and user attributes, the
 stored spec) and the MLflow store (the runs' costs and latencies, the dataset label, the device), so a
 report can be made on any machine that reaches both, while workers are still running: titles and the
-index then say "partial" and how far the study got. Only the IG figure needs more — the teacher and
-the data — and it is skipped, saying why, where they are missing. The files are also logged as
+index then say "partial" and how far the study got. Only the attribution figures (IG, and an ablation's
+methods) need more — the teacher and the data — and they are skipped, saying why, where those are missing. The files are also logged as
 artefacts (``report/…``) of the study's MLflow parent run.
 """
 
@@ -25,13 +25,12 @@ from typing import Any
 import torch
 from optuna.trial import TrialState
 
-from kdsearch.config import replace
+from kdsearch.config import AttributionMethod
 from kdsearch.data.datasets import load_splits
-from kdsearch.distill.attribution import ig_cache_fields
+from kdsearch.distill.attribution import Attribution, maps_of
 from kdsearch.distill.teacher import load_teacher
 from kdsearch.errors import ConfigError, KdsearchError, StudyError
 from kdsearch.infra.storage import database_url
-from kdsearch.infra.tensor_cache import TensorCache
 from kdsearch.infra.urls import hide_password
 from kdsearch.report import figures, tables
 from kdsearch.report.figures import Figure, Line
@@ -39,7 +38,6 @@ from kdsearch.report.paper import literature, reported_deployment
 from kdsearch.report.parts import REPORT_PARTS, ReportPart
 from kdsearch.report.source import Source, child_runs, parent_run, trial_rows
 from kdsearch.report.tables import Deployment, Table
-from kdsearch.search.ablation import ig_on
 from kdsearch.search.kinds import STUDY_KINDS
 from kdsearch.search.study import ATTR, DEFERRED, find_study, outstanding_deferred
 from kdsearch.search.studyfile import apply_overrides, build_spec
@@ -59,9 +57,9 @@ class ReportConfig:
     tracking_uri: str  # MLflow tracking URI
     kind: str | None = None  # "study" (grid, TPE, Pareto) | "ablation": the other kind is refused; None: any
     # The stored spec holds the creating machine's paths; these adapt them here (train.cache_dir,
-    # train.data.data_dir, teacher.checkpoint), as for `study worker`. Only the IG figure uses them.
+    # train.data.data_dir, teacher.checkpoint), as for `study worker`. Only the attribution figures use them.
     overrides: dict[str, Any] = field(default_factory=dict)
-    ig_figure: bool = True
+    ig_figure: bool = True  # the attribution figures: IG's, and the maps by method of an ablation with several
     log_artifacts: bool = True  # also log the files to the study's MLflow parent run
     plotly_js: str = "local"  # local: plotly.min.js beside the figures (offline) | cdn: loaded from plotly's CDN
 
@@ -142,17 +140,23 @@ def deployment(source: Source, part: ReportPart) -> Deployment | None:
     )
 
 
-# --- the IG figure's examples -----------------------------------------------------------------
+# --- the attribution figures' examples ----------------------------------------------------------
 
 
-def ig_examples(
-    spec_source: dict[str, Any], overrides: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
-    """The first training image of each class, its teacher IG map and how the map was obtained.
+@dataclass
+class Examples:
+    """The first training image of each class and the teacher's maps of them by method."""
 
-    From the study's IG cache when this machine has it, else computed now (a few images, the cache's
-    settings). Raises KdsearchError when the teacher or the data are not on this machine.
-    """
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    maps: dict[str, torch.Tensor]  # by method: (N, H, W) float32
+    names: list[str]  # the images' class names
+    how: str  # the data, and where each method's maps came from
+
+
+def attribution_examples(spec_source: dict[str, Any], overrides: dict[str, Any], methods: list[str]) -> Examples:
+    """The examples of ``methods`` (with the study's attribution settings): each method's maps from its
+    cache when this machine has it, else computed now (a few images). Raises KdsearchError when the teacher
+    or the data are not on this machine."""
 
     train = build_spec(apply_overrides(spec_source, overrides)).train
     if not Path(train.teacher_checkpoint).is_file():
@@ -160,21 +164,16 @@ def ig_examples(
             f"teacher {train.teacher_checkpoint} is not on this machine (give --teacher-checkpoint or --cache-dir)"
         )
     splits = load_splits(train.data, train.cache_dir)
-    teacher = load_teacher(train, splits.num_classes, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    teacher = load_teacher(train, splits.num_classes, cpu)
     present = [c for c in range(splits.num_classes) if bool((splits.train_labels == c).any())]
     index = torch.stack([(splits.train_labels == c).nonzero()[0, 0] for c in present])
-    images, labels = splits.train_images[index], splits.train_labels[index]
-    # precision "auto" resolves per machine: the workers' cache may be either precision.
-    precisions = ("bf16", "fp32") if train.ig.precision == "auto" else (train.ig.precision,)
-    store = TensorCache(train.cache_dir)
-    caches = (store.load("ig", ig_cache_fields(teacher, splits, replace(train.ig, precision=p))) for p in precisions)
-    cache = next((found for found in caches if found is not None), None)
-    if cache is not None:
-        maps, how = cache.tensors["maps"][index].float(), f"maps from the IG cache {cache.path.name}"
-    else:
-        maps = ig_on(teacher, images, labels, splits, train.ig)
-        how = f"maps computed now ({train.ig.n_steps} steps): no IG cache for this teacher and split here"
-    return images, maps, [splits.classes[c] for c in present], f"{splits.label}; {how}"
+    maps, sources = {}, []
+    for method in methods:
+        maps[method], source = maps_of(teacher, splits, Attribution.of(train, method), index, train.cache_dir, cpu)
+        sources.append(f"maps {source}" if len(methods) == 1 else f"{method} {source}")
+    names = [splits.classes[c] for c in present]
+    return Examples(splits.train_images[index], maps, names, f"{splits.label}; {'; '.join(sources)}")
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -199,7 +198,12 @@ def write_report(config: ReportConfig) -> Report:
     report_tables = [tables.trials_table(rows, title, [status]), *kind_tables]
     if measured is not None:
         report_tables.append(tables.deployment_table(measured, reported_deployment()))
-    report_figures = [_compression_figure(source, measured), *kind_figures, *_ig_figure(source, config, notes)]
+    report_figures = [
+        _compression_figure(source, measured),
+        *kind_figures,
+        *_ig_figure(source, config, notes),
+        *_methods_figure(source, part, config, notes),
+    ]
     return _write(config, source, report_tables, report_figures, partial, status, notes)
 
 
@@ -226,13 +230,33 @@ def _ig_figure(source: Source, config: ReportConfig, notes: list[str]) -> list[F
     if not config.ig_figure:
         return []
     try:
-        images, maps, names, how = ig_examples(source.spec, config.overrides)
+        examples = attribution_examples(source.spec, config.overrides, [AttributionMethod.INTEGRATED_GRADIENTS])
     except (KdsearchError, OSError, RuntimeError) as error:
         notes.append(f"IG figure skipped: {error}")
         return []
-    title = f"Integrated Gradients of the teacher, one training image per class: {how}"
-    figure = figures.ig_figure(images, maps, names, title)
-    return [Figure("ig_examples", "IG maps and overlays (the paper's Fig. 3)", figure, 110 * len(names) + 120, 450)]
+    title = f"Integrated Gradients of the teacher, one training image per class: {examples.how}"
+    figure = figures.ig_figure(
+        examples.images, examples.maps[AttributionMethod.INTEGRATED_GRADIENTS], examples.names, title
+    )
+    width = 110 * len(examples.names) + 120
+    return [Figure("ig_examples", "IG maps and overlays (the paper's Fig. 3)", figure, width, 450)]
+
+
+def _methods_figure(source: Source, part: ReportPart, config: ReportConfig, notes: list[str]) -> list[Figure]:
+    """The same images' maps under each attribution method the study's trials overlay, where it has
+    several; a note where they cannot be drawn."""
+    methods = part.attribution_methods()
+    if not config.ig_figure or len(methods) < 2:
+        return []
+    try:
+        examples = attribution_examples(source.spec, config.overrides, methods)
+    except (KdsearchError, OSError, RuntimeError) as error:
+        notes.append(f"attribution methods figure skipped: {error}")
+        return []
+    title = f"The teacher's maps by method, one training image per class: {examples.how}"
+    figure = figures.methods_figure(examples.images, examples.maps, examples.names, title)
+    size = (110 * len(examples.names) + 160, 110 * len(methods) + 220)
+    return [Figure("attribution_methods", "The same images' maps under each attribution method", figure, *size)]
 
 
 def _write(

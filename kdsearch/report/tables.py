@@ -249,6 +249,37 @@ def ablation_tables(table, reported: dict[str, float]) -> tuple[Table, Table]:
     return arms, Table("ablation_comparisons", "Paired comparisons over seeds", comparisons, pair_formats, pair_notes)
 
 
+def methods_table(table) -> Table:
+    """Which attribution, if any, helps a student: each method's arm (KD + its maps' overlay) with the cost of
+    a teacher map and its paired differences against the baseline, against KD and against its shuffled
+    control, from kdsearch.search.ablation's ``AblationTable``."""
+    records = []
+    for row in table.methods:
+        record = {"arm": row.arm, "maps": row.method, "n": row.n, "test acc mean (%)": row.mean}
+        record["ms per map"] = row.map_ms
+        for label, comparison in (("baseline", row.vs_baseline), ("kd", row.vs_kd), ("shuffled", row.vs_shuffled)):
+            present = comparison is not None
+            record[f"Δ vs {label}"] = comparison.delta if present else None
+            record[f"vs {label} CI low"] = comparison.ci[0] if present else None
+            record[f"vs {label} CI high"] = comparison.ci[1] if present else None
+            record[f"p vs {label}"] = comparison.p_value if present else None
+        records.append(record | {"Spearman": row.spearman, "IoU@10%": row.iou})
+    differences = {column: "+.2f" for column in records[0] if column.startswith(("Δ", "vs "))} if records else {}
+    formats = {"n": ".0f", "test acc mean (%)": ACCURACY, "ms per map": ".3g", "Spearman": ".3f", "IoU@10%": ".3f"}
+    formats |= differences | {f"p vs {label}": ".3g" for label in ("baseline", "kd", "shuffled")}
+    notes = [
+        "Per attribution method, the arm KD + that method's overlay (Eq. 5-7, the same p): Δ and its 95% interval "
+        "are paired over seeds against the baseline, against KD alone (what the method's overlay adds) and "
+        "against the same maps shuffled across images (whether their alignment matters), where those arms ran.",
+        "ms per map: the teacher's map cost where its cache was computed (empty for a cache made before costs "
+        "were recorded); Spearman and IoU@10%: agreement of the students' maps with the teacher's "
+        "(ablation.agreement_method).",
+    ]
+    return Table(
+        "ablation_methods", f"Attribution methods: {table.title}", pd.DataFrame.from_records(records), formats, notes
+    )
+
+
 # --- deployment -------------------------------------------------------------------------------
 
 

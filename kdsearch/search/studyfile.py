@@ -31,6 +31,7 @@ import yaml
 
 from kdsearch.config import (
     ADDED_LATER,
+    AttributionMethod,
     ModelConfig,
     ParetoSampler,
     Runtime,
@@ -68,6 +69,20 @@ class Arm(StrEnum):
     IG_AT = "ig_at"
     KD_AT = "kd_at"
     KD_IG_AT = "kd_ig_at"
+    # KD + the overlay of another attribution method's maps (train.attribution's settings), beside kd_ig ...
+    KD_SALIENCY = "kd_saliency"
+    KD_INPUT_X_GRADIENT = "kd_input_x_gradient"
+    KD_SMOOTHGRAD = "kd_smoothgrad"
+    KD_GRADIENT_SHAP = "kd_gradient_shap"
+    KD_DEEPLIFT = "kd_deeplift"
+    KD_GRAD_CAM = "kd_grad_cam"
+    # ... and its shuffled control, as ig_shuffled is kd_ig's
+    SALIENCY_SHUFFLED = "saliency_shuffled"
+    INPUT_X_GRADIENT_SHUFFLED = "input_x_gradient_shuffled"
+    SMOOTHGRAD_SHUFFLED = "smoothgrad_shuffled"
+    GRADIENT_SHAP_SHUFFLED = "gradient_shap_shuffled"
+    DEEPLIFT_SHUFFLED = "deeplift_shuffled"
+    GRAD_CAM_SHUFFLED = "grad_cam_shuffled"
 
 
 AT_ARMS = (Arm.AT, Arm.IG_AT, Arm.KD_AT, Arm.KD_IG_AT)
@@ -248,8 +263,9 @@ class AblationSpec:
     t: float = 2.5  # the paper's optimum
     alpha: float = 0.01
     p: float = 0.1
-    agreement_images: int = 500  # fixed test images on which student and teacher IG maps are compared
+    agreement_images: int = 500  # fixed test images on which student and teacher maps are compared
     gamma: float | None = None  # attention-transfer weight of the AT arms; needed when one is run
+    agreement_method: str = "integrated_gradients"  # an AttributionMethod: whose maps are compared
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -267,6 +283,9 @@ class AblationSpec:
             object.__setattr__(self, name, _search_value("ablation", name, getattr(self, name)))
         if self.agreement_images < 0:
             raise ConfigError(f"ablation agreement_images must be >= 0 but got {self.agreement_images}")
+        object.__setattr__(
+            self, "agreement_method", choice("ablation agreement_method", self.agreement_method, AttributionMethod)
+        )
         at_arms = [arm for arm in self.all_arms if arm in AT_ARMS]
         if at_arms and self.gamma is None:
             raise ConfigError(

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class Prepared:
     """Everything computed once per process before the first trial and reused by all of them."""
 
-    inputs: TrainInputs  # data, teacher, IG maps and cached logits, as every trial's train() reads them
+    inputs: TrainInputs  # data, teacher, attribution maps and cached logits, as every trial's train() reads them
     device: torch.device
     teacher_metrics: dict[str, float]
     latency: LatencyConfig
@@ -80,7 +80,8 @@ def ensure_teacher(spec: StudySpec, splits: Splits, progress: bool) -> None:
 
 
 def prepare(spec: StudySpec, configs: list[TrainConfig], progress: bool = True) -> Prepared:
-    """Decode the data, get the teacher, fill the IG and teacher-logit caches, measure the teacher."""
+    """Decode the data, get the teacher, fill the map caches (of every overlay method the trials use) and
+    the teacher-logit cache, measure the teacher."""
     base = spec.train
     device = resolve_device(base.device)
     splits = load_splits(base.data, base.cache_dir)
@@ -89,7 +90,7 @@ def prepare(spec: StudySpec, configs: list[TrainConfig], progress: bool = True) 
         base,
         progress,
         splits,
-        ig=any(config.overlay.p > 0 for config in configs),
+        methods=sorted({config.overlay.method for config in configs if config.overlay.p > 0}),
         logits=any(config.kd.alpha > 0 and config.kd.teacher_logits == TeacherLogits.CACHED for config in configs),
         teacher=True,
     )
@@ -135,6 +136,8 @@ class TrialRunner:
     def params(self, config: TrainConfig) -> dict[str, Any]:
         splits = self.prepared.splits
         sizes = splits.sizes()
+        method = config.overlay.method if config.overlay.p > 0 else None
+        key = self.prepared.inputs.map_keys.get(method, "none")
         return {
             **flatten(config),
             "data.name": splits.label,
@@ -142,7 +145,9 @@ class TrialRunner:
             "data.val_images": sizes["val"],
             "data.test_images": sizes["test"],
             "teacher_hash": self.prepared.inputs.teacher_hash,
-            "ig_cache_key": self.prepared.inputs.ig_cache_key if config.overlay.p > 0 else "none",
+            # As runs logged it before other methods existed; their maps' key is attribution_cache_key.
+            "ig_cache_key": key if method == "integrated_gradients" else "none",
+            **({"attribution_cache_key": key} if method not in (None, "integrated_gradients") else {}),
         }
 
     def train(
@@ -184,8 +189,9 @@ class TrialRunner:
     def _start_run(
         self, trial: optuna.Trial, config: TrainConfig, run_name: str | None, extra_params: dict[str, Any] | None
     ) -> str:
-        if "run_id" in trial.user_attrs:  # a retry inherits the run of the trial whose worker died
-            self._close_dead_run(trial.user_attrs["run_id"])
+        failed = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
+        if failed:  # a retry of trials whose workers died
+            self._close_dead_runs([str(number) for number in failed])
         tags = {
             **run_tags(self.prepared.device),
             "optuna.study": trial.study.study_name,
@@ -254,12 +260,18 @@ class TrialRunner:
         self._log_artifacts(run_id, config, result)
         return result, metrics, extra
 
-    def _close_dead_run(self, run_id: str) -> None:
+    def _close_dead_runs(self, trial_numbers: list[str]) -> None:
+        """Close as FAILED the runs the failed trials left RUNNING. Found by their trial tag, not the trial's
+        run_id: a worker killed (or failing on a storage call) between creating its run and recording it on
+        the trial left none."""
         try:
-            self.tracker.set_tags(run_id, {"kdsearch.state": "WORKER_DIED"})
-            self.tracker.end_run(run_id, "FAILED")
-        except Exception as error:  # best effort: the run may live in another worker's tracking store
-            log.warning("could not close the run %s of a dead worker: %s", run_id, error)
+            for run_id in self.tracker.running_children(self.parent_run, "optuna.trial", trial_numbers):
+                self.tracker.set_tags(run_id, {"kdsearch.state": "WORKER_DIED"})
+                self.tracker.end_run(run_id, "FAILED")
+        except Exception as error:  # best effort: the runs may live in another worker's tracking store
+            log.warning(
+                "could not close the runs of trials %s, whose workers died: %s", ", ".join(trial_numbers), error
+            )
 
     def _log_artifacts(self, run_id: str, config: TrainConfig, result: TrainResult) -> None:
         self.tracker.log_dict(run_id, to_dict(config), "config.json")

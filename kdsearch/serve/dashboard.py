@@ -76,9 +76,11 @@ def check_storage(storage: str) -> None:
     import sqlalchemy
 
     from kdsearch.errors import StudyError
-    from kdsearch.infra.storage import check_database, database_url
+    from kdsearch.infra.storage import check_database, database_url, proxy_address
     from kdsearch.infra.urls import hide_password
 
+    if proxy_address(storage) is not None:
+        raise StudyError(f"storage {storage}: the dashboard reads the database itself; give the one the proxy serves")
     check_database(storage, must_exist=True)
     engine = sqlalchemy.create_engine(database_url(storage), poolclass=sqlalchemy.pool.NullPool)
     try:

@@ -21,6 +21,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,10 @@ class Tracker(abc.ABC):
     @abc.abstractmethod
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """status: FINISHED | FAILED | KILLED (MLflow's run states)."""
+
+    @abc.abstractmethod
+    def running_children(self, parent_id: str, tag: str, values: Collection[str]) -> list[str]:
+        """Ids of the runs nested under ``parent_id`` that are still RUNNING and whose ``tag`` is one of ``values``."""
 
 
 class MlflowTracker(Tracker):
@@ -213,6 +218,15 @@ class MlflowTracker(Tracker):
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
+    def running_children(self, parent_id: str, tag: str, values: Collection[str]) -> list[str]:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        experiment_id = self.client.get_run(parent_id).info.experiment_id
+        found = self.client.search_runs(
+            [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and attributes.status = 'RUNNING'"
+        )
+        return [run.info.run_id for run in found if run.data.tags.get(tag) in values]
+
 
 @dataclass
 class RecordedRun:
@@ -278,6 +292,13 @@ class MemoryTracker(Tracker):
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.runs[run_id].status = status
 
+    def running_children(self, parent_id: str, tag: str, values: Collection[str]) -> list[str]:
+        return [
+            run_id
+            for run_id, run in self.runs.items()
+            if run.parent_id == parent_id and run.status == "RUNNING" and run.tags.get(tag) in values
+        ]
+
 
 def existing_store(uri: str) -> MlflowTracker:
     """A tracker on a store that exists and answers; a SQLite file that does not exist is an error, not created."""
@@ -287,6 +308,22 @@ def existing_store(uri: str) -> MlflowTracker:
     if store is not None and not store.is_file():
         raise TrackingError(f"tracking store {uri}: no such file (nothing was logged there yet); give --tracking-uri")
     return tracker
+
+
+def tracking_failed(error: BaseException) -> bool:
+    """Whether ``error`` is a request to the tracking server that got no answer (the server restarting, the
+    network, MLflow's client itself) rather than the server refusing what was logged.
+
+    MLflow raises a plain MlflowException worded "API request to … failed with exception …" for those, after
+    its own retries; a refusal is a RestException.
+    """
+    from mlflow.exceptions import MlflowException, RestException
+
+    return (
+        isinstance(error, MlflowException)
+        and not isinstance(error, RestException)
+        and str(error).startswith("API request to ")
+    )
 
 
 def mlflow_client(uri: str):

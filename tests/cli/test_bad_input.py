@@ -281,7 +281,7 @@ def test_train_without_progress_logs_the_ig_phase(tmp_path, capsys, caplog, tiny
         code = main([str(arg) for arg in args])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "computing IG maps: 20 of 20 training images to go (2 steps" in caplog.text
+    assert "computing IG maps: 20 of 20 training images to go (baseline black, n_steps 2," in caplog.text
     assert "IG maps:" not in captured.err and "step/s" not in captured.err  # no progress bars
 
 
@@ -534,3 +534,41 @@ def test_a_checkpoint_that_is_a_folder_says_so(tmp_path, capsys):
 def test_more_agreement_images_than_the_test_set_has_is_refused_before_the_study(tmp_path, capsys):
     args = ["ablate", "--study", SMOKE, "--workdir", tmp_path / "w", "--agreement-images", "100000"]
     _fails_cleanly(capsys, args, "agreement_images=100000 exceeds the 100 test images", tmp_path / "w")
+
+
+ATTR = ["attr", "compute", "--arch", "tiny_cnn", "--dataset", "synthetic", "--val-size", "100"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "lime"], "'--method': Value error, 'lime' is not one of 'integrated_gradients', 'saliency',"),
+        (["--method", "smoothgrad", "--samples", "0"], "attribution samples must be >= 1 but got 0"),
+        (["--method", "gradient_shap", "--sigma", "-0.1"], "attribution sigma must be >= 0 but got -0.1"),
+        (
+            ["--method", "grad_cam", "--layer", "features.9"],
+            "grad_cam layer 'features.9' is not a module of the teacher",
+        ),
+    ],
+)
+def test_attr_refuses_a_method_or_setting_it_cannot_use_before_anything_is_written(
+    tmp_path, capsys, tiny_teacher_checkpoint, extra, message
+):
+    cache = tmp_path / "cache"
+    args = [*ATTR, "--teacher-checkpoint", tiny_teacher_checkpoint, "--cache-dir", cache, *extra]
+    _fails_cleanly(capsys, args, message, cache)
+    assert not cache.exists()
+
+
+def test_a_study_with_an_unknown_overlay_method_is_one_line(study):
+    study(["--set", "train.overlay.method=lime"], "overlay method must be one of ['integrated_gradients', 'saliency',")
+
+
+def test_an_ablation_with_a_grad_cam_layer_the_teacher_lacks_is_refused_before_the_study(tmp_path, capsys):
+    workdir, cache = tmp_path / "work", tmp_path / "cache"
+    args = ["ablate", "--study", SMOKE, "--workdir", workdir, "--cache-dir", cache, "--arms", "baseline,kd_grad_cam"]
+    message = "grad_cam layer 'head' is not a module of the teacher"
+    _fails_cleanly(capsys, [*args, "--set", "train.attribution.layer=head"], message, workdir, cache)
+    _fails_cleanly(
+        capsys, [*args, "--agreement-method", "lime"], "'--agreement-method': Value error, 'lime' is not one of"
+    )

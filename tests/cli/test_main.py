@@ -225,3 +225,33 @@ def test_eval_of_a_bare_state_dict_says_what_it_assumes(capsys, tiny_teacher_che
     stored = _run(capsys, ["teacher", "eval", "--checkpoint", tiny_teacher_checkpoint, *args[5:]])
     assert stored[0] == 0 and "warning" not in stored[2]  # a kdsearch checkpoint carries its architecture
     assert json.loads(stored[1])["test_acc"] == json.loads(out)["test_acc"]
+
+
+def test_attr_show_draws_the_image_beside_each_methods_map(capsys, tiny_teacher_checkpoint, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "maps.png"
+    args = ["attr", "show", *TINY_ARGS, "--teacher-checkpoint", tiny_teacher_checkpoint, "--index", "5"]
+    args += ["--out", str(out), "--cache-dir", str(tmp_path), "--ig-steps", "4"]
+    methods = ["integrated_gradients", "saliency", "grad_cam"]
+    code, text, _ = _run(capsys, [*args, *(f"--method={method}" for method in methods)])
+    assert code == 0 and "training-split image 5 (image " in text
+    assert "maps: integrated_gradients computed now (no cache" in text and ", grad_cam computed now" in text
+    panel = Image.open(out)
+    tiles = 1 + 2 * len(methods)  # the image, then each method's map and overlay: 32 pixels, 1 of padding, x8
+    assert panel.width == (1 + 33 * tiles) * 8 and panel.height > (1 + 33) * 8  # a caption names the methods
+
+
+@pytest.mark.slow
+def test_attr_compute_prints_the_method_and_its_cost_and_show_reads_its_cache(
+    capsys, tiny_teacher_checkpoint, tmp_path
+):
+    common = [*TINY_ARGS, "--teacher-checkpoint", tiny_teacher_checkpoint, "--cache-dir", str(tmp_path)]
+    code, out, _ = _run(capsys, ["attr", "compute", *common, "--method", "saliency", "--ig-precision", "fp32"])
+    report = json.loads(out)
+    assert code == 0 and report["method"] == "saliency" and report["images"] == 1100
+    assert report["cost"]["maps_per_s"] > 0 and "completeness_relative_error" not in report
+    assert report["settings"] == {"precision": "fp32"}
+    show = ["attr", "show", *common, "--method", "saliency", "--ig-precision", "fp32", "--index", "3"]
+    code, out, _ = _run(capsys, [*show, "--out", str(tmp_path / "s.png")])
+    assert code == 0 and f"saliency from the cache {Path(report['cache']).name}" in out

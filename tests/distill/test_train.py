@@ -3,6 +3,7 @@ import torch
 
 from kdsearch.config import KDConfig, OverlayConfig, TrainConfig, replace
 from kdsearch.data.datasets import load_splits
+from kdsearch.distill.attribution import Attribution, attribution_maps
 from kdsearch.distill.teacher import cached_teacher_logits, load_teacher
 from kdsearch.distill.train import train
 from kdsearch.errors import CheckpointError, ConfigError
@@ -31,7 +32,7 @@ def test_kd_ig_training_returns_measured_metrics(student_config, tmp_path):
     assert result.images_per_s > 0 and result.train_time_s > 0
     assert [row["epoch"] for row in epochs] == [1] and epochs[0]["val_acc"] == result.val_acc
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "last.pt").exists()
-    assert result.ig_cache_key is not None and result.teacher_hash is not None
+    assert result.maps_cache_key is not None and result.teacher_hash is not None
 
 
 @pytest.mark.slow
@@ -80,7 +81,7 @@ def test_an_ig_arm_sees_the_same_batches_crops_and_flips_as_its_baseline(student
     # IG: the overlay's random draws may not shift the data augmentation of the paired run.
     without_ig = train(replace(student_config, overlay=OverlayConfig(p=0.0)), progress=False)
     ig_never_blended = train(replace(student_config, overlay=OverlayConfig(p=1e-12)), progress=False)
-    assert ig_never_blended.ig_cache_key is not None
+    assert ig_never_blended.maps_cache_key is not None
     assert weights_hash(ig_never_blended.model) == weights_hash(without_ig.model)
 
 
@@ -110,6 +111,28 @@ def test_each_image_is_overlaid_with_its_own_map_under_shuffling(student_config,
         index = int(torch.nonzero((pixels == batch[sample, :3]).all(dim=(1, 2, 3))).flatten()[0])
         torch.testing.assert_close(batch[sample, 3], maps[index].float())
     assert result.epochs_completed == 1
+
+
+@pytest.mark.slow
+def test_the_overlay_blends_in_its_methods_maps_aligned_with_each_image(student_config, monkeypatch):
+    import kdsearch.distill.augment as augment_module
+
+    recorded = []
+    real_crop = augment_module.random_crop_flip
+    monkeypatch.setattr(
+        augment_module, "random_crop_flip", lambda b, *a, **k: recorded.append(b.clone()) or real_crop(b, *a, **k)
+    )
+    config = replace(student_config, overlay=OverlayConfig(p=0.5, method="saliency"))
+    result = train(config, progress=False)
+    splits = load_splits(config.data, config.cache_dir)
+    teacher = load_teacher(config, splits.num_classes, torch.device("cpu"))
+    saliency = attribution_maps(teacher, splits, Attribution.of(config), config.cache_dir, torch.device("cpu"), False)
+    assert result.maps_cache_key == saliency.path.name and saliency.meta["method"] == "saliency"
+    pixels = splits.train_images.float() / 255
+    batch = recorded[1]  # crop and flip take the image and its map as one stack, so they move together
+    for sample in range(batch.shape[0]):
+        index = int(torch.nonzero((pixels == batch[sample, :3]).all(dim=(1, 2, 3))).flatten()[0])
+        torch.testing.assert_close(batch[sample, 3], saliency.tensors["maps"][index].float())
 
 
 @pytest.mark.slow
@@ -172,7 +195,7 @@ def test_baseline_needs_no_teacher(tmp_path):
         cache_dir=str(tmp_path),
     )
     result = train(config, progress=False)
-    assert result.teacher_hash is None and result.ig_cache_key is None
+    assert result.teacher_hash is None and result.maps_cache_key is None
     # The reported accuracies are the trained model's on the held-out splits, at the run's precision.
     splits = load_splits(config.data, config.cache_dir)
     cpu, dtype = torch.device("cpu"), resolve_precision(config.precision, torch.device("cpu"))

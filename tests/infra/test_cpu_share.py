@@ -11,7 +11,7 @@ import torch
 
 from kdsearch.config import IGConfig, ModelConfig, OverlayConfig, Runtime, replace
 from kdsearch.data.datasets import load_splits
-from kdsearch.distill.attribution import BASELINES, ig_in_calls
+from kdsearch.distill.attribution import BASELINES, Attribution, maps_in_calls
 from kdsearch.distill.train import prepare_inputs, train
 from kdsearch.infra.cpu_share import CpuShare, machine_share
 from kdsearch.models.classifiers import build_model
@@ -118,19 +118,19 @@ def _ig(student_config):
     baseline = BASELINES[config.baseline](model, splits)
 
     def attribute():
-        ig_in_calls(model, splits.train_images[:8], splits.train_labels[:8], baseline, config)
+        maps_in_calls(model, splits.train_images[:8], splits.train_labels[:8], baseline, Attribution(ig=config))
 
     attribute()  # Captum's import and first call take longer than the lock is held
     return attribute
 
 
-@pytest.mark.parametrize("work", ["predict_logits", "measure_latency", "runtime_latency", "ig_in_calls"])
+@pytest.mark.parametrize("work", ["predict_logits", "measure_latency", "runtime_latency", "maps_in_calls"])
 def test_kdsearch_work_waits_while_another_process_times(work, student_config, tmp_path):
     run = {
         "predict_logits": lambda: _predict,
         "measure_latency": lambda: _measure_latency,
         "runtime_latency": lambda: lambda: _runtime_latency(tmp_path),
-        "ig_in_calls": lambda: _ig(student_config),
+        "maps_in_calls": lambda: _ig(student_config),
     }[work]()
     with _held_by_another_process(1.0) as times:
         run()

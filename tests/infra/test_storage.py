@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from kdsearch.errors import ConfigError, NotWritable, StudyError
-from kdsearch.infra.storage import check_database, check_writable, database_url, default_storage
+from kdsearch.infra import storage
+from kdsearch.infra.storage import check_database, check_writable, database_url, default_storage, proxy_address
+from kdsearch.serve.local_server import free_port
 
 ROOT = os.geteuid() == 0
 # Writing in /sys fails even for root, where a read-only mode bit does not stop anyone.
@@ -157,3 +159,58 @@ def test_a_folder_nobody_can_write_in():
         check_writable("/sys", "out")
     with pytest.raises(NotWritable, match=re.escape("out /sys/kdsearch/x cannot be created: /sys is not writable (")):
         check_writable("/sys/kdsearch/x", "out")
+
+
+# --- the gRPC storage proxy: grpc://HOST:PORT ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("grpc://db-host:13000", ("db-host", 13000)),
+        ("GRPC://127.0.0.1:1/", ("127.0.0.1", 1)),
+        ("postgresql://kd@db/optuna", None),
+        ("sqlite:///studies.db", None),
+    ],
+)
+def test_a_proxy_url_gives_its_host_and_port_and_is_no_database_url(url, address):
+    assert proxy_address(url) == address
+    if address is not None:
+        assert database_url(url) == url  # no driver to name: the proxy is not a database
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "grpc://db-host",
+        "grpc://db-host:port",
+        "grpc://db-host:70000",
+        "grpc://:13000",
+        "grpc://db-host:13000/optuna",
+        "grpc://kd:pw@db-host:13000",
+        "grpc://db-host:13000?timeout=5",
+    ],
+)
+def test_a_proxy_url_that_is_not_host_and_port(url):
+    with pytest.raises(ConfigError, match=re.escape(f"storage {url!r}: a storage proxy's URL is grpc://HOST:PORT")):
+        check_database(url)
+
+
+def test_a_proxy_that_does_not_answer_is_one_line(monkeypatch):
+    monkeypatch.setattr(storage, "PROXY_TIMEOUT_S", 0.5)
+    port = free_port()
+    message = f"cannot reach storage grpc://127.0.0.1:{port}: no storage proxy answers there within 0.5 s"
+    with pytest.raises(StudyError, match=re.escape(message)):
+        check_database(f"grpc://127.0.0.1:{port}")
+
+
+def test_a_proxy_url_without_grpcio_says_what_to_install(monkeypatch):
+    import optuna
+
+    def missing(**address):
+        raise ModuleNotFoundError("No module named 'grpc'", name="grpc")
+
+    monkeypatch.setattr(optuna.storages, "GrpcStorageProxy", missing)
+    message = "storage grpc://db-host:13000 needs grpc, which is not installed (pip install 'kdsearch[grpc]')"
+    with pytest.raises(StudyError, match=re.escape(message)):
+        check_database("grpc://db-host:13000")

@@ -21,6 +21,7 @@ from kdsearch.report.figures import (
     find_chromium,
     grid_heatmaps,
     ig_figure,
+    methods_figure,
     optimization_history,
     parallel_coordinates,
     write_html,
@@ -227,3 +228,13 @@ def test_write_static_reports_a_browser_that_fails(tmp_path, monkeypatch):
     reason = write_static([figure], tmp_path)
     assert reason.startswith(f"PNG/SVG not written: rendering with {tmp_path / 'no-such-browser'} failed (")
     assert not (tmp_path / "f.png").exists()
+
+
+def test_the_methods_figure_has_a_row_of_maps_per_method_under_the_originals():
+    images = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
+    maps = {"saliency": torch.rand(3, 4, 4), "grad_cam": torch.zeros(3, 4, 4)}
+    figure = methods_figure(images, maps, ["cat", "dog", "ship"], "maps")
+    assert [trace.name for trace in figure.data[::3]] == ["original: cat", "saliency: cat", "grad_cam: cat"]
+    assert figure.data[0].z.tolist() == images[0].permute(1, 2, 0).tolist()
+    assert figure.data[3].z.max() == 255 and figure.data[6].z.max() == 0  # hot scales each map; a flat one is black
+    assert [annotation.text for annotation in figure.layout.annotations][:3] == ["cat", "dog", "ship"]

@@ -21,7 +21,7 @@ from kdsearch.cli.main import main
 from kdsearch.errors import KdsearchError
 from kdsearch.report.figures import Line, ablation_bars, compression_accuracy, find_chromium, ig_figure
 from kdsearch.report.paper import literature, reported_accuracy
-from kdsearch.report.render import ig_examples
+from kdsearch.report.render import attribution_examples
 from kdsearch.report.tables import Deployment, deployment_table, timing_contention, trials_table
 from kdsearch.search.ablation import AblationTable, ArmRow, ablation_table
 from kdsearch.search.kinds import STUDY_KINDS
@@ -386,11 +386,15 @@ def test_a_running_study_is_reported_as_partial_from_storage_alone(stores, tmp_p
 
 def test_the_ig_examples_need_the_teacher_on_this_machine(stores):
     spec = _study(stores, "grid").user_attrs["kdsearch"]["spec"]
+    ig = ["integrated_gradients"]
     with pytest.raises(KdsearchError, match="is not on this machine"):
-        ig_examples(spec, {"teacher": {"checkpoint": "/nowhere/teacher.pt"}})
-    images, maps, names, how = ig_examples(spec, {"train.cache_dir": stores["cache"]})
-    assert images.shape == (10, 3, 32, 32) and maps.shape == (10, 32, 32) and len(names) == 10
-    assert "maps from the IG cache" in how
+        attribution_examples(spec, {"teacher": {"checkpoint": "/nowhere/teacher.pt"}}, ig)
+    examples = attribution_examples(spec, {"train.cache_dir": stores["cache"]}, [*ig, "grad_cam"])
+    assert examples.images.shape == (10, 3, 32, 32) and len(examples.names) == 10
+    assert {method: maps.shape for method, maps in examples.maps.items()} == dict.fromkeys(
+        [*ig, "grad_cam"], (10, 32, 32)
+    )
+    assert "integrated_gradients from the cache" in examples.how and "grad_cam computed now" in examples.how
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ from kdsearch.report.tables import (
     ablation_tables,
     deployment_table,
     html_page,
+    methods_table,
     timing_contention,
     trials_table,
 )
-from kdsearch.search.ablation import AblationTable, ArmRow, Comparison
+from kdsearch.search.ablation import AblationTable, ArmRow, Comparison, MethodRow
 
 NAN = math.nan
 
@@ -184,6 +185,26 @@ def test_table3_without_paper_values_or_at_arms():
     assert records["teacher"]["mean ± std"] == "n/a" and _missing(records["ig_shuffled"]["reported acc (%)"])
     assert _missing(records["ig_shuffled"]["reported Δ"])  # nothing reported for an arm the paper lacks
     assert not any("reference implementation" in note for note in arms.notes)
+
+
+def test_the_methods_table_has_each_methods_cost_and_paired_intervals():
+    vs_base = Comparison("kd_saliency", "baseline", 3, 0.9, (0.4, 1.4), 0.02)
+    vs_kd = Comparison("kd_saliency", "kd", 3, 0.5, (-0.1, 1.1), 0.07)
+    saliency = MethodRow("kd_saliency", "saliency", 3, 91.1, 2.0, vs_base, vs_kd, None, 0.4, 0.3)
+    ig = MethodRow("kd_ig", "integrated_gradients", 3, 90.4, NAN, vs_base, None, None, 0.5, 0.35)
+    table = methods_table(AblationTable(92.0, [], [], "Ablation", [saliency, ig]))
+    records = {r["arm"]: r for r in table.frame.to_dict("records")}
+    assert records["kd_saliency"]["maps"] == "saliency" and records["kd_saliency"]["ms per map"] == 2.0
+    assert (records["kd_saliency"]["Δ vs kd"], records["kd_saliency"]["vs kd CI low"]) == (0.5, -0.1)
+    assert (records["kd_saliency"]["Δ vs baseline"], records["kd_saliency"]["vs baseline CI high"]) == (0.9, 1.4)
+    assert _missing(records["kd_saliency"]["Δ vs shuffled"]) and _missing(records["kd_ig"]["Δ vs kd"])
+    shown = {r["arm"]: r for r in table.shown().to_dict("records")}
+    assert (shown["kd_saliency"]["Δ vs kd"], shown["kd_saliency"]["p vs kd"], shown["kd_ig"]["ms per map"]) == (
+        "+0.50",
+        "0.07",
+        "",  # an IG cache made before costs were recorded
+    )
+    assert table.name == "ablation_methods" and table.title == "Attribution methods: Ablation"
 
 
 def _missing(value) -> bool:

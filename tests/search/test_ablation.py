@@ -2,46 +2,88 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import optuna
 import pytest
 import torch
 from scipy import stats
 
 from kdsearch.cli.main import main
-from kdsearch.config import IGConfig, ModelConfig
+from kdsearch.config import AttributionMethod, IGConfig, ModelConfig
 from kdsearch.data.datasets import load_splits
+from kdsearch.distill.attribution import Attribution, maps_on
+from kdsearch.errors import StudyError
 from kdsearch.models.classifiers import build_model
 from kdsearch.search.ablation import (
+    ABLATION,
     ARMS,
     ablation_table,
     agreement_index,
+    arm_choices,
     arm_config,
     explanation_agreement,
-    ig_on,
 )
 from kdsearch.search.studyfile import load_study
 from tests.fakes import SMOKE
 
 
-def test_arms_differ_only_in_alpha_p_gamma_and_alignment():
+def test_arms_differ_only_in_alpha_p_gamma_alignment_and_maps():
     extra = ["ig_shuffled", "at", "ig_at", "kd_at", "kd_ig_at"]
+    methods = [m.value for m in AttributionMethod if m != "integrated_gradients"]
+    extra += [f"kd_{m}" for m in methods] + [f"{m}_shuffled" for m in methods]
     spec = load_study(SMOKE, {"ablation.extra_arms": extra, "ablation.gamma": 0.3})
     configs = {arm: arm_config(spec, arm, 7) for arm in spec.ablation.all_arms}
-    terms = {arm: (c.kd.alpha, c.overlay.p, c.overlay.mode, c.attention.gamma) for arm, c in configs.items()}
+    terms = {
+        arm: (c.kd.alpha, c.overlay.p, c.overlay.mode, c.attention.gamma, c.overlay.method)
+        for arm, c in configs.items()
+    }
+    ig = "integrated_gradients"
     assert terms == {
-        "baseline": (0.0, 0.0, "aligned", 0.0),
-        "kd": (0.5, 0.0, "aligned", 0.0),
-        "ig": (0.0, 0.5, "aligned", 0.0),
-        "kd_ig": (0.5, 0.5, "aligned", 0.0),
-        "ig_shuffled": (0.5, 0.5, "shuffled", 0.0),
-        "at": (0.0, 0.0, "aligned", 0.3),
-        "ig_at": (0.0, 0.5, "aligned", 0.3),
-        "kd_at": (0.5, 0.0, "aligned", 0.3),
-        "kd_ig_at": (0.5, 0.5, "aligned", 0.3),
+        "baseline": (0.0, 0.0, "aligned", 0.0, ig),
+        "kd": (0.5, 0.0, "aligned", 0.0, ig),
+        "ig": (0.0, 0.5, "aligned", 0.0, ig),
+        "kd_ig": (0.5, 0.5, "aligned", 0.0, ig),
+        "ig_shuffled": (0.5, 0.5, "shuffled", 0.0, ig),
+        "at": (0.0, 0.0, "aligned", 0.3, ig),
+        "ig_at": (0.0, 0.5, "aligned", 0.3, ig),
+        "kd_at": (0.5, 0.0, "aligned", 0.3, ig),
+        "kd_ig_at": (0.5, 0.5, "aligned", 0.3, ig),
+        **{f"kd_{m}": (0.5, 0.5, "aligned", 0.0, m) for m in methods},
+        **{f"{m}_shuffled": (0.5, 0.5, "shuffled", 0.0, m) for m in methods},
     }
     assert {c.seed for c in configs.values()} == {7}
-    assert len({(c.data, c.student, c.epochs, c.optim, c.kd.temperature) for c in configs.values()}) == 1
+    assert len({(c.data, c.student, c.epochs, c.optim, c.kd.temperature, c.attribution) for c in configs.values()}) == 1
     assert set(ARMS) == set(terms)
+
+
+def test_the_arms_without_other_methods_keep_their_config_keys():
+    from kdsearch.config import to_dict
+
+    spec = load_study(SMOKE)
+    for arm in ("baseline", "kd", "ig", "kd_ig"):
+        stored = to_dict(arm_config(spec, arm, 0))
+        assert "attribution" not in stored and "method" not in stored["overlay"], arm
+
+
+def test_an_ablation_space_is_stored_as_before_unless_it_measures_agreement_by_another_method():
+    assert "agreement_method" not in ABLATION.space(load_study(SMOKE))
+    other = ABLATION.space(load_study(SMOKE, {"ablation.agreement_method": "saliency"}))
+    assert other["agreement_method"] == "saliency"
+
+
+def test_a_stored_ablation_keeps_its_arm_choices_and_refuses_arms_it_cannot_hold():
+    old_arms = ["baseline", "kd", "ig", "kd_ig", "ig_shuffled"]  # the arms of a study made before the others
+    study = optuna.create_study(direction="maximize", study_name="old")
+    assert arm_choices(study) == [str(arm) for arm in ARMS]
+    distributions = {"arm": optuna.distributions.CategoricalDistribution(old_arms)}
+    study.add_trial(optuna.trial.create_trial(params={"arm": "kd"}, distributions=distributions, value=1.0))
+    assert arm_choices(study) == old_arms
+    study.enqueue_trial({"arm": "kd_ig"})
+    study.optimize(lambda trial: float(len(trial.suggest_categorical("arm", arm_choices(trial.study)))), n_trials=1)
+    assert study.trials[-1].params == {"arm": "kd_ig"}  # Optuna would refuse any other list of choices
+    ABLATION.check_grown(study, {"arms": old_arms})
+    with pytest.raises(StudyError, match=r"created before the arms \['kd_saliency'\] existed"):
+        ABLATION.check_grown(study, {"arms": [*old_arms, "kd_saliency"]})
 
 
 def test_agreement_of_identical_reversed_and_disjoint_maps():
@@ -67,14 +109,16 @@ def test_agreement_images_are_a_fixed_sample():
     assert len(agreement_index(30, 50)) == 30
 
 
-def test_student_ig_maps_have_the_cache_shape():
+@pytest.mark.parametrize("method", ["integrated_gradients", "grad_cam"])
+def test_student_maps_have_the_cache_shape(method):
     splits = load_splits(load_study(SMOKE).train.data)
     model = build_model(ModelConfig(arch="tiny_cnn", drop_blocks=1))
-    maps = ig_on(model, splits.test_images[:6], splits.test_labels[:6], splits, IGConfig(n_steps=4, images_per_call=4))
+    attribution = Attribution(method, IGConfig(n_steps=4, images_per_call=4))
+    maps = maps_on(model, splits.test_images[:6], splits.test_labels[:6], splits, attribution)
     assert maps.shape == (6, 32, 32) and (maps >= 0).all()
 
 
-def _fake_ablation(results: dict[str, list[float]]) -> optuna.Study:
+def _fake_ablation(results: dict[str, list[float]], map_ms: dict[str, float] | None = None) -> optuna.Study:
     study = optuna.create_study(direction="maximize")
     arms = list(results)
     seeds = list(range(len(next(iter(results.values())))))
@@ -92,7 +136,12 @@ def _fake_ablation(results: dict[str, list[float]]) -> optuna.Study:
                     params={"arm": arm, "seed": seed},
                     distributions=distributions,
                     value=accuracy,
-                    user_attrs={"test_acc": accuracy, "agreement_spearman": 0.5, "agreement_iou_top10": 0.25},
+                    user_attrs={
+                        "test_acc": accuracy,
+                        "agreement_spearman": 0.5,
+                        "agreement_iou_top10": 0.25,
+                        **({"map_ms": map_ms[arm]} if arm in (map_ms or {}) else {}),
+                    },
                 )
             )
     return study
@@ -146,6 +195,33 @@ def test_the_at_arms_are_compared_with_and_without_the_ig_overlay():
     assert extra[("ig_at", "at")].n == 3 and extra[("ig_at", "at")].delta == pytest.approx(-0.2 / 3)
     assert extra[("kd_ig_at", "kd_at")].delta == pytest.approx(-0.1 / 3)
     assert "ig_at vs at" in table.format()
+
+
+def test_each_methods_arm_is_compared_with_the_baseline_kd_and_its_shuffled_control():
+    results = {
+        "baseline": [90.0, 90.4, 90.2],
+        "kd": [90.5, 90.6, 90.7],
+        "kd_ig": [90.3, 90.6, 90.4],
+        "kd_saliency": [90.9, 91.1, 91.3],
+        "saliency_shuffled": [90.4, 90.7, 90.6],
+        "kd_grad_cam": [90.6, 90.5, 90.9],
+    }
+    map_ms = {"kd_ig": 40.0, "kd_saliency": 2.0, "saliency_shuffled": 2.0, "kd_grad_cam": 1.0}
+    table = ablation_table(_fake_ablation(results, map_ms))
+    rows = {row.arm: row for row in table.methods}
+    assert list(rows) == ["kd_ig", "kd_saliency", "kd_grad_cam"]  # the control and the arms without maps are not
+    saliency = rows["kd_saliency"]
+    assert saliency.method == "saliency" and saliency.map_ms == 2.0 and saliency.n == 3
+    assert saliency.vs_kd.delta == pytest.approx(0.5) and saliency.vs_baseline.delta == pytest.approx(0.9)
+    assert saliency.vs_shuffled.reference == "saliency_shuffled" and saliency.vs_shuffled.delta == pytest.approx(
+        1.6 / 3
+    )
+    low, high = stats.ttest_1samp(np.subtract(results["kd_saliency"], results["kd"]), 0).confidence_interval(0.95)
+    assert saliency.vs_kd.ci == pytest.approx((low, high))
+    assert rows["kd_grad_cam"].vs_shuffled is None and rows["kd_ig"].map_ms == 40.0
+    assert math.isnan(next(row for row in table.rows if row.arm == "kd").map_ms)
+    text = table.format()
+    assert "kd_saliency vs saliency_shuffled" in text and "Attribution methods" in text
 
 
 def test_table_with_one_seed_has_no_spread_and_no_p_values():
@@ -231,3 +307,52 @@ def test_ablation_grows_with_more_seeds_and_arms_and_keeps_finished_runs(tmp_pat
     assert "4 of 4 arm × seed runs already complete; nothing to run" in capsys.readouterr().out
     assert main(["ablate", "--seeds", "1", "--arms", "baseline", "--t", "3", *common]) == 2
     assert "already exists with a different spec or space" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_ablation_of_three_attribution_methods(tmp_path, mlflow_uri, shared_cache, capsys):
+    from mlflow import MlflowClient
+
+    from kdsearch.search.study import find_study
+
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    arms = "baseline,kd,kd_ig,kd_saliency,kd_grad_cam"
+    args = ["ablate", "--study", str(SMOKE), "--seeds", "1", "--arms", arms, "--extra-arms", "grad_cam_shuffled"]
+    args += ["--agreement-images", "10", "--agreement-method", "grad_cam", "--storage", storage]
+    args += ["--tracking-uri", mlflow_uri, "--set", "latency.repeats=1", "--set", "train.ig.n_steps=4", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "0 of 6 arm × seed runs already complete; 6 to run" in out
+    assert "kd_saliency vs kd" in out and "kd_grad_cam vs grad_cam_shuffled" in out and "Attribution methods" in out
+
+    table = ablation_table(find_study(storage, None))
+    methods = {row.arm: row for row in table.methods}
+    assert {arm: row.method for arm, row in methods.items()} == {
+        "kd_ig": "integrated_gradients",
+        "kd_saliency": "saliency",
+        "kd_grad_cam": "grad_cam",
+    }
+    assert all(row.map_ms > 0 and row.vs_kd.n == 1 for row in methods.values())
+    assert methods["kd_grad_cam"].vs_shuffled.reference == "grad_cam_shuffled"
+
+    client = MlflowClient(mlflow_uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id])}
+    saliency = runs["kd_saliency-seed0"].data
+    assert saliency.params["overlay.method"] == "saliency" and saliency.params["ig_cache_key"] == "none"
+    assert saliency.params["attribution_cache_key"] != runs["kd_grad_cam-seed0"].data.params["attribution_cache_key"]
+    assert runs["kd_ig-seed0"].data.params["ig_cache_key"] not in ("none", saliency.params["attribution_cache_key"])
+    assert "map_ms" not in runs["kd-seed0"].data.metrics and saliency.metrics["map_ms"] > 0
+    for name in ("baseline-seed0", "kd_saliency-seed0"):  # students explained by GradCAM at their own last stage
+        assert -1 <= runs[name].data.metrics["agreement_spearman"] <= 1
+
+    report = tmp_path / "report"
+    name = find_study(storage, None).study_name
+    args = ["report", "--ablation", name, "--out", str(report), "--storage", storage, "--tracking-uri", mlflow_uri]
+    assert main([*args, "--no-log"]) == 0
+    methods = (report / "tables" / "ablation_methods.md").read_text()
+    assert all(
+        f"| {arm} | {method} |" in methods
+        for arm, method in [("kd_saliency", "saliency"), ("kd_ig", "integrated_gradients")]
+    )
+    figure = (report / "figures" / "attribution_methods.html").read_text()
+    assert all(f'"name":"{row}: ' in figure for row in ("original", "integrated_gradients", "saliency", "grad_cam"))

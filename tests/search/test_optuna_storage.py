@@ -1,4 +1,5 @@
-"""kdsearch.search.optuna_storage: heartbeat settings, and Optuna's storage opened with them."""
+"""kdsearch.search.optuna_storage: heartbeat settings, and Optuna's storage opened with them: a database, or
+Optuna's gRPC storage proxy (``kdsearch storage-proxy``) with kdsearch's heartbeats."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import warnings
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from kdsearch.errors import ConfigError
-from kdsearch.search.optuna_storage import HeartbeatConfig, open_storage
+from kdsearch.search import optuna_storage
+from kdsearch.search.optuna_storage import HeartbeatConfig, ProxyStorage, open_storage
+from tests.fakes import storage_proxy
 
 
 def test_heartbeat_defaults():
@@ -63,3 +67,107 @@ def test_open_storage_pings_server_connections(monkeypatch):
     assert seen["url"].startswith("postgresql+psycopg") and seen["url"].endswith("://kd@db/optuna")
     assert seen["engine_kwargs"] == {"pool_pre_ping": True}
     assert (seen["heartbeat_interval"], seen["grace_period"]) == (2, 9)
+
+
+# --- through Optuna's gRPC storage proxy ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    with storage_proxy(f"sqlite:///{tmp_path_factory.mktemp('proxied') / 'studies.db'}") as address:
+        yield address
+
+
+class Clock:
+    """time.time for ProxyStorage's heartbeats, moved by hand."""
+
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def _queued(storage, name: str, points: int) -> optuna.Study:
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    for x in range(points):
+        study.enqueue_trial({"x": float(x)})
+    return study
+
+
+def _claim(storage, study: optuna.Study) -> int:
+    [waiting, *_] = study.get_trials(states=(TrialState.WAITING,))
+    assert storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING)
+    storage.record_heartbeat(waiting._trial_id)
+    return waiting._trial_id
+
+
+def test_a_proxy_url_opens_optunas_proxy_client_with_kdsearchs_heartbeats(proxy):
+    storage = open_storage(proxy, HeartbeatConfig(interval=2, grace=9, max_retry=1))
+    assert isinstance(storage, ProxyStorage) and isinstance(storage, optuna.storages.GrpcStorageProxy)
+    assert optuna.storages._heartbeat.is_heartbeat_enabled(storage) and storage.get_heartbeat_interval() == 2
+    assert storage.get_heartbeat_stale_trial_callback()._max_retry == 1
+    assert not optuna.storages._heartbeat.is_heartbeat_enabled(open_storage(proxy))  # for reading: none
+
+
+def test_a_trial_silent_past_the_grace_period_is_failed_and_queued_again_through_the_proxy(proxy, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(optuna_storage, "time", clock)
+    storage = open_storage(proxy, HeartbeatConfig(interval=1, grace=5, max_retry=3))
+    study = _queued(storage, "silent", 2)
+    dead, alive = _claim(storage, study), _claim(storage, study)
+    clock.now += 4
+    storage.record_heartbeat(alive)
+    optuna.storages.fail_stale_trials(study)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.RUNNING]  # within the grace period
+    clock.now += 2  # dead's last heartbeat is 6 s old, alive's 2 s
+    optuna.storages.fail_stale_trials(study)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    retry = study.trials[2]
+    assert retry.params == study.trials[0].params and retry.system_attrs["failed_trial"] == 0
+    assert storage.get_trial(dead).state == TrialState.FAIL
+
+    # The retry carries a copy of the dead trial's heartbeat; taken, it is not stale for that old beat.
+    assert storage.set_trial_state_values(retry._trial_id, state=TrialState.RUNNING)
+    clock.now += 60
+    assert storage._get_stale_trial_ids(study._study_id) == [alive]
+
+
+def test_a_heartbeat_of_a_finished_trial_is_ignored(proxy):
+    storage = open_storage(proxy, HeartbeatConfig(interval=1, grace=5))
+    study = _queued(storage, "finished", 1)
+    trial_id = _claim(storage, study)
+    storage.set_trial_state_values(trial_id, state=TrialState.COMPLETE, values=[1.0])
+    storage.record_heartbeat(trial_id)  # a heartbeat thread's last beat, after its trial ended
+    assert storage.get_trial(trial_id).state == TrialState.COMPLETE
+
+
+def test_two_workers_cannot_take_the_same_queued_trial_through_the_proxy(proxy):
+    first, second = open_storage(proxy), open_storage(proxy)
+    study = _queued(first, "race", 1)
+    [trial] = study.get_trials(states=(TrialState.WAITING,))
+    assert first.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING)
+    assert not second.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING)
+
+
+@pytest.mark.parametrize(
+    ("code", "raised"), [("UNKNOWN", optuna.exceptions.StorageInternalError), ("UNAVAILABLE", None)]
+)
+def test_a_heartbeat_the_database_refuses_is_reported_as_rdbstorage_reports_it(proxy, monkeypatch, code, raised):
+    import grpc
+
+    class Refused(grpc.RpcError):
+        def code(self):
+            return getattr(grpc.StatusCode, code)
+
+        def details(self):
+            return "duplicate key value violates unique constraint"
+
+    storage = open_storage(proxy, HeartbeatConfig(interval=1, grace=5))
+
+    def refuse(*args):
+        raise Refused()
+
+    monkeypatch.setattr(storage, "set_trial_system_attr", refuse)
+    with pytest.raises(raised or Refused):  # the proxy being down is not a claim to move on from
+        storage.record_heartbeat(1)

@@ -6,6 +6,7 @@ import time
 import optuna
 import pytest
 import torch
+from mlflow.exceptions import MlflowException, RestException
 from optuna.trial import TrialState
 
 from kdsearch.cli.main import main
@@ -19,6 +20,8 @@ from kdsearch.search.kinds import STUDY_KINDS
 from kdsearch.search.optuna_storage import HeartbeatConfig
 from kdsearch.search.study import (
     RunSummary,
+    _Heartbeat,
+    _tell,
     claim_waiting,
     join_study,
     open_study,
@@ -205,6 +208,93 @@ def test_claims_are_exclusive(tmp_path):
     assert len({tuple(sorted(t.system_attrs["fixed_params"].items())) for t in handle.trials()}) == 4
 
 
+def test_a_claim_records_the_heartbeat_before_it_takes_the_trial(tmp_path, monkeypatch):
+    # So a worker that dies (or whose storage fails) right after the take leaves a trial that goes stale.
+    handle = open_study(GRID, load_study(SMOKE), f"sqlite:///{tmp_path}/studies.db", FAST)
+    calls = []
+    beat, take = handle.storage.record_heartbeat, handle.storage.set_trial_state_values
+    monkeypatch.setattr(handle.storage, "record_heartbeat", lambda trial_id: calls.append("beat") or beat(trial_id))
+    monkeypatch.setattr(handle.storage, "set_trial_state_values", lambda *a, **k: calls.append("take") or take(*a, **k))
+    claim_waiting(handle)
+    assert calls == ["beat", "take"]
+
+
+def test_a_claim_moves_on_from_a_trial_another_worker_is_taking(tmp_path, monkeypatch):
+    handle = open_study(GRID, load_study(SMOKE), f"sqlite:///{tmp_path}/studies.db", FAST)
+    first, second = [trial._trial_id for trial in handle.trials((TrialState.WAITING,))][:2]
+    beat = handle.storage.record_heartbeat
+
+    def contended(trial_id):  # the first heartbeat row of `first` is being written by another worker
+        if trial_id == first:
+            raise optuna.exceptions.StorageInternalError("duplicate key value violates unique constraint")
+        beat(trial_id)
+
+    monkeypatch.setattr(handle.storage, "record_heartbeat", contended)
+    claimed = claim_waiting(handle)
+    assert claimed._trial_id == second and handle.storage.get_trial(first).state == TrialState.WAITING
+
+
+def test_a_heartbeat_thread_outlives_a_failing_beat(tmp_path, monkeypatch):
+    handle = open_study(GRID, load_study(SMOKE), f"sqlite:///{tmp_path}/studies.db", FAST)
+    trial = claim_waiting(handle)
+    beats = []
+
+    def flaky(trial_id):  # the storage restarting under the first beat
+        beats.append(trial_id)
+        if len(beats) == 1:
+            raise optuna.exceptions.StorageInternalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(handle.storage, "record_heartbeat", flaky)
+    with _Heartbeat(handle, trial):
+        time.sleep(FAST.interval * 1.5)
+    assert len(beats) == 2
+
+
+def test_a_trial_failed_by_another_worker_while_it_is_told_is_left_to_its_retry(tmp_path, monkeypatch, caplog):
+    # Another worker took it for dead (heartbeats starved on a loaded machine) between tell's look at its
+    # state and tell's write: seen in bench/load_faults.py with 32 workers on 2 cores.
+    handle = open_study(GRID, load_study(SMOKE), f"sqlite:///{tmp_path}/studies.db", FAST)
+    trial = claim_waiting(handle)
+    handle.storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    monkeypatch.setattr(
+        handle.study,
+        "tell",
+        lambda *a, **k: handle.storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [1.0]),
+    )
+    _tell(handle, trial, 1.0)
+    assert f"trial {trial.number} was failed by another worker meanwhile" in caplog.text
+    assert handle.storage.get_trial(trial._trial_id).state == TrialState.FAIL
+
+
+@pytest.mark.parametrize(
+    ("error", "state"),
+    [
+        (optuna.exceptions.StorageInternalError("server closed the connection unexpectedly"), TrialState.RUNNING),
+        (
+            MlflowException(
+                "API request to http://mlflow:5000/api/2.0/mlflow/runs/log-batch failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'"
+            ),
+            TrialState.RUNNING,
+        ),
+        (RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad param"}), TrialState.FAIL),
+        (RuntimeError("a bug in the objective"), TrialState.FAIL),
+    ],
+)
+def test_a_failing_storage_or_tracking_server_leaves_the_trial_to_be_retried_other_errors_fail_it(
+    tmp_path, error, state
+):
+    # A database restart under the objective's storage calls is the worker's trouble, not the trial's: the
+    # trial goes stale and is queued again, where FAIL would lose its point (seen in bench/load_faults.py).
+    handle = open_study(GRID, load_study(SMOKE), f"sqlite:///{tmp_path}/studies.db", FAST)
+
+    def objective(trial):
+        raise error
+
+    with pytest.raises(type(error)):
+        run_trials(handle, objective, progress=False, max_trials=1)
+    assert [trial.state for trial in handle.trials() if trial.state != TrialState.WAITING] == [state]
+
+
 def test_reopening_queues_only_points_without_a_live_trial(tmp_path):
     storage = f"sqlite:///{tmp_path}/studies.db"
     handle = open_study(GRID, load_study(SMOKE), storage, FAST)
@@ -227,13 +317,19 @@ def test_a_dead_workers_trial_is_retried_and_every_point_completes_once(
     dead = claim_waiting(handle)
     study_id = handle.storage.get_study_id_from_name(handle.name)
     handle.storage.record_heartbeat(handle.storage.get_trial_id_from_study_id_trial_number(study_id, dead.number))
+    # It was killed after creating its MLflow run and before recording the run's id on the trial.
+    tracker = MemoryTracker()
+    parent = tracker.parent_run(spec.name, handle.name, handle.name, {})
+    orphan = tracker.start_run(spec.name, f"trial-{dead.number}", parent, {"optuna.trial": str(dead.number)})
     start = time.monotonic()
-    summary = run_study(join_study(handle.name, storage, FAST, STUDY_KINDS), MemoryTracker(), progress=False)
+    summary = run_study(join_study(handle.name, storage, FAST, STUDY_KINDS), tracker, progress=False)
     assert time.monotonic() - start >= FAST.grace - 1  # it waited for the dead trial to go stale
     assert summary.done == 2 and summary.counts["COMPLETE"] == 2 and summary.counts["FAIL"] == 1
     assert len(_points(handle.study)) == 2
     [retry] = [t for t in handle.trials((TrialState.COMPLETE,)) if "failed_trial" in t.system_attrs]
     assert retry.system_attrs["failed_trial"] == dead.number
+    assert tracker.runs[orphan].status == "FAILED" and tracker.runs[orphan].tags["kdsearch.state"] == "WORKER_DIED"
+    assert [run.status for run in tracker.children(parent)] == ["FAILED", "FINISHED", "FINISHED"]
 
 
 @pytest.mark.slow

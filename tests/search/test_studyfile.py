@@ -179,6 +179,10 @@ def test_ablation_arms_are_looked_up_by_name():
         build_spec({**MINIMAL, "ablation": {"arms": ["kd"]}})
     with pytest.raises(ConfigError, match=r"ablation alpha must be in \[0, 1\]"):
         build_spec({**MINIMAL, "ablation": {"alpha": 2}})
+    methods = build_spec({**MINIMAL, "ablation": {"extra_arms": ["kd_grad_cam", "grad_cam_shuffled"]}})
+    assert methods.ablation.all_arms[-2:] == ("kd_grad_cam", "grad_cam_shuffled")
+    with pytest.raises(ConfigError, match=r"ablation agreement_method must be one of \['integrated_gradients', "):
+        build_spec({**MINIMAL, "ablation": {"agreement_method": "lime"}})
 
 
 def test_with_params_sets_the_search_parameters():

@@ -74,7 +74,8 @@ def test_a_pruned_student_is_its_own_architecture(prepared, monkeypatch):
 
 def test_a_trials_params_are_its_config_and_its_data(prepared, student_config):
     runner = TrialRunner(prepared, MemoryTracker(), "experiment", "parent")
-    prepared.inputs.teacher_hash, prepared.inputs.ig_cache_key = "t-hash", "ig-key"
+    prepared.inputs.teacher_hash = "t-hash"
+    prepared.inputs.map_keys = {"integrated_gradients": "ig-key", "saliency": "saliency-key"}
     params = runner.params(student_config)
     assert params == {
         **flatten(student_config),
@@ -88,3 +89,5 @@ def test_a_trials_params_are_its_config_and_its_data(prepared, student_config):
     assert (
         runner.params(replace(student_config, overlay=replace(student_config.overlay, p=0.0)))["ig_cache_key"] == "none"
     )
+    saliency = runner.params(replace(student_config, overlay=replace(student_config.overlay, method="saliency")))
+    assert saliency["ig_cache_key"] == "none" and saliency["attribution_cache_key"] == "saliency-key"

@@ -70,6 +70,7 @@ def _trials(server: DashboardServer) -> dict[int, dict]:
         (["--storage", "sqlite:///{tmp}/empty.db"], "empty.db holds no Optuna studies"),
         (["--storage", "sqlite:///{tmp}/text.db"], "text.db: file is not a database"),
         (["--port", "70000"], "--port must be in [0, 65535] but got 70000"),
+        (["--storage", "grpc://127.0.0.1:13000"], "the dashboard reads the database itself; give the one the proxy"),
     ],
 )
 def test_bad_storage_or_port_is_one_line_exit_2(capsys, tmp_path, args, message):

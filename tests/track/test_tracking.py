@@ -119,3 +119,15 @@ def test_workers_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     results = [process.communicate(timeout=180) for process in processes]
     assert [process.returncode for process in processes] == [0] * 4, [err[-500:] for _, err in results]
     assert all(out.strip() for out, _ in results)  # each got a parent run id
+
+
+@pytest.mark.parametrize("backend", ["memory", "mlflow"])
+def test_running_children_are_the_parents_open_runs_with_the_tag(backend, mlflow_uri):
+    tracker = MemoryTracker() if backend == "memory" else MlflowTracker(mlflow_uri)
+    parent = tracker.parent_run("exp", "study", "study", {})
+    other_parent = tracker.parent_run("exp", "other", "other", {})
+    runs = {number: tracker.start_run("exp", f"trial-{number}", parent, {"optuna.trial": number}) for number in "0123"}
+    tracker.start_run("exp", "trial-1", other_parent, {"optuna.trial": "1"})  # another study's trial 1
+    tracker.end_run(runs["2"], "FAILED")
+    assert sorted(tracker.running_children(parent, "optuna.trial", ["1", "2", "3"])) == sorted([runs["1"], runs["3"]])
+    assert tracker.running_children(parent, "optuna.trial", ["7"]) == []
