@@ -62,55 +62,70 @@ def one_kd_step(model: torch.nn.Module, size: int) -> None:
     optimizer.step()
 
 
+def _prune_and_rebuild(model: torch.nn.Module, config: ModelConfig, size: int) -> None:
+    pruned = prune_classifier(model, ratio=0.3, image_size=size).eval()
+    layers = changed_layers(pruned, build_model(config))
+    rebuilt = build_model(replace(config, pruned_layers=layers))
+    rebuilt.load_state_dict(pruned.state_dict())
+    images = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        if not torch.allclose(rebuilt.eval()(images), pruned(images), atol=1e-5):
+            raise RuntimeError("the model rebuilt from its pruned layers differs from the pruned one")
+
+
+def _export_with_parity(model: torch.nn.Module, size: int) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        path = export_onnx(model, Path(scratch) / "model.onnx", size)
+        images = (torch.rand(8, 3, size, size) * 255).to(torch.uint8)
+        report = parity(model, session(path), images, batch_size=8)
+    if report["top1_agreement"] < 100.0 or report["max_abs_logit_diff"] >= 1e-3:
+        raise RuntimeError(
+            f"ONNX parity {report['top1_agreement']:.1f} % top-1, max |Δlogit| {report['max_abs_logit_diff']:.2e}"
+        )
+
+
 def survey(source: str, name: str, size: int, max_params: float) -> dict:
+    """One model at one size through the steps: build and KD gate the rest; pruning and export are
+    independent of each other (a model Torch-Pruning cannot prune may still export)."""
     row = {"source": source, "model": name, "size": size, **dict.fromkeys(STEPS, ""), "failure": ""}
     start = time.perf_counter()
     config = ModelConfig(arch=f"{source}:{name}", cifar_stem=size <= 64, normalization="imagenet")
-    step = "build"
-    try:
+    failures = []
+
+    def attempt(step: str, work) -> bool:
+        try:
+            work()
+        except Exception as error:  # the survey records why a model fails, whatever the library raised
+            row[step] = "fail"
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            failures.append(f"{step}: {type(error).__name__}: {reason}"[:300])
+            return False
+        row[step] = "ok"
+        return True
+
+    def count() -> None:
         try:  # the meta device: a giant's size without its memory
             with torch.device("meta"):
-                params = count_parameters(build_model(config))
+                row["params"] = count_parameters(build_model(config))
         except NotImplementedError:  # builders that compute on tensors (RegNet's widths) need a real device
-            params = count_parameters(build_model(config))
-        row["params"] = params
-        if params > max_params:
-            row["build"], row["failure"] = "skipped", f"over {max_params:.0f} parameters"
-            return row
+            row["params"] = count_parameters(build_model(config))
+
+    model = None
+
+    def build() -> None:
+        nonlocal model
         torch.manual_seed(0)
         model = build_model(config)
         check_logits(model, config, size)
-        row["build"] = "ok"
-        step = "kd"
-        one_kd_step(model, size)
-        row["kd"] = "ok"
+
+    if attempt("build", count) and row["params"] > max_params:
+        row["build"], row["failure"] = "skipped", f"over {max_params:.0f} parameters"
+    elif row["build"] == "ok" and attempt("build", build) and attempt("kd", lambda: one_kd_step(model, size)):
         model.eval()
-        step = "prune"
-        pruned = prune_classifier(model, ratio=0.3, image_size=size).eval()
-        layers = changed_layers(pruned, build_model(config))
-        rebuilt = build_model(replace(config, pruned_layers=layers))
-        rebuilt.load_state_dict(pruned.state_dict())
-        images = torch.rand(2, 3, size, size)
-        with torch.no_grad():
-            if not torch.allclose(rebuilt.eval()(images), pruned(images), atol=1e-5):
-                raise RuntimeError("the model rebuilt from its pruned layers differs from the pruned one")
-        row["prune"] = "ok"
-        step = "export"
-        with tempfile.TemporaryDirectory() as scratch:
-            path = export_onnx(model, Path(scratch) / "model.onnx", size)
-            images = (torch.rand(8, 3, size, size) * 255).to(torch.uint8)
-            report = parity(model, session(path), images, batch_size=8)
-        if report["top1_agreement"] < 100.0 or report["max_abs_logit_diff"] >= 1e-3:
-            raise RuntimeError(
-                f"ONNX parity {report['top1_agreement']:.1f} % top-1, max |Δlogit| {report['max_abs_logit_diff']:.2e}"
-            )
-        row["export"] = "ok"
-    except Exception as error:  # the survey records why a model fails, whatever the library raised
-        row[step] = "fail"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        row["failure"] = f"{step}: {type(error).__name__}: {reason}"[:300]
-    finally:
-        row["seconds"] = f"{time.perf_counter() - start:.1f}"
+        attempt("prune", lambda: _prune_and_rebuild(model, config, size))
+        attempt("export", lambda: _export_with_parity(model, size))
+    row["failure"] = row["failure"] or "; ".join(failures)
+    row["seconds"] = f"{time.perf_counter() - start:.1f}"
     return row
 
 
