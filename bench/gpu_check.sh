@@ -174,7 +174,8 @@ check latency_cuda <<'PY'
 # the launches alone).
 import statistics, torch
 from kdsearch.config import ModelConfig
-from kdsearch.runtime.latency import LatencyConfig, measure_latency
+from kdsearch.config import LatencyConfig
+from kdsearch.runtime.latency import measure_latency
 from kdsearch.models.classifiers import build_model
 
 device = torch.device("cuda")

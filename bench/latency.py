@@ -21,6 +21,7 @@ import json
 import torch
 from common import header, machine, wait_quiet
 
+from kdsearch.config import LatencyConfig
 from kdsearch.models.classifiers import (
     ModelConfig,
     build_model,
@@ -29,7 +30,7 @@ from kdsearch.models.classifiers import (
     fold_batchnorm,
     size_on_disk_bytes,
 )
-from kdsearch.runtime.latency import LatencyConfig, OtherProcesses, latency_ms
+from kdsearch.runtime.latency import OtherProcesses, latency_ms
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from kdsearch.cli.options import DEFAULT_LATENCY
 from kdsearch.cli.study import CacheDirOverride, DataDirOverride, Storage, TrackingUri, Workdir
 from kdsearch.config import ExportFormat
 from kdsearch.errors import ConfigError
@@ -37,8 +38,12 @@ def export_command(
     workdir: Workdir = Path("."),
     data_dir: DataDirOverride = None,
     cache_dir: CacheDirOverride = None,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed ONNX Runtime runs before each timing.")] = 3,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per batch size; the median is reported.")] = 10,
+    warmup: Annotated[
+        int, typer.Option("--warmup", help="Untimed ONNX Runtime runs before each timing.")
+    ] = DEFAULT_LATENCY.warmup,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Timed runs per batch size; the median is reported.")
+    ] = DEFAULT_LATENCY.repeats,
 ) -> None:
     """Export a trained student to ONNX (and int8): refuse it below 99.9 % top-1 agreement with PyTorch
     on the test set, time it (ONNX Runtime, 1 thread, batch 1 and 128), write a model card, log it to MLflow

@@ -17,6 +17,7 @@ from kdsearch.config import (
     DataConfig,
     IGConfig,
     KDConfig,
+    LatencyConfig,
     ModelConfig,
     OptimConfig,
     OverlayConfig,
@@ -94,6 +95,7 @@ DEFAULT_KD = KDConfig()
 DEFAULT_OVERLAY = OverlayConfig()
 DEFAULT_OPTIM = OptimConfig()
 DEFAULT_IG = IGConfig()
+DEFAULT_LATENCY = LatencyConfig()
 DEFAULT_ATTRIBUTION = AttributionConfig()
 DEFAULT_METHOD = AttributionMethodName(DEFAULT_OVERLAY.method)
 RECIPE = TeacherRecipe()

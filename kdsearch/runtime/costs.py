@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from kdsearch.config import ModelConfig
+from kdsearch.config import LatencyConfig, ModelConfig
 from kdsearch.models.classifiers import count_flops, count_parameters, size_on_disk_bytes
-from kdsearch.runtime.latency import LatencyConfig, measure_latency
+from kdsearch.runtime.latency import measure_latency
 from kdsearch.runtime.timing import onnx_latency_metrics
 
 

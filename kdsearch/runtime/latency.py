@@ -15,38 +15,12 @@ import os
 import resource
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kdsearch.config import Runtime, check_field_types
-from kdsearch.errors import ConfigError
+from kdsearch.config import LatencyConfig
 from kdsearch.infra.cpu_share import machine_share
-
-
-@dataclass(frozen=True)
-class LatencyConfig:
-    warmup: int = 3  # untimed passes first (allocator, oneDNN/cuDNN kernel selection)
-    repeats: int = 10  # timed passes; the median is reported
-    batch_sizes: tuple[int, ...] = (1, 128)  # the paper reports per-batch latency; 1 is the edge case
-    # Timed besides torch eager, once per architecture (runtime.timing.onnx_latency_metrics): where the model
-    # ships. Exporting takes a few seconds per architecture; [] times torch eager only.
-    onnx_runtimes: tuple[str, ...] = (Runtime.ONNX_FP32.value, Runtime.ONNX_INT8.value)
-
-    def __post_init__(self) -> None:
-        check_field_types(self)
-        if self.warmup < 0:
-            raise ConfigError(f"latency warmup must be >= 0 but got {self.warmup}")
-        if self.repeats < 1:
-            raise ConfigError(f"latency repeats must be >= 1 but got {self.repeats}")
-        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
-        if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
-            raise ConfigError(f"latency batch_sizes must be positive integers but got {list(self.batch_sizes)}")
-        object.__setattr__(self, "onnx_runtimes", tuple(self.onnx_runtimes))
-        onnx = [runtime.value for runtime in Runtime if runtime != Runtime.TORCH]
-        if unknown := [runtime for runtime in self.onnx_runtimes if runtime not in onnx]:
-            raise ConfigError(f"latency onnx_runtimes must be among {', '.join(onnx)} but got {', '.join(unknown)}")
 
 
 def machine_busy_seconds() -> float | None:

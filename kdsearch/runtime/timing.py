@@ -22,11 +22,11 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from kdsearch.config import ModelConfig, Runtime, to_dict
+from kdsearch.config import LatencyConfig, ModelConfig, Runtime, to_dict
 from kdsearch.infra.cpu_share import machine_share
 from kdsearch.infra.device import device_name
 from kdsearch.infra.tensor_cache import content_key
-from kdsearch.runtime.latency import LatencyConfig, OtherProcesses, latency_ms
+from kdsearch.runtime.latency import OtherProcesses, latency_ms
 from kdsearch.runtime.onnx_runtime import export_onnx, onnx_latency_ms, quantize_int8, session
 
 BUSY_CORES = 0.3  # other processes' cores above which a timing is not cached (contention inflates it)

@@ -32,6 +32,7 @@ import yaml
 from kdsearch.config import (
     ADDED_LATER,
     AttributionMethod,
+    LatencyConfig,
     ModelConfig,
     ParetoSampler,
     Runtime,
@@ -46,7 +47,6 @@ from kdsearch.distill.preflight import check_inputs
 from kdsearch.distill.teacher import recipe_config, trained_teacher_path
 from kdsearch.errors import ConfigError, DataError
 from kdsearch.infra.storage import check_name_length
-from kdsearch.runtime.latency import LatencyConfig
 
 
 class Pruner(StrEnum):

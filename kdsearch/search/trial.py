@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 import torch
 
-from kdsearch.config import ModelConfig, TeacherLogits, TrainConfig, flatten, replace, to_dict
+from kdsearch.config import LatencyConfig, ModelConfig, TeacherLogits, TrainConfig, flatten, replace, to_dict
 from kdsearch.data.datasets import Splits, load_splits
 from kdsearch.distill.teacher import trained_teacher_fields
 from kdsearch.distill.train import TrainInputs, TrainResult, prepare_inputs, train
@@ -27,7 +27,6 @@ from kdsearch.infra.tensor_cache import TensorCache, content_key
 from kdsearch.models.classifiers import CifarClassifier, save_checkpoint
 from kdsearch.models.inference import accuracy
 from kdsearch.runtime.costs import model_costs
-from kdsearch.runtime.latency import LatencyConfig
 from kdsearch.runtime.timing import CALIBRATION_IMAGES
 from kdsearch.search.studyfile import StudySpec, teacher_recipe_config
 from kdsearch.track.tracking import Tracker, run_tags

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdsearch.config import IGConfig, ModelConfig, OverlayConfig, Runtime, replace
+from kdsearch.config import IGConfig, LatencyConfig, ModelConfig, OverlayConfig, Runtime, replace
 from kdsearch.data.datasets import load_splits
 from kdsearch.distill.attribution import BASELINES, Attribution, maps_in_calls
 from kdsearch.distill.train import prepare_inputs, train
 from kdsearch.infra.cpu_share import CpuShare, machine_share
 from kdsearch.models.classifiers import build_model
 from kdsearch.models.inference import predict_logits
-from kdsearch.runtime.latency import LatencyConfig, measure_latency
+from kdsearch.runtime.latency import measure_latency
 from kdsearch.runtime.timing import runtime_latency
 
 # A process that takes 20 ms CPU steps for ``seconds`` and writes each one's (start, end) on the

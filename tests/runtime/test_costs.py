@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import kdsearch.runtime.costs as costs
+from kdsearch.config import LatencyConfig
 from kdsearch.models.classifiers import build_model
 from kdsearch.runtime.costs import model_costs
-from kdsearch.runtime.latency import LatencyConfig
 from tests.fakes import TINY, TINY_STUDENT
 
 QUICK = LatencyConfig(warmup=0, repeats=1, batch_sizes=(1, 4), onnx_runtimes=())

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import kdsearch.runtime.latency as latency_module
-from kdsearch.config import ModelConfig
+from kdsearch.config import LatencyConfig, ModelConfig
 from kdsearch.errors import ConfigError
 from kdsearch.models.classifiers import build_model
-from kdsearch.runtime.latency import LatencyConfig, OtherProcesses, latency_ms, measure_latency
+from kdsearch.runtime.latency import OtherProcesses, latency_ms, measure_latency
 
 
 class _Timed(nn.Module):

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import kdsearch.runtime.timing as timing
-from kdsearch.config import ModelConfig
+from kdsearch.config import LatencyConfig, ModelConfig
 from kdsearch.infra.device import device_name
 from kdsearch.models.classifiers import build_model
-from kdsearch.runtime.latency import LatencyConfig
 from kdsearch.runtime.timing import Exported, Timing, metric_name, onnx_latency_metrics, runtime_latency
 from tests.fakes import TINY, TINY_STUDENT
 

@@ -12,11 +12,10 @@ from optuna.trial import TrialState
 
 import kdsearch.runtime.timing as deploy
 from kdsearch.cli.main import main
-from kdsearch.config import ModelConfig, PruneConfig, replace
+from kdsearch.config import LatencyConfig, ModelConfig, PruneConfig, replace
 from kdsearch.distill.train import train
 from kdsearch.errors import ConfigError
 from kdsearch.models.classifiers import build_model, channel_plan, count_parameters, load_model
-from kdsearch.runtime.latency import LatencyConfig
 from kdsearch.search.pareto import PARETO
 from kdsearch.search.studyfile import load_study
 from tests.fakes import SMOKE

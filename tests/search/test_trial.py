@@ -7,11 +7,10 @@ import pytest
 import torch
 
 import kdsearch.search.trial as trial_module
-from kdsearch.config import ModelConfig, flatten, replace
+from kdsearch.config import LatencyConfig, ModelConfig, flatten, replace
 from kdsearch.data.datasets import load_splits
 from kdsearch.distill.train import TrainInputs
 from kdsearch.models.classifiers import build_model
-from kdsearch.runtime.latency import LatencyConfig
 from kdsearch.runtime.timing import CALIBRATION_IMAGES
 from kdsearch.search.trial import Prepared, TrialRunner
 from kdsearch.track.tracking import MemoryTracker
