@@ -107,6 +107,7 @@ TRIAL_COLUMNS = {
     "lr": "lr",
     "student_drop": "blocks dropped",
     "student": "student",
+    "method": "overlay method",
     "arm": "arm",
 }
 

@@ -175,10 +175,13 @@ class GridSpec:
     p: tuple[float, ...]
     gamma: tuple[float, ...] | None = None  # attention-transfer weights; None: no AT axis (gamma 0)
     student: tuple[str, ...] | None = None  # names of the study's `students`; None: train.student only
+    method: tuple[str, ...] | None = None  # attribution methods of the overlay; None: train.overlay.method only
 
     def __post_init__(self) -> None:
         if self.student is not None:
             object.__setattr__(self, "student", _names("grid student", self.student))
+        if self.method is not None:
+            object.__setattr__(self, "method", _methods("grid method", self.method))
         for name in (*SEARCH_PARAMS, "gamma"):
             values = getattr(self, name)
             if name == "gamma" and values is None:
@@ -198,6 +201,8 @@ class GridSpec:
             axes["gamma"] = list(self.gamma)
         if self.student is not None:
             axes["student"] = list(self.student)
+        if self.method is not None:
+            axes["method"] = list(self.method)
         return axes
 
 
@@ -228,6 +233,8 @@ class TPESpec:
     student_drop: tuple[int, int] | None = None  # also search the student depth, [low, high] blocks removed
     # also search the student: names of the study's `students` (left out of the stored space when unset)
     student: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
+    # also search the overlay's attribution method (left out of the stored space when unset)
+    method: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
     pruner: str = "median"  # median | hyperband | none, fed with the per-epoch validation accuracy
     startup_trials: int = 4  # median pruner: trials that are never pruned, to get a reference
     seed: int = 0  # TPE's seed in the process that creates the study
@@ -238,6 +245,8 @@ class TPESpec:
             raise ConfigError(f"tpe trials must be >= 1 but got {self.trials}")
         if self.student is not None:
             object.__setattr__(self, "student", _names("tpe student", self.student))
+        if self.method is not None:
+            object.__setattr__(self, "method", _methods("tpe method", self.method))
         object.__setattr__(self, "pruner", choice("tpe pruner", self.pruner, Pruner))
         for name in ("alpha", "p"):
             bounds = getattr(self, name)
@@ -576,6 +585,7 @@ PARAM_FIELDS: dict[str, tuple[str, str, type]] = {
     "gamma": ("attention", "gamma", float),
     "lr": ("optim", "lr", float),
     "student_drop": ("student", "drop_blocks", int),
+    "method": ("overlay", "method", str),
 }
 
 
@@ -600,6 +610,14 @@ def _names(where: str, values: Any) -> tuple[str, ...]:
     if not values or not all(isinstance(value, str) for value in values) or len(set(values)) != len(values):
         raise ConfigError(f"{where} must be distinct student names, at least one, but got {list(values)}")
     return values
+
+
+def _methods(where: str, values: Any) -> tuple[str, ...]:
+    """Distinct attribution methods (AttributionMethod values), at least one."""
+    methods = _names(where, values)
+    for method in methods:
+        choice(where, method, AttributionMethod)
+    return methods
 
 
 def _students(values: dict[str, Any], base: ModelConfig) -> dict[str, ModelConfig]:

@@ -30,6 +30,9 @@ PRUNERS: dict[Pruner, Callable[[StudySpec], optuna.pruners.BasePruner]] = {
 }
 
 
+CATEGORICAL_AXES = ("student", "method")  # searched by name; the other axes are numbers
+
+
 def check_students(configs: list[TrainConfig]) -> None:
     """Each distinct student of the trials' configs can be built and gives logits (a named student of
     another family included), checked once each."""
@@ -76,7 +79,7 @@ class GridSearch(StudyKind):
         def objective(trial: optuna.Trial) -> float:
             params = {
                 name: trial.suggest_categorical(name, values)
-                if name == "student"
+                if name in CATEGORICAL_AXES
                 else trial.suggest_float(name, min(values), max(values))
                 for name, values in space.items()
             }
@@ -119,7 +122,12 @@ class TPESearch(StudyKind):
         most = {"alpha": spec.tpe.alpha.high, "p": spec.tpe.p.high}
         if spec.tpe.gamma is not None:
             most["gamma"] = spec.tpe.gamma.high
-        return [spec.configure(most)]
+        # One config per overlay method on the axis, so that every method's maps are prepared once.
+        return (
+            [spec.configure({**most, "method": method}) for method in spec.tpe.method]
+            if spec.tpe.method
+            else [spec.configure(most)]
+        )
 
     def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
         tpe = handle.spec.tpe
@@ -138,8 +146,9 @@ class TPESearch(StudyKind):
             }
             if tpe.student_drop is not None:
                 params["student_drop"] = trial.suggest_int("student_drop", *tpe.student_drop)
-            if tpe.student is not None:
-                params["student"] = trial.suggest_categorical("student", list(tpe.student))
+            for name in CATEGORICAL_AXES:
+                if getattr(tpe, name) is not None:
+                    params[name] = trial.suggest_categorical(name, list(getattr(tpe, name)))
             return runner.train(trial, handle.spec.configure(params), prune=True).val_acc
 
         return objective

@@ -284,3 +284,17 @@ def test_a_pareto_student_axis_replaces_the_built_in_architecture_axes(spec):
     config = pareto_config(made, params)
     assert config.student.arch == "python:tests.models.sample_factory:small_net" and not config.prune.active
     PARETO.validate(made)
+
+
+def test_the_overlay_method_is_a_categorical_axis_of_grid_and_tpe(spec):
+    made = spec(grid={"t": [2.0], "alpha": [0.5], "p": [0.5], "method": ["integrated_gradients", "saliency"]})
+    configs = GRID.trial_configs(made, GRID.space(made))
+    assert [config.overlay.method for config in configs] == ["integrated_gradients", "saliency"]
+    tpe = spec(tpe={"trials": 3, "method": ["saliency", "grad_cam"]})
+    assert TPE.space(tpe)["method"] == ["saliency", "grad_cam"]
+    # Every method on the axis has a prepared config, so its maps are computed once before the trials.
+    assert {config.overlay.method for config in TPE.trial_configs(tpe, TPE.space(tpe))} == {"saliency", "grad_cam"}
+    params = {"t": 2.0, "alpha": 0.5, "p": 0.5, "method": "grad_cam"}
+    assert tpe.configure(params).overlay.method == "grad_cam"
+    with pytest.raises(ConfigError, match="grid method must be one of"):
+        spec(grid={"t": [2.0], "alpha": [0.5], "p": [0.5], "method": ["lime"]})
