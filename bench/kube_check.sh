@@ -57,7 +57,8 @@ log "podman $(podman version --format '{{.Client.Version}}')"
 cleanup() {
     if [ -f "$PLAY" ]; then
         podman kube down "$PLAY" >/dev/null 2>&1 || true
-        for volume in $("$PY" -c 'import sys, yaml; print(" ".join(d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) if d["kind"] == "PersistentVolumeClaim"))' "$PLAY"); do
+        # Claims and ConfigMaps become named volumes, which `kube down` leaves.
+        for volume in $("$PY" -c 'import sys, yaml; print(" ".join(d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) if d["kind"] in ("PersistentVolumeClaim", "ConfigMap")))' "$PLAY"); do
             podman volume rm -f "$volume" >/dev/null 2>&1 || true
         done
     fi
@@ -108,14 +109,14 @@ for kind in ("Job", "Service"):
     with open(f"{sys.argv[2]}/only-{kind}.yaml", "w") as out:
         yaml.safe_dump(next(d for d in docs if d["kind"] == kind), out)
 EOF
+podman network create "$NETWORK" >/dev/null
 for kind in Job Service; do
-    answer=$(podman kube play --start=false "$WORK/only-$kind.yaml" 2>&1 | tail -1 || true)
+    answer=$(podman kube play --network "$NETWORK" --start=false "$WORK/only-$kind.yaml" 2>&1 | tail -1 || true)
     podman kube down "$WORK/only-$kind.yaml" >/dev/null 2>&1 || true
     log "podman kube play of a $kind alone: ${answer:-(no output)}"
 done
 
 # --- play -------------------------------------------------------------------------------------------
-podman network create "$NETWORK" >/dev/null
 timed "podman kube play (all pods started)" podman kube play --network "$NETWORK" "$PLAY" >"$WORK/logs/play.log" 2>&1 \
     || fail "podman kube play failed: $(tail -3 "$WORK/logs/play.log")"
 log "study and worker containers: $(echo $JOB_CONTAINERS)"
