@@ -4,7 +4,9 @@ Both searches run here as kdsearch Pareto studies over the same space, on the sa
 sampler seed: the full-budget one trains every candidate for the last rung's epochs; the multi-fidelity
 one trains in rungs (``--rungs``) and promotes the best 1/``--reduction`` of each rung. Compute is the
 epochs actually trained over all trials (stopped ones included; both train on the same images); the
-multi-fidelity study gets candidates until it has spent at most the full-budget study's compute. Each
+multi-fidelity study gets as many candidates as the full study's epochs buy at successive halving's
+expected epochs per candidate, and both studies' actual epochs are printed (promotion is asynchronous,
+so the spent compute differs somewhat from the expectation). Each
 search's quality is the hypervolume of its validation front (accuracy ↑, latency ↓) against one reference
 point for both: accuracy 0 and 1.1 × the slowest latency either study measured. Printed: both budgets,
 both hypervolumes and their ratio; the last line is JSON.
@@ -84,17 +86,14 @@ def main() -> None:
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kdsearch-mf-"))
         common = {"latency.repeats": 3, "latency.onnx_runtimes": [], "pareto.latency": "torch"}
         full = run(args.study, workdir, "full", {**common, "train.epochs": rungs[-1]}, args.full_trials)
-        budget = epochs_trained(full)
+        # Successive halving's expected epochs per candidate: each rung's share of candidates times the
+        # epochs it adds; as many candidates as the full search's epochs buy at that rate.
+        shares = [args.reduction**-index for index in range(len(rungs))]
+        added = [rungs[0]] + [b - a for a, b in zip(rungs, rungs[1:], strict=False)]
+        per_candidate = sum(share * epochs for share, epochs in zip(shares, added, strict=True))
+        trials = max(args.full_trials, round(epochs_trained(full) / per_candidate))
         overrides = {**common, "pareto.rungs": rungs, "pareto.reduction": args.reduction}
-        trials, multi = args.full_trials, None
-        while True:  # more candidates until the next would exceed the full search's compute
-            candidate = run(args.study, workdir, "multi-fidelity", overrides, trials)
-            if epochs_trained(candidate) > budget and multi is not None:
-                break
-            multi = candidate
-            if epochs_trained(candidate) > budget:
-                break
-            trials += 2
+        multi = run(args.study, workdir, "multi-fidelity", overrides, trials)
     slowest = max(p[1] for p in front_points(full) + front_points(multi))
     reference = (0.0, 1.1 * slowest)
     result = {
