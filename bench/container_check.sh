@@ -46,21 +46,7 @@ TRACKING=http://127.0.0.1:$MLFLOW_PORT
 mkdir -p "$WORK/logs"
 T_ALL=$(date +%s)
 TIMES=()
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
-fail() {
-    printf 'container_check: FAIL: %s\n' "$*" >&2
-    exit 1
-}
-# timed NAME CMD...: runs CMD, records its wall time under NAME.
-timed() {
-    local name=$1 t0=$SECONDS rc=0
-    shift
-    log "$name"
-    "$@" || rc=$?
-    TIMES+=("$(printf '%-44s %5ds' "$name" $((SECONDS - t0)))")
-    return $rc
-}
-
+CHECK_NAME=container_check
 # shellcheck source=bench/container_images.sh
 source "$ROOT/bench/container_images.sh"
 

@@ -1,7 +1,22 @@
 # Sourced by bench/container_check.sh and bench/kube_check.sh: podman's settings on these machines and the
 # images of docker/ built with podman (a Debian base made locally with debootstrap, the PostgreSQL stand-in,
 # the CPU image), with this machine's pip configuration mounted into the build. The caller defines ROOT,
-# WORK, PY, BASE_IMAGE, CPU_IMAGE, POSTGRES_IMAGE and the functions log, fail and timed (NAME CMD...).
+# WORK, PY, BASE_IMAGE, CPU_IMAGE, POSTGRES_IMAGE, CHECK_NAME (its name in failures) and TIMES (an array).
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+fail() {
+    printf '%s: FAIL: %s\n' "$CHECK_NAME" "$*" >&2
+    exit 1
+}
+# timed NAME CMD...: runs CMD, records its wall time under NAME in TIMES.
+timed() {
+    local name=$1 t0=$SECONDS rc=0
+    shift
+    log "$name"
+    "$@" || rc=$?
+    TIMES+=("$(printf '%-44s %5ds' "$name" $((SECONDS - t0)))")
+    return $rc
+}
 
 # check_podman: root, the tools, and CONTAINERS_CONF (the script's own unless the caller set one).
 check_podman() {

@@ -34,19 +34,7 @@ PLAY=$WORK/play.yaml
 mkdir -p "$WORK/logs"
 T_ALL=$(date +%s)
 TIMES=()
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
-fail() {
-    printf 'kube_check: FAIL: %s\n' "$*" >&2
-    exit 1
-}
-timed() {
-    local name=$1 t0=$SECONDS rc=0
-    shift
-    log "$name"
-    "$@" || rc=$?
-    TIMES+=("$(printf '%-44s %5ds' "$name" $((SECONDS - t0)))")
-    return $rc
-}
+CHECK_NAME=kube_check
 # shellcheck source=bench/container_images.sh
 source "$ROOT/bench/container_images.sh"
 
