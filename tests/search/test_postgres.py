@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -47,8 +48,15 @@ def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
     return output
 
 
+@functools.cache
+def _storage() -> optuna.storages.RDBStorage:
+    # One connection pool for every read here: a storage per poll (20 a second while waiting for the victim)
+    # left a pool per poll open and ran a CI PostgreSQL out of connection slots.
+    return optuna.storages.RDBStorage(database_url(URL))
+
+
 def _study(name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=database_url(URL))
+    return optuna.load_study(study_name=name, storage=_storage())
 
 
 def _completed_points(study: optuna.Study) -> list[str]:
