@@ -11,6 +11,7 @@ identical lines mean identical training.
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def weight_hash(model: torch.nn.Module) -> str:
 
 
 def main() -> None:
+    os.environ["KDSEARCH_THREADS"] = "2"  # train() sizes its threads to the free cores unless told
     torch.set_num_threads(2)
     data = DataConfig(dataset="synthetic", synthetic_size=400, val_size=100)
     tiny = ModelConfig(arch="tiny_cnn")

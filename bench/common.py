@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kdsearch.runtime.latency import OtherProcesses, machine_busy_seconds, own_cpu_seconds
+from kdsearch.infra.cpu_load import OtherProcesses, machine_busy_seconds, own_cpu_seconds
 
 DATA_DIR = "/work/shared/data/cifar10-jpeg"
 DATA_LABEL = "CIFAR-10 (JPEG q75 copy)"

@@ -26,9 +26,9 @@ import torch
 from common import QUIET_CORES, header, machine, wait_quiet
 
 from kdsearch.config import LatencyConfig, ModelConfig, Runtime
+from kdsearch.infra.cpu_load import OtherProcesses
 from kdsearch.models.classifiers import build_model, count_flops, count_parameters, load_model
 from kdsearch.models.pruning import prune_classifier
-from kdsearch.runtime.latency import OtherProcesses
 from kdsearch.runtime.timing import Exported, _measure
 
 

@@ -22,6 +22,7 @@ import torch
 from common import header, machine, wait_quiet
 
 from kdsearch.config import LatencyConfig
+from kdsearch.infra.cpu_load import OtherProcesses
 from kdsearch.models.classifiers import (
     ModelConfig,
     build_model,
@@ -30,7 +31,7 @@ from kdsearch.models.classifiers import (
     fold_batchnorm,
     size_on_disk_bytes,
 )
-from kdsearch.runtime.latency import OtherProcesses, latency_ms
+from kdsearch.runtime.latency import latency_ms
 
 
 def main() -> None:

@@ -27,8 +27,9 @@ import torch
 from common import TEACHER, header, machine, other_cores, wait_quiet
 
 from kdsearch.config import LatencyConfig
+from kdsearch.infra.cpu_load import OtherProcesses
 from kdsearch.models.classifiers import ModelConfig, build_model
-from kdsearch.runtime.latency import OtherProcesses, latency_ms, measure_latency
+from kdsearch.runtime.latency import latency_ms, measure_latency
 
 NEIGHBOUR = """
 import sys

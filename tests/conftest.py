@@ -29,7 +29,12 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(autouse=True)
 def _isolated_environment(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    # The machine's CPU-share locks and process registry, per test: a test sees only its own processes.
+    monkeypatch.setenv("KDSEARCH_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
     monkeypatch.delenv("KDSEARCH_DATA_DIR", raising=False)
+    # Two threads whatever else runs on the machine: results that tests compare exactly (a resumed run
+    # against an uninterrupted one) must not depend on a thread count sized to the moment's load.
+    monkeypatch.setenv("KDSEARCH_THREADS", "2")
     torch.set_num_threads(2)
 
 

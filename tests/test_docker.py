@@ -256,7 +256,8 @@ def test_check_override_replaces_commands_merges_mappings_and_keeps_the_rest():
         assert merged[name]["build"] == {"context": "..", "dockerfile": "docker/Dockerfile.cpu"}
         for key in ("environment", "volumes", "restart", "depends_on"):
             assert merged[name][key] == base[name][key], (name, key)
-        assert merged[name]["volumes"] == ["cache:/cache"]
+        assert merged[name]["volumes"] == ["cache:/cache", "runtime:/run/kdsearch"]
+        assert merged[name]["environment"]["KDSEARCH_RUNTIME_DIR"] == "/run/kdsearch"  # one CPU share per machine
     assert "resources" in base["study"]["deploy"] and "deploy" not in merged["study"]
     assert set(base["worker"]["deploy"]) == {"mode", "replicas", "resources"}
 

@@ -332,9 +332,9 @@ def _describe_source(source: Source) -> dict[str, Any]:
 def _latency(config: ExportConfig, files: dict[str, Path]) -> dict[str, Any]:
     """Median ms per batch size of each file on ``config.threads`` threads, with the other processes'
     cores meanwhile (a busy machine inflates the times)."""
+    from kdsearch.infra.cpu_load import OtherProcesses
     from kdsearch.infra.cpu_share import machine_share
     from kdsearch.infra.device import device_name
-    from kdsearch.runtime.latency import OtherProcesses
     from kdsearch.runtime.onnx_runtime import onnx_latency_ms, session
 
     milliseconds = {}

@@ -51,7 +51,8 @@ from kdsearch.config import (
 )
 from kdsearch.data.datasets import Splits
 from kdsearch.errors import ConfigError
-from kdsearch.infra.cpu_share import machine_share
+from kdsearch.infra.cpu_load import OtherProcesses
+from kdsearch.infra.cpu_share import machine_share, share_threads
 from kdsearch.infra.device import device_name, resolve_precision
 from kdsearch.infra.tensor_cache import Artifact, TensorCache
 from kdsearch.models.classifiers import CifarClassifier, fold_batchnorm, weights_hash
@@ -531,6 +532,7 @@ def attribution_maps(
     label = "IG" if method == IG else method  # what logs and progress bars call the maps
 
     def build(scratch: Path):
+        share_threads()
         count = len(splits.train_labels)
         chunk_starts = range(0, count, CHUNK_IMAGES)
         done = sum(min(CHUNK_IMAGES, count - s) for s in chunk_starts if (scratch / f"chunk_{s:08d}.pt").exists())
@@ -552,15 +554,17 @@ def attribution_maps(
                     continue
                 stop = min(start + CHUNK_IMAGES, count)
                 began = time.perf_counter()
-                maps, errors = maps_in_calls(
-                    fast_teacher,
-                    splits.train_images[start:stop],
-                    splits.train_labels[start:stop],
-                    baseline,
-                    attribution,
-                    on_call=bar.update,
-                    first_index=start,
-                )
+                with OtherProcesses() as others:
+                    maps, errors = maps_in_calls(
+                        fast_teacher,
+                        splits.train_images[start:stop],
+                        splits.train_labels[start:stop],
+                        baseline,
+                        attribution,
+                        on_call=bar.update,
+                        first_index=start,
+                    )
+                share_threads(others.cores)
                 seconds += time.perf_counter() - began
                 tmp = chunk_path.with_name(chunk_path.name + ".tmp")
                 torch.save({"maps": maps.half(), **({"errors": errors} if errors is not None else {})}, tmp)

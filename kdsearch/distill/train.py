@@ -29,7 +29,8 @@ from kdsearch.distill.augment import SMALL_IMAGE, BatchRecipe, training_batch
 from kdsearch.distill.losses import kd_loss
 from kdsearch.distill.teacher import cached_teacher_logits, load_teacher
 from kdsearch.errors import CheckpointError, TrainingDiverged
-from kdsearch.infra.cpu_share import machine_share
+from kdsearch.infra.cpu_load import OtherProcesses
+from kdsearch.infra.cpu_share import machine_share, share_threads
 from kdsearch.infra.device import autocast_context, resolve_device, resolve_precision
 from kdsearch.models.classifiers import (
     CifarClassifier,
@@ -384,6 +385,7 @@ def train(
     after each epoch's validation (studies prune there).
     """
     setup_start = time.perf_counter()
+    share_threads()
     inputs = inputs if inputs is not None else prepare_inputs(config, progress)
     run = _set_up(config, inputs)
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -393,7 +395,9 @@ def train(
     loop_start, step_seconds, images_seen = time.perf_counter(), 0.0, 0
     splits, count = inputs.splits, len(run.train_labels)
     for epoch in range(run.start_epoch, config.epochs):
-        train_loss, seconds = _train_epoch(run, epoch, progress)
+        with OtherProcesses() as others:
+            train_loss, seconds = _train_epoch(run, epoch, progress)
+        share_threads(others.cores)  # the next epoch's threads: this one's share of what was free
         step_seconds += seconds
         images_seen += count
         val_acc = accuracy(

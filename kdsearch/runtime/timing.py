@@ -23,10 +23,11 @@ from filelock import FileLock
 from torch import nn
 
 from kdsearch.config import LatencyConfig, ModelConfig, Runtime, to_dict
+from kdsearch.infra.cpu_load import OtherProcesses
 from kdsearch.infra.cpu_share import machine_share
 from kdsearch.infra.device import device_name
 from kdsearch.infra.tensor_cache import content_key
-from kdsearch.runtime.latency import OtherProcesses, latency_ms
+from kdsearch.runtime.latency import latency_ms
 from kdsearch.runtime.onnx_runtime import export_onnx, onnx_latency_ms, quantize_int8, session
 
 BUSY_CORES = 0.3  # other processes' cores above which a timing is not cached (contention inflates it)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,7 +15,8 @@ from kdsearch.config import IGConfig, LatencyConfig, ModelConfig, OverlayConfig,
 from kdsearch.data.datasets import load_splits
 from kdsearch.distill.attribution import BASELINES, Attribution, maps_in_calls
 from kdsearch.distill.train import prepare_inputs, train
-from kdsearch.infra.cpu_share import CpuShare, machine_share
+from kdsearch.infra import cpu_share
+from kdsearch.infra.cpu_share import CpuShare, Presence, fair_threads, machine_share, runtime_dir, share_threads
 from kdsearch.models.classifiers import build_model
 from kdsearch.models.inference import predict_logits
 from kdsearch.runtime.latency import measure_latency
@@ -151,10 +154,109 @@ def test_training_steps_wait_while_another_process_times(student_config):
     assert forwards and forwards[0] >= times["released"]  # the first forward is the first training step's
 
 
-def test_the_machine_share_lives_in_the_kdsearch_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(tmp_path / "elsewhere"))
+def test_the_machine_share_lives_in_the_runtime_directory_whatever_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDSEARCH_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(tmp_path / "cache-a"))
     share = machine_share()
-    assert share is machine_share() and share.directory == tmp_path / "elsewhere"
+    monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(tmp_path / "cache-b"))  # another cache, the same machine
+    assert share is machine_share() and share.directory == tmp_path / "run"
     with share.step():
         pass
     assert sorted(path.name for path in share.directory.iterdir()) == ["cpu-share.steps", "cpu-share.turnstile"]
+    assert not (tmp_path / "cache-a").exists()
+
+
+def test_the_runtime_directory_is_kdsearchs_own_else_the_sessions_else_a_temporary_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDSEARCH_RUNTIME_DIR", str(tmp_path / "own"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    assert runtime_dir() == tmp_path / "own"
+    monkeypatch.delenv("KDSEARCH_RUNTIME_DIR")
+    assert runtime_dir() == tmp_path / "xdg" / "kdsearch"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert runtime_dir() == Path(tempfile.gettempdir()) / f"kdsearch-{os.getuid()}"
+
+
+# A kdsearch process that counts itself on the machine until it is killed.
+JOINER = """
+import sys, time
+from kdsearch.infra.cpu_share import Presence
+Presence(sys.argv[1]).join()
+print("joined", flush=True)
+time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def _other_processes(directory: Path, count: int):
+    others = [
+        subprocess.Popen([sys.executable, "-c", JOINER, str(directory)], stdout=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    try:
+        for other in others:
+            assert other.stdout.readline().strip() == "joined"
+        yield others
+    finally:
+        for other in others:
+            other.kill()
+            other.wait(timeout=30)
+
+
+def test_presence_counts_the_live_processes_and_forgets_those_that_exited(tmp_path):
+    presence = Presence(tmp_path)
+    assert presence.count() == 0
+    presence.join()
+    presence.join()  # joining twice counts once
+    with _other_processes(tmp_path, 2) as others:
+        assert presence.count() == 3
+        others[0].kill()
+        others[0].wait(timeout=30)
+        assert presence.count() == 2
+        assert len(list(tmp_path.glob("*.lock"))) == 2  # the exited one's file is gone
+    assert presence.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("cores", "processes", "others_busy", "threads"),
+    [
+        (2, 1, None, 2),
+        (2, 2, None, 1),
+        (2, 4, None, 1),  # never fewer than one
+        (16, 3, None, 5),
+        (2, 1, 1.0, 1),  # an install keeping a core busy
+        (2, 1, 0.4, 2),  # a little noise leaves both
+        (8, 2, 7.9, 1),
+        (8, 2, 2.0, 4),
+    ],
+)
+def test_threads_are_the_share_of_the_cores_others_left_free(cores, processes, others_busy, threads):
+    assert fair_threads(cores, processes, others_busy) == threads
+
+
+def test_a_process_sizes_its_threads_to_its_share_unless_told(tmp_path, monkeypatch):
+    monkeypatch.delenv("KDSEARCH_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_share, "usable_cores", lambda: 4)
+    with _other_processes(runtime_dir() / "processes", 1):
+        assert share_threads() == 2 and torch.get_num_threads() == 2  # two kdsearch processes on 4 cores
+        assert share_threads(others_busy=3.0) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert share_threads() == 3 and torch.get_num_threads() == 3
+        monkeypatch.setenv("KDSEARCH_THREADS", "1")
+        assert share_threads() == 1 and torch.get_num_threads() == 1
+
+
+def test_training_runs_on_its_share_of_the_cores(student_config, monkeypatch):
+    monkeypatch.delenv("KDSEARCH_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_share, "usable_cores", lambda: 2)
+    threads_seen: list[int] = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda *_: threads_seen.append(torch.get_num_threads())
+    )
+    try:
+        with _other_processes(runtime_dir() / "processes", 1):
+            train(replace(student_config, overlay=OverlayConfig(p=0.0)), progress=False)
+    finally:
+        hook.remove()
+    assert threads_seen and set(threads_seen) == {1}

@@ -12,8 +12,10 @@ from torch import nn
 import kdsearch.runtime.latency as latency_module
 from kdsearch.config import LatencyConfig, ModelConfig
 from kdsearch.errors import ConfigError
+from kdsearch.infra import cpu_load
+from kdsearch.infra.cpu_load import OtherProcesses
 from kdsearch.models.classifiers import build_model
-from kdsearch.runtime.latency import OtherProcesses, latency_ms, measure_latency
+from kdsearch.runtime.latency import latency_ms, measure_latency
 
 
 class _Timed(nn.Module):
@@ -36,11 +38,12 @@ class _Timed(nn.Module):
 def test_latency_is_the_median_of_the_timed_passes_after_the_warmup(monkeypatch, proc_stat):
     clock = [0.0]
     monkeypatch.setattr(latency_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(cpu_load, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     # The whole machine was busy 60 CPU-seconds while the measurement ran, this process 10 of them.
     busy = iter([1000.0, 1060.0] if proc_stat else [None, None])
     own = iter([5.0, 15.0])
-    monkeypatch.setattr(latency_module, "machine_busy_seconds", lambda: next(busy))
-    monkeypatch.setattr(latency_module, "own_cpu_seconds", lambda: next(own))
+    monkeypatch.setattr(cpu_load, "machine_busy_seconds", lambda: next(busy))
+    monkeypatch.setattr(cpu_load, "own_cpu_seconds", lambda: next(own))
     durations = {1: [50.0, 0.004, 0.001, 0.002], 16: [50.0, 0.010, 0.030, 0.020]}  # a slow warm-up, 3 repeats
     config = LatencyConfig(warmup=1, repeats=3, batch_sizes=(1, 16))
     metrics = measure_latency(_Timed(clock, durations), torch.device("cpu"), config, "x")
