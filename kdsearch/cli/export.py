@@ -21,7 +21,16 @@ def export_command(
         str | None, typer.Option("--study", help="Name of a study: export its best trial (by validation accuracy).")
     ] = None,
     trial: Annotated[
-        int | None, typer.Option("--trial", help="Export this trial of --study (required for a Pareto study).")
+        int | None,
+        typer.Option("--trial", help="Export this trial of --study (a Pareto study needs it or --within)."),
+    ] = None,
+    within: Annotated[
+        float | None,
+        typer.Option(
+            "--within",
+            help="A Pareto --study: export the fastest student of its front whose validation accuracy is within "
+            "this many points of the front's best.",
+        ),
     ] = None,
     run_id: Annotated[
         str | None, typer.Option("--run-id", help="Instead of --study: the MLflow run that trained the student.")
@@ -60,6 +69,7 @@ def export_command(
         storage=storage or default_storage(workdir),
         study=study,
         trial=trial,
+        within=within,
         run_id=run_id,
         format=export_format,
         int8=int8,
@@ -68,7 +78,7 @@ def export_command(
         cache_dir=cache_dir,
         warmup=warmup,
         repeats=repeats,
-        command=_command(study, trial, run_id, export_format, int8, out, register),
+        command=_command(study, trial, within, run_id, export_format, int8, out, register),
     )
     typer.echo(json.dumps(short_summary(export(config)), indent=2, default=str))
 
@@ -76,6 +86,7 @@ def export_command(
 def _command(
     study: str | None,
     trial: int | None,
+    within: float | None,
     run_id: str | None,
     export_format: str,
     int8: bool,
@@ -87,6 +98,7 @@ def _command(
     args = ["kdsearch", "export"]
     args += ["--study", study] if study is not None else []
     args += ["--trial", str(trial)] if trial is not None else []
+    args += ["--within", f"{within:g}"] if within is not None else []
     args += ["--run-id", run_id] if run_id is not None else []
     args += ["--format", str(export_format), *(["--int8"] if int8 else []), "--out", str(out)]
     args += ["--register", register] if register is not None else []

@@ -1,7 +1,9 @@
-"""``kdsearch report`` (tables, figures and index.html of a study or ablation) and ``kdsearch ui`` (MLflow UI)."""
+"""``kdsearch report`` (tables, figures and index.html of a study or ablation), ``kdsearch ui`` (MLflow UI, and
+optuna-dashboard beside it) and ``kdsearch summary`` (what a workdir's reports and exports hold)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -84,8 +86,17 @@ def ui_command(
     workdir: Workdir = Path("."),
     port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1; 0 picks a free one.")] = 0,
     experiment: Annotated[str | None, typer.Option("--experiment", help="Also print this experiment's URL.")] = None,
+    dashboard: Annotated[
+        bool,
+        typer.Option("--dashboard", help="Also start optuna-dashboard for the study storage (on a free port)."),
+    ] = False,
+    storage: Storage = None,
 ) -> None:
-    """Start the MLflow UI for the project's tracking store on 127.0.0.1 and print its URL (Ctrl-C stops it)."""
+    """Start the MLflow UI for the project's tracking store on 127.0.0.1 and print its URL (Ctrl-C stops it);
+    with --dashboard, optuna-dashboard for the studies beside it."""
+    from kdsearch.infra.storage import default_storage
+    from kdsearch.infra.urls import hide_password
+    from kdsearch.serve.dashboard import check_storage, start_dashboard
     from kdsearch.serve.mlflow_ui import experiment_id, start_ui
     from kdsearch.track.tracking import default_tracking_uri
 
@@ -93,16 +104,33 @@ def ui_command(
         raise ConfigError(f"--port must be in [0, 65535] but got {port}")
     uri = tracking_uri or default_tracking_uri(_workdir(workdir))
     target = experiment_id(uri, experiment) if experiment is not None else None
-    # A `kill` ends the UI like Ctrl-C does: through the `with`, which stops the server's processes.
+    study_storage = storage or default_storage(workdir)
+    if dashboard:
+        check_storage(study_storage)  # before either server starts
+    # A `kill` ends the UI like Ctrl-C does: through the `with`, which stops the servers' processes.
     signal.signal(signal.SIGTERM, _interrupt)
-    with start_ui(uri, port or None) as server:
+    with contextlib.ExitStack() as servers:
+        server = servers.enter_context(start_ui(uri, port or None))
         typer.echo(f"MLflow UI for {uri}: {server.url}")
         if target is not None:
             typer.echo(f"experiment {experiment}: {server.experiment_url(target)}")
-        if server.process is None:
+        if dashboard:
+            board = servers.enter_context(start_dashboard(study_storage))
+            typer.echo(f"optuna-dashboard for {hide_password(study_storage)}: {board.url}")
+        if server.process is None and not dashboard:
             return
         typer.echo("Ctrl-C stops it")
-        server.wait()
+        (server if server.process is not None else board).wait()
+
+
+def summary_command(
+    workdir: Annotated[Path, typer.Option("--workdir", help="The directory whose reports and exports to sum up.")],
+) -> None:
+    """What a workdir's studies produced: the exported student against the teacher, the ablation's paired
+    differences, where the reports and the model are, and the command that browses the runs."""
+    from kdsearch.report.summary import workdir_summary
+
+    typer.echo(workdir_summary(workdir))
 
 
 def _interrupt(signal_number, frame) -> None:
@@ -113,3 +141,4 @@ def register(app: typer.Typer) -> None:
     """Add ``report`` and ``ui`` to the main CLI."""
     app.command("report")(report_command)
     app.command("ui")(ui_command)
+    app.command("summary")(summary_command)

@@ -46,7 +46,8 @@ class ExportConfig:
     tracking_uri: str
     storage: str | None = None  # Optuna storage URL; needed with ``study``
     study: str | None = None  # a study's name: export its best trial, or ``trial``
-    trial: int | None = None  # a trial number of ``study``; required for a multi-objective study
+    trial: int | None = None  # a trial number of ``study``; a multi-objective study needs it or ``within``
+    within: float | None = None  # a Pareto study: its front's fastest student within this many points of the best
     run_id: str | None = None  # instead of a study: the MLflow run that trained the student
     format: str = "onnx"  # an ExportFormat
     int8: bool = False  # also a static int8 model, calibrated on training images
@@ -69,6 +70,10 @@ class ExportConfig:
             raise ConfigError("give exactly one of --study NAME or --run-id ID")
         if self.trial is not None and self.study is None:
             raise ConfigError("--trial selects a trial of --study; a --run-id names the run itself")
+        if self.within is not None and (self.study is None or self.trial is not None):
+            raise ConfigError("--within picks a trial of a Pareto --study; give it without --trial or --run-id")
+        if self.within is not None and not 0 <= self.within <= 100:
+            raise ConfigError(f"--within must be in [0, 100] points but got {self.within}")
         if self.trial is not None and self.trial < 0:
             raise ConfigError(f"--trial must be >= 0 but got {self.trial}")
         if self.study is not None and self.storage is None:
@@ -156,16 +161,24 @@ def find_source(config: ExportConfig, client) -> Source:
 
 
 def _chosen_trial(config: ExportConfig):
-    from kdsearch.search.study import best_trial, find_study, front
+    from kdsearch.search.study import best_trial, fastest_within, find_study, front
 
     study = find_study(config.storage, config.study)
     trials = {trial.number: trial for trial in study.get_trials(deepcopy=False)}
+    if config.within is not None and len(study.directions) == 1:
+        raise StudyError(f"study {config.study!r} has one objective: --within is for a Pareto study")
+    if config.within is not None:
+        picked = fastest_within(study, config.within)
+        if picked is None:
+            raise StudyError(f"study {config.study!r} has no complete trial yet")
+        return study, picked, False
     if config.trial is None:
         if len(study.directions) > 1:
             numbers = [trial.number for trial in front(study)]
             raise StudyError(
-                f"study {config.study!r} has {len(study.directions)} objectives: choose a trial with --trial "
-                f"(its Pareto front: trials {numbers})"
+                f"study {config.study!r} has {len(study.directions)} objectives: choose a trial with --trial, or "
+                f"--within POINTS for the fastest of its front within POINTS of the best accuracy (its Pareto "
+                f"front: trials {numbers})"
             )
         best = best_trial(study)
         if best is None:

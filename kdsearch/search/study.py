@@ -625,6 +625,16 @@ def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(study.best_trials, key=lambda trial: -trial.values[0])
 
 
+def fastest_within(study: optuna.Study, points: float) -> optuna.trial.FrozenTrial | None:
+    """A Pareto study's pick for deployment: the fastest trial of its front whose validation accuracy is
+    within ``points`` of the front's best (0: the most accurate one). None before a trial completed."""
+    trials = front(study)
+    if not trials:
+        return None
+    eligible = [trial for trial in trials if trial.values[0] >= trials[0].values[0] - points]
+    return min(eligible, key=lambda trial: trial.values[1])
+
+
 def summarize(handle: StudyHandle, ran: list[int], parent: str | None) -> RunSummary:
     """The study now, and what became of the trials ``ran`` (their numbers) that this process evaluated."""
     trials, numbers = handle.trials(), set(ran)

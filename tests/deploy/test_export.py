@@ -264,7 +264,12 @@ def fake_stores(tmp_path_factory, _mlflow_template) -> dict:
         (["--study", "single", "--trial", "2"], "trial 2 of study 'single' is PRUNED, not COMPLETE"),
         (["--study", "single", "--trial", "7"], "study 'single' has no trial 7; its trials: [0, 1, 2]"),
         (["--study", "single"], "no MLflow run 'gone' in "),
-        (["--study", "front"], "choose a trial with --trial (its Pareto front: trials [0, 1])"),
+        (["--study", "front"], "choose a trial with --trial, or --within POINTS for the fastest of its front"),
+        (["--study", "front"], "(its Pareto front: trials [0, 1])"),
+        (["--study", "single", "--within", "1"], "study 'single' has one objective: --within is for a Pareto study"),
+        (["--study", "front", "--within", "-1"], "--within must be in [0, 100] points but got -1.0"),
+        (["--study", "front", "--trial", "0", "--within", "1"], "--within picks a trial of a Pareto --study"),
+        (["--study", "front", "--within", "10"], "trial 1 of study 'front'"),  # 50 % at 1 ms: within 10 of 60 %
         (["--study", "nope"], "no study 'nope' in "),
         (["--run-id", "0123456789abcdef"], "no MLflow run '0123456789abcdef' in "),
         (["--run-id", "BARE"], "has no config.json or model.pt: only a completed trial's run holds its student"),

@@ -23,6 +23,7 @@ from kdsearch.search.study import (
     _Heartbeat,
     _tell,
     claim_waiting,
+    fastest_within,
     join_study,
     open_study,
     run_study,
@@ -560,3 +561,14 @@ def test_a_study_command_none_of_whose_trials_completed_exits_1_saying_why(tmp_p
     captured = capsys.readouterr()
     assert code == 1 and "0 of 4 complete (2 run now)" in captured.out
     assert captured.err == "error: none of the 2 trial(s) run now completed: 2 failed (trial 1: loss nan)\n"
+
+
+@pytest.mark.parametrize(("points", "picked"), [(0.0, 0), (9.9, 0), (10.0, 1), (14.9, 1), (15.0, 3), (30.0, 3)])
+def test_the_pick_of_a_front_is_its_fastest_student_within_the_points_given(points, picked):
+    space = {"t": optuna.distributions.FloatDistribution(1.0, 8.0)}
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for accuracy_, latency in ((60.0, 2.0), (50.0, 1.0), (40.0, 3.0), (45.0, 0.5)):
+        study.add_trial(optuna.trial.create_trial(params={"t": 2.0}, distributions=space, values=[accuracy_, latency]))
+    # The front: 60 % at 2 ms, 50 % at 1 ms, 45 % at 0.5 ms (40 % at 3 ms is dominated).
+    assert fastest_within(study, points).number == picked
+    assert fastest_within(optuna.create_study(directions=["maximize", "minimize"]), 1.0) is None

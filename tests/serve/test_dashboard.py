@@ -133,6 +133,39 @@ def test_cli_prints_the_urls_and_ctrl_c_stops_the_server(tmp_path, storage):
             process.wait(timeout=30)
 
 
+@pytest.mark.slow
+def test_ui_with_dashboard_starts_both_on_the_workdirs_stores_and_ctrl_c_stops_both(tmp_path, storage, mlflow_uri):
+    process = subprocess.Popen(
+        [*CLI, "ui", "--workdir", str(tmp_path), "--dashboard"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = [process.stdout.readline() for _ in range(3)]
+        assert lines[0].startswith(f"MLflow UI for {mlflow_uri}: http://127.0.0.1:"), lines
+        assert lines[1].startswith(f"optuna-dashboard for {storage}: http://127.0.0.1:"), lines
+        assert lines[2].strip() == "Ctrl-C stops it"
+        ui_url, board_url = (line.split(": ", 1)[1].strip() for line in lines[:2])
+        with urllib.request.urlopen(ui_url + "/health", timeout=10) as answer:
+            assert answer.status == 200
+        assert len(api(board_url, "/api/studies/1")["trials"]) == len(VALUES)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+        assert "Traceback" not in process.stderr.read()
+        assert not _answers(board_url)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=30)
+
+
+def test_ui_with_dashboard_refuses_a_workdir_without_studies_before_starting_anything(tmp_path, mlflow_uri, capsys):
+    code, printed, err = _run(capsys, ["ui", "--workdir", str(tmp_path), "--dashboard"])
+    assert code == 2 and printed == ""
+    assert "studies.db: no such file" in err and err.count("\n") == 1
+
+
 @pytest.mark.browser
 def test_browser_shows_the_studys_trials_with_values_and_params(browser, artifacts, storage):  # noqa: F811
     with start_dashboard(storage) as server:
