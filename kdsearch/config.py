@@ -90,6 +90,11 @@ class OverlayMode(StrEnum):
     SHUFFLED = "shuffled"  # another image's map: the control for the maps' alignment
 
 
+class MapCoverage(StrEnum):
+    ALL = "all"  # the maps of every training image, computed once before the first run (the full cache)
+    DRAWN = "drawn"  # only the maps a run's overlay will draw, computed as runs need them
+
+
 class Optimizer(StrEnum):
     ADAM = "adam"
     SGD = "sgd"
@@ -372,12 +377,14 @@ class OverlayConfig:
     p: float = 0.1  # probability that an image gets the overlay (Eq. 7)
     mode: str = "aligned"  # an OverlayMode
     method: str = field(default="integrated_gradients", metadata=ADDED_LATER)  # an AttributionMethod: whose maps
+    maps: str = field(default="all", metadata=ADDED_LATER)  # a MapCoverage: which maps are computed
 
     def __post_init__(self) -> None:
         check_field_types(self)
         _check_unit_interval("p", self.p)
         object.__setattr__(self, "mode", choice("overlay mode", self.mode, OverlayMode))
         object.__setattr__(self, "method", choice("overlay method", self.method, AttributionMethod))
+        object.__setattr__(self, "maps", choice("overlay maps", self.maps, MapCoverage))
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,27 @@ def blend(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return 0.5 * images + 0.5 * maps.unsqueeze(-3).to(images.dtype)
 
 
+def overlay_draws(
+    size: int, p: float, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The overlay's random draws for a batch of ``size``: (boolean mask of the images blended, with
+    probability ``p``; exponents s = exp(U[ln 1, ln 2])), in this order from ``generator``."""
+    draw_device = generator.device
+    blended_mask = (torch.rand(size, generator=generator, device=draw_device) < p).to(device)
+    exponents = torch.exp(torch.rand(size, generator=generator, device=draw_device) * math.log(2.0)).to(device)
+    return blended_mask, exponents
+
+
+def apply_overlay(
+    images: torch.Tensor, maps: torch.Tensor, blended_mask: torch.Tensor, exponents: torch.Tensor
+) -> torch.Tensor:
+    """Blend the images of ``blended_mask`` with their maps raised to ``exponents`` (Eq. 5-7); the others
+    are returned unchanged whatever their maps hold."""
+    scaled = maps.float().clamp_min(0) ** exponents.view(-1, 1, 1)
+    blended = blend(images, min_max(scaled))
+    return torch.where(blended_mask.view(-1, 1, 1, 1), blended, images)
+
+
 def ig_overlay(
     images: torch.Tensor, maps: torch.Tensor, p: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,13 +118,8 @@ def ig_overlay(
     non-negative. Per image: s = exp(U[ln 1, ln 2]), m = maps**s, min-max normalised, and
     x' = 0.5 x + 0.5 m on every channel. Returns (augmented images, boolean mask of blended images).
     """
-    size = images.shape[0]
-    draw_device = generator.device
-    blended_mask = (torch.rand(size, generator=generator, device=draw_device) < p).to(images.device)
-    exponents = torch.exp(torch.rand(size, generator=generator, device=draw_device) * math.log(2.0)).to(images.device)
-    scaled = maps.float().clamp_min(0) ** exponents.view(-1, 1, 1)
-    blended = blend(images, min_max(scaled))
-    return torch.where(blended_mask.view(-1, 1, 1, 1), blended, images), blended_mask
+    blended_mask, exponents = overlay_draws(images.shape[0], p, generator, images.device)
+    return apply_overlay(images, maps, blended_mask, exponents), blended_mask
 
 
 def _aligned_map_index(index: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -135,6 +151,17 @@ class BatchRecipe:
     resized_crop: bool = False  # large images: random resized crop + flip instead of pad-and-shift + flip
 
 
+def batch_overlay_draws(
+    index: torch.Tensor, count: int, recipe: BatchRecipe, overlay_generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything the overlay of the batch ``index`` draws, in order: (whose map overlays each image,
+    which images are blended, the exponents). Replaying these draws without the images tells which
+    maps a run will ever use (``train.drawn_images``)."""
+    map_index = OVERLAY_MODES[recipe.overlay_mode](index, count, overlay_generator)
+    blended_mask, exponents = overlay_draws(len(index), recipe.overlay_p, overlay_generator, index.device)
+    return map_index, blended_mask, exponents
+
+
 def training_batch(
     images: torch.Tensor,
     index: torch.Tensor,
@@ -150,9 +177,9 @@ def training_batch(
     """
     batch = images[index].float().div_(255)
     if maps is not None and recipe.overlay_p > 0:
-        map_index = OVERLAY_MODES[recipe.overlay_mode](index, len(images), overlay_generator)
+        map_index, blended_mask, exponents = batch_overlay_draws(index, len(images), recipe, overlay_generator)
         stacked = _crop_flip(torch.cat([batch, maps[map_index].float().unsqueeze(1)], 1), recipe, generator)
-        batch, _ = ig_overlay(stacked[:, :3], stacked[:, 3], recipe.overlay_p, overlay_generator)
+        batch = apply_overlay(stacked[:, :3], stacked[:, 3], blended_mask, exponents)
     else:
         batch = _crop_flip(batch, recipe, generator)
     return batch.contiguous(memory_format=torch.channels_last) if recipe.channels_last else batch

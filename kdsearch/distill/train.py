@@ -21,11 +21,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdsearch.config import ModelConfig, OptimConfig, StudentInit, TeacherLogits, TrainConfig, replace, to_dict
+from kdsearch.config import (
+    MapCoverage,
+    ModelConfig,
+    OptimConfig,
+    StudentInit,
+    TeacherLogits,
+    TrainConfig,
+    replace,
+    to_dict,
+)
 from kdsearch.data.datasets import Splits, load_splits
 from kdsearch.distill.attention import FeatureTaps, at_loss, check_pairs, default_pairs
 from kdsearch.distill.attribution import Attribution, attribution_maps, map_ms
-from kdsearch.distill.augment import SMALL_IMAGE, BatchRecipe, training_batch
+from kdsearch.distill.augment import SMALL_IMAGE, BatchRecipe, batch_overlay_draws, training_batch
+from kdsearch.distill.drawn_maps import drawn_maps
 from kdsearch.distill.losses import kd_loss
 from kdsearch.distill.teacher import cached_teacher_logits, load_teacher
 from kdsearch.errors import CheckpointError, TrainingDiverged
@@ -69,6 +79,8 @@ class TrainInputs:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     map_keys: dict[str, str] = field(default_factory=dict)  # each method's cache key
     map_ms: dict[str, float | None] = field(default_factory=dict)  # each method's cost per map (None: not recorded)
+    # Each method's (N,) bool of the images with a map (``overlay.maps: drawn``); absent: every image has one.
+    map_coverage: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_logits: torch.Tensor | None = None  # (N, classes) on the device
 
 
@@ -79,10 +91,12 @@ def prepare_inputs(
     methods: Iterable[str] | None = None,
     logits: bool | None = None,
     teacher: bool = False,
+    runs: Iterable[TrainConfig] | None = None,
 ) -> TrainInputs:
     """Load (or compute once and cache) what ``config`` needs; ``methods``/``logits`` override whose maps
     (with ``config``'s attribution settings) and whether cached logits are loaded, ``teacher`` loads the
-    teacher even when the config needs none."""
+    teacher even when the config needs none. With ``overlay.maps: drawn``, the maps are those the
+    overlays of ``runs`` (default: ``config`` alone) will draw."""
     device = resolve_device(config.device)
     splits = splits if splits is not None else load_splits(config.data, config.cache_dir)
     methods = list(methods if methods is not None else [config.overlay.method] if config.overlay.p > 0 else [])
@@ -90,7 +104,13 @@ def prepare_inputs(
         return TrainInputs(splits)
     teacher = load_teacher(config, splits.num_classes, device)
     inputs = TrainInputs(splits, teacher, weights_hash(teacher))
+    runs = list(runs) if runs is not None else [config]
     for method in methods:
+        if config.overlay.maps == MapCoverage.DRAWN:
+            drawing = [run for run in runs if run.overlay.p > 0 and run.overlay.method == method]
+            needed = [drawn_images(run, len(splits.train_labels)) for run in drawing]
+            _use_drawn_maps(inputs, config, method, torch.cat(needed) if needed else torch.zeros(0, dtype=torch.long))
+            continue
         artifact = attribution_maps(teacher, splits, Attribution.of(config, method), config.cache_dir, device, progress)
         inputs.maps[method] = artifact.tensors["maps"].to(device)
         inputs.map_keys[method], inputs.map_ms[method] = artifact.path.name, map_ms(artifact)
@@ -98,6 +118,50 @@ def prepare_inputs(
     if logits if logits is not None else cached:
         inputs.teacher_logits = cached_teacher_logits(teacher, splits, config.cache_dir, device).to(device)
     return inputs
+
+
+def drawn_images(config: TrainConfig, count: int) -> torch.Tensor:
+    """The training images (indices, sorted, unique) whose maps ``config``'s overlay will blend over all
+    its epochs, by replaying the overlay's own random stream (``_train_epoch`` draws from the same seeds
+    in the same order; the images themselves do not change the draws)."""
+    recipe = BatchRecipe(0, "constant", config.overlay.p, config.overlay.mode, False)
+    steps = math.ceil(count / config.batch_size)
+    drawn = []
+    for epoch in range(config.epochs):
+        epoch_seed = config.seed * 1_000_003 + epoch
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed))
+        overlay_generator = torch.Generator().manual_seed(epoch_seed + OVERLAY_STREAM)
+        for step in range(steps):
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            map_index, blended_mask, _ = batch_overlay_draws(index, count, recipe, overlay_generator)
+            drawn.append(map_index[blended_mask])
+    return torch.unique(torch.cat(drawn)) if drawn else torch.zeros(0, dtype=torch.long)
+
+
+def _use_drawn_maps(inputs: TrainInputs, config: TrainConfig, method: str, needed: torch.Tensor) -> None:
+    """Give ``inputs`` the maps of ``method`` for the images ``needed``, computing the missing ones."""
+    device = resolve_device(config.device)
+    found = drawn_maps(inputs.teacher, inputs.splits, Attribution.of(config, method), needed, config.cache_dir, device)
+    inputs.maps[method] = found.maps.to(device)
+    inputs.map_keys[method], inputs.map_ms[method] = found.key, found.ms_per_map
+    if found.have is None:
+        inputs.map_coverage.pop(method, None)
+    else:
+        inputs.map_coverage[method] = found.have
+
+
+def _cover_drawn_images(run: _Run) -> None:
+    """A run whose overlay draws an image without a map (its study prepared the maps of other trials'
+    draws, e.g. a TPE trial with a new p) gets the missing maps now."""
+    config, inputs = run.config, run.inputs
+    coverage = inputs.map_coverage.get(config.overlay.method)
+    if run.maps is None or coverage is None:
+        return
+    needed = drawn_images(config, len(run.train_labels))
+    if bool(coverage[needed].all()):
+        return
+    _use_drawn_maps(inputs, config, config.overlay.method, needed)
+    run.maps = inputs.maps[config.overlay.method]
 
 
 @dataclass
@@ -388,6 +452,7 @@ def train(
     share_threads()
     inputs = inputs if inputs is not None else prepare_inputs(config, progress)
     run = _set_up(config, inputs)
+    _cover_drawn_images(run)
     run_dir = Path(run_dir) if run_dir is not None else None
     if resume and run_dir is not None:
         _resume(run, run_dir, discard_foreign_checkpoint)

@@ -175,7 +175,8 @@ class AblationKind(StudyKind):
         return [{"arm": arm, "seed": seed} for seed in space["seeds"] for arm in space["arms"]]
 
     def trial_configs(self, spec: StudySpec, space: dict[str, Any]) -> list[TrainConfig]:
-        return [arm_config(spec, arm, 0) for arm in space["arms"]]
+        # Every seed's: with ``overlay.maps: drawn`` the maps of all their draws are computed in one go.
+        return [arm_config(spec, point["arm"], point["seed"]) for point in self.points(space)]
 
     def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
         spec = handle.spec

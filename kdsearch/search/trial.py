@@ -92,6 +92,7 @@ def prepare(spec: StudySpec, configs: list[TrainConfig], progress: bool = True) 
         methods=sorted({config.overlay.method for config in configs if config.overlay.p > 0}),
         logits=any(config.kd.alpha > 0 and config.kd.teacher_logits == TeacherLogits.CACHED for config in configs),
         teacher=True,
+        runs=configs,
     )
     teacher_architecture = replace(base.teacher, num_classes=splits.num_classes)
     metrics = {

@@ -17,7 +17,7 @@ from kdsearch.search.studyfile import (
     with_params,
 )
 from kdsearch.search.tune import GRID
-from tests.fakes import CPU_QUICK, PAPER, SMOKE
+from tests.fakes import CPU_QUICK, PAPER, REPO, SMOKE
 
 MINIMAL = {"name": "t", "teacher": {"checkpoint": "teacher.pt"}}
 
@@ -291,3 +291,15 @@ def test_a_study_name_is_refused_alike_in_a_file_and_as_study_name(name, message
         check_study_name(name)
     with pytest.raises(ConfigError, match=message):
         build_spec({**MINIMAL, "name": name})
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_committed_study_file_loads(path):
+    spec = load_study(path)
+    assert spec.name and spec.train.epochs >= 1
+
+
+def test_the_demo_draws_only_the_overlaid_maps_and_starts_students_from_the_teacher():
+    spec = load_study(REPO / "studies" / "demo.yaml")
+    assert spec.train.overlay.maps == "drawn" and spec.train.student_init == "teacher"
+    assert spec.ablation.arms == ("baseline", "kd", "ig", "kd_ig") and spec.pareto.trials == len(spec.pareto.enqueue)
