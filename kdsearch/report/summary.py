@@ -52,8 +52,8 @@ def _front_row(reports: list[Report], study: str, trial: int) -> tuple[pd.Series
             continue
         front = pd.read_csv(table)
         names = front["student"].astype(str)
-        # "trial 4 (also 11, 13) (paper's student)": the trial a row lists first is the student's own.
-        mine = front[names.str.match(rf"trial {trial}\b")]
+        # "trial 4 (also 11, 13) (paper's student)": a point proposed again shares its first trial's row.
+        mine = front[names.str.match(rf"trial ({trial}\b|\d+ \(also [\d, ]*\b{trial}\b)")]
         teacher = front[names == "teacher"]
         if len(mine) and len(teacher):
             return mine.iloc[0], teacher.iloc[0]
