@@ -20,6 +20,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 KDSEARCH=${KDSEARCH:-.venv/bin/kdsearch}
 export OMP_NUM_THREADS=${THREADS:-1}
+# Background work yields to what a person runs meanwhile. `nice` alone does not do it when the step was
+# started in its own session (setsid): Linux then schedules each session's group as one, whatever its
+# processes' nice values, and the background step took two thirds of a core from a foreground
+# `kdsearch ablate` here; the session group's own nice value does.
+if [ -n "${NICE_GROUP:-}" ]; then echo "$NICE_GROUP" > /proc/self/autogroup 2>/dev/null || true; fi
 mkdir -p runs/logs runs/cifar10-grid runs/cifar10-ablation
 
 case "${1:-}" in

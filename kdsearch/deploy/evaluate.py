@@ -65,7 +65,7 @@ def evaluate(
         checkpoint=str(checkpoint),
         dataset=splits.label,
         test_images=len(splits.test_labels),
-        test_acc=accuracy(model, splits.test_images, splits.test_labels, 500, target, None),
+        test_acc=accuracy(model, splits.test_images, splits.test_labels, device=target),
         params=count_parameters(model),
         flops=count_flops(model),
         size_bytes=size_on_disk_bytes(model),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from tqdm import tqdm
 
 from kdsearch.data.datasets import Splits
 from kdsearch.distill.attribution import (
@@ -66,6 +67,7 @@ def drawn_maps(
     needed: torch.Tensor,
     cache_dir: str | Path,
     device: torch.device,
+    progress: bool = False,
 ) -> DrawnMaps:
     """The maps of the training images ``needed`` (indices), from the full cache where it exists, else
     from the drawn store, computing the missing ones now."""
@@ -89,14 +91,16 @@ def drawn_maps(
             began = time.perf_counter()
             # A random method's calls are seeded from the first missing image's index: the same missing
             # images get the same noise.
-            computed, _ = maps_in_calls(
-                model,
-                splits.train_images[missing],
-                splits.train_labels[missing],
-                baseline,
-                attribution,
-                first_index=int(missing[0]),
-            )
+            with tqdm(total=len(missing), desc=f"{label} maps", unit="img", disable=not progress) as bar:
+                computed, _ = maps_in_calls(
+                    model,
+                    splits.train_images[missing],
+                    splits.train_labels[missing],
+                    baseline,
+                    attribution,
+                    on_call=bar.update,
+                    first_index=int(missing[0]),
+                )
             ms_per_map = 1000 * (time.perf_counter() - began) / len(missing)
             part = directory / f"part-{uuid.uuid4().hex}.pt"
             scratch = part.with_name(part.name + ".tmp")

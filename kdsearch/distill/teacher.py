@@ -1,5 +1,5 @@
 """The teacher: the recipe that trains one (and the defaults of the shared pretrained teacher), loading
-it, its logits on the training images, (what it costs is runtime.costs').
+it, its logits on the training images and its test accuracy, (what it costs is runtime.costs').
 
 A teacher trained by a study is a state dict in the tensor cache, keyed by its recipe, so every trial,
 resume and worker sharing a cache directory trains it once.
@@ -26,13 +26,8 @@ from kdsearch.config import (
 )
 from kdsearch.data.datasets import Splits
 from kdsearch.infra.tensor_cache import TensorCache
-from kdsearch.models.classifiers import (
-    CifarClassifier,
-    fold_batchnorm,
-    load_model,
-    weights_hash,
-)
-from kdsearch.models.inference import predict_logits
+from kdsearch.models.classifiers import CifarClassifier, load_model, weights_hash
+from kdsearch.models.inference import accuracy, predict_logits
 
 
 def recipe_config(
@@ -86,7 +81,23 @@ def cached_teacher_logits(teacher: CifarClassifier, splits: Splits, cache_dir: s
     """Teacher logits on the clean training images, computed once (fp32) and kept beside the IG cache."""
 
     def build(scratch: Path):
-        return {"logits": predict_logits(fold_batchnorm(teacher), splits.train_images, 500, device, None)}, {}
+        # Batches of 500, as the logits every cached-logit run so far was trained on were computed (the
+        # batch size changes the last float bits); computed once, so its speed hardly matters.
+        return {"logits": predict_logits(teacher, splits.train_images, 500, device, None)}, {}
 
     fields = {"teacher": weights_hash(teacher), "data": splits.fingerprint}
     return TensorCache(cache_dir).get_or_build("teacher_logits", fields, build).tensors["logits"]
+
+
+def cached_teacher_accuracy(
+    teacher: CifarClassifier, splits: Splits, cache_dir: str | Path, device: torch.device
+) -> float:
+    """The teacher's test accuracy (%, fp32), measured once per teacher and data split: every study,
+    report and export of the same teacher would otherwise spend a test pass on it (a minute here)."""
+
+    def build(scratch: Path):
+        accuracy_percent = accuracy(teacher, splits.test_images, splits.test_labels, device=device)
+        return {"test_acc": torch.tensor([accuracy_percent], dtype=torch.float64)}, {}
+
+    fields = {"teacher": weights_hash(teacher), "data": splits.fingerprint}
+    return float(TensorCache(cache_dir).get_or_build("teacher_accuracy", fields, build).tensors["test_acc"][0])

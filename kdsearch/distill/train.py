@@ -109,7 +109,8 @@ def prepare_inputs(
         if config.overlay.maps == MapCoverage.DRAWN:
             drawing = [run for run in runs if run.overlay.p > 0 and run.overlay.method == method]
             needed = [drawn_images(run, len(splits.train_labels)) for run in drawing]
-            _use_drawn_maps(inputs, config, method, torch.cat(needed) if needed else torch.zeros(0, dtype=torch.long))
+            drawn = torch.cat(needed) if needed else torch.zeros(0, dtype=torch.long)
+            _use_drawn_maps(inputs, config, method, drawn, progress)
             continue
         artifact = attribution_maps(teacher, splits, Attribution.of(config, method), config.cache_dir, device, progress)
         inputs.maps[method] = artifact.tensors["maps"].to(device)
@@ -138,10 +139,13 @@ def drawn_images(config: TrainConfig, count: int) -> torch.Tensor:
     return torch.unique(torch.cat(drawn)) if drawn else torch.zeros(0, dtype=torch.long)
 
 
-def _use_drawn_maps(inputs: TrainInputs, config: TrainConfig, method: str, needed: torch.Tensor) -> None:
+def _use_drawn_maps(
+    inputs: TrainInputs, config: TrainConfig, method: str, needed: torch.Tensor, progress: bool
+) -> None:
     """Give ``inputs`` the maps of ``method`` for the images ``needed``, computing the missing ones."""
     device = resolve_device(config.device)
-    found = drawn_maps(inputs.teacher, inputs.splits, Attribution.of(config, method), needed, config.cache_dir, device)
+    attribution = Attribution.of(config, method)
+    found = drawn_maps(inputs.teacher, inputs.splits, attribution, needed, config.cache_dir, device, progress)
     inputs.maps[method] = found.maps.to(device)
     inputs.map_keys[method], inputs.map_ms[method] = found.key, found.ms_per_map
     if found.have is None:
@@ -150,7 +154,7 @@ def _use_drawn_maps(inputs: TrainInputs, config: TrainConfig, method: str, neede
         inputs.map_coverage[method] = found.have
 
 
-def _cover_drawn_images(run: _Run) -> None:
+def _cover_drawn_images(run: _Run, progress: bool) -> None:
     """A run whose overlay draws an image without a map (its study prepared the maps of other trials'
     draws, e.g. a TPE trial with a new p) gets the missing maps now."""
     config, inputs = run.config, run.inputs
@@ -160,7 +164,7 @@ def _cover_drawn_images(run: _Run) -> None:
     needed = drawn_images(config, len(run.train_labels))
     if bool(coverage[needed].all()):
         return
-    _use_drawn_maps(inputs, config, config.overlay.method, needed)
+    _use_drawn_maps(inputs, config, config.overlay.method, needed, progress)
     run.maps = inputs.maps[config.overlay.method]
 
 
@@ -452,7 +456,7 @@ def train(
     share_threads()
     inputs = inputs if inputs is not None else prepare_inputs(config, progress)
     run = _set_up(config, inputs)
-    _cover_drawn_images(run)
+    _cover_drawn_images(run, progress)
     run_dir = Path(run_dir) if run_dir is not None else None
     if resume and run_dir is not None:
         _resume(run, run_dir, discard_foreign_checkpoint)

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,10 +41,16 @@ log = logging.getLogger(__name__)
 
 
 class CpuShare:
-    """The shared (``step``) and exclusive (``timing``) locks of the kdsearch processes using ``directory``."""
+    """The shared (``step``) and exclusive (``timing``) locks of the kdsearch processes using ``directory``.
 
-    def __init__(self, directory: str | Path):
+    A timing waits at most ``timing_wait_s`` for the others' steps: a step lasts a second or so, so a
+    longer wait means a process stopped (Ctrl-Z, SIGSTOP) inside one, holding its lock; the timing then
+    runs without the lock (a stopped process takes no CPU, and OtherProcesses still measures those that do).
+    """
+
+    def __init__(self, directory: str | Path, timing_wait_s: float = 120.0):
         self.directory = Path(directory)
+        self.timing_wait_s = timing_wait_s
         self._descriptors: dict[str, int] = {}
         self._timings = 0  # nesting depth of this process's timing()
 
@@ -73,16 +80,34 @@ class CpuShare:
         """A latency measurement: no other process's step runs during it."""
         with contextlib.ExitStack() as held:
             if not self._timings:
-                turnstile, steps = self._descriptor("turnstile"), self._descriptor("steps")
-                fcntl.flock(turnstile, fcntl.LOCK_EX)
-                held.callback(fcntl.flock, turnstile, fcntl.LOCK_UN)
-                fcntl.flock(steps, fcntl.LOCK_EX)
-                held.callback(fcntl.flock, steps, fcntl.LOCK_UN)
+                deadline = time.monotonic() + self.timing_wait_s
+                for name in ("turnstile", "steps"):
+                    descriptor = self._descriptor(name)
+                    if not _lock_by(descriptor, deadline):
+                        log.warning(
+                            "another kdsearch process has held the CPU share for over %.0f s (stopped?); "
+                            "timing without it",
+                            self.timing_wait_s,
+                        )
+                        break
+                    held.callback(fcntl.flock, descriptor, fcntl.LOCK_UN)
             self._timings += 1
             try:
                 yield
             finally:
                 self._timings -= 1
+
+
+def _lock_by(descriptor: int, deadline: float) -> bool:
+    """Take ``descriptor``'s exclusive flock, polling until ``deadline`` (time.monotonic); False if not."""
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
 
 def runtime_dir() -> Path:

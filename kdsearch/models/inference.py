@@ -7,23 +7,34 @@ import math
 import torch
 from torch import nn
 
+from kdsearch.config import EVAL_BATCH_SIZE
 from kdsearch.infra.cpu_share import machine_share
 from kdsearch.infra.device import autocast_context
+from kdsearch.models.classifiers import fold_batchnorm
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_logits(
-    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, dtype: torch.dtype | None
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = EVAL_BATCH_SIZE,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Logits (float32, on CPU) for uint8 images (N, 3, H, W); ``dtype`` is the autocast, None for fp32."""
-    was_training = model.training
-    model.eval()
+    """Logits (float32, on CPU) for uint8 images (N, 3, H, W) on ``device`` (the model's when None);
+    ``dtype`` is the autocast, None for fp32.
+
+    The model runs with its BatchNorm folded into the convolutions (a copy; equal in eval mode up to float
+    rounding): 1.5-2.5x faster on CPU, measured in bench/eval_throughput.py.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    folded = fold_batchnorm(model)
     outputs, share = [], machine_share()
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device).float().div_(255)
         with share.step(), autocast_context(device, dtype):
-            outputs.append(model(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
-    model.train(was_training)
+            outputs.append(folded(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
@@ -31,9 +42,9 @@ def accuracy(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
+    batch_size: int = EVAL_BATCH_SIZE,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> float:
     """Top-1 accuracy in % (NaN for no images)."""
     if len(labels) == 0:

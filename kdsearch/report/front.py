@@ -1,9 +1,9 @@
 """The report of a Pareto study: its front as a table and a figure, with the teacher in the same runtime.
 
 The front's students are rebuilt from their MLflow checkpoints (a pruned student's channels are in its
-stored config) and timed in ONNX Runtime fp32 and int8 (``runtime.timing.runtime_latency``, cached per
-architecture); an int8 student's test accuracy is measured here, on the study's test split, because
-quantisation changes it. The teacher is timed in the same runtime, batch and threads as the study's
+stored config) and timed in the study's ONNX runtimes, by default fp32 and int8
+(``runtime.timing.runtime_latency``, cached per architecture); an int8 student's test accuracy is
+measured here, on the study's test split, because quantisation changes it. The teacher is timed in the same runtime, batch and threads as the study's
 latency objective, so every speed-up compares like with like.
 """
 
@@ -22,11 +22,10 @@ from optuna.trial import TrialState
 
 from kdsearch.config import ModelConfig, Runtime, replace
 from kdsearch.data.datasets import Splits, load_splits
-from kdsearch.distill.teacher import load_teacher
+from kdsearch.distill.teacher import cached_teacher_accuracy, load_teacher
 from kdsearch.errors import KdsearchError
 from kdsearch.infra.text import ACCURACY
 from kdsearch.models.classifiers import CifarClassifier, count_flops, count_parameters, load_model
-from kdsearch.models.inference import accuracy
 from kdsearch.report.tables import Table
 from kdsearch.runtime.onnx_runtime import onnx_logits, session
 from kdsearch.runtime.timing import CALIBRATION_IMAGES, Exported, runtime_latency
@@ -61,8 +60,9 @@ class ParetoResult:
 
 
 def _runtimes(spec: StudySpec) -> list[str]:
-    # The objective's runtime first; the front is also shown in ONNX Runtime fp32 and int8.
-    return list(dict.fromkeys([spec.pareto.latency, Runtime.ONNX_FP32.value, Runtime.ONNX_INT8.value]))
+    # The objective's runtime first; the front is also shown in every ONNX runtime the study times
+    # (latency.onnx_runtimes; by default fp32 and int8).
+    return list(dict.fromkeys([spec.pareto.latency, *spec.latency.onnx_runtimes]))
 
 
 def _student(
@@ -76,8 +76,9 @@ def _student(
         if on_front:
             exported = Exported(model, splits.train_images[:CALIBRATION_IMAGES], scratch)
             latency_ms = _time(model, config, spec, exported)
-            logits = onnx_logits(session(exported.path(Runtime.ONNX_INT8)), splits.test_images)
-            int8_test_acc = 100.0 * float((logits.argmax(dim=1) == splits.test_labels).float().mean())
+            if Runtime.ONNX_INT8.value in latency_ms:
+                logits = onnx_logits(session(exported.path(Runtime.ONNX_INT8)), splits.test_images)
+                int8_test_acc = 100.0 * float((logits.argmax(dim=1) == splits.test_labels).float().mean())
     return Point(
         name=f"trial {trial.number}" + (f" (also {', '.join(map(str, repeats))})" if repeats else ""),
         params=dict(trial.params),
@@ -146,7 +147,7 @@ def pareto_result(study: optuna.Study, spec: StudySpec, client) -> ParetoResult:
         flops=count_flops(teacher),
         latency_ms=_teacher_latency(teacher, teacher_config, spec, splits),
         val_acc=None,
-        test_acc=accuracy(teacher, splits.test_images, splits.test_labels, 500, torch.device("cpu"), None),
+        test_acc=cached_teacher_accuracy(teacher, splits, spec.train.cache_dir, torch.device("cpu")),
         int8_test_acc=None,
         on_front=False,
     )
@@ -166,6 +167,7 @@ def _architecture(params: dict[str, Any]) -> str:
 def front_table(result: ParetoResult, dataset: str) -> Table:
     """The front's students (and the teacher and the paper's student when it ran), one row each."""
     runtimes = list(result.teacher.latency_ms)
+    int8 = Runtime.ONNX_INT8.value in runtimes
     rows = [result.teacher] + sorted(
         (point for point in result.students if point.on_front or point.params == PAPER_STUDENT),
         key=lambda point: point.latency_ms[result.runtime],
@@ -182,12 +184,10 @@ def front_table(result: ParetoResult, dataset: str) -> Table:
             latency = point.latency_ms.get(runtime)
             record[f"{runtime} ms"] = latency
             record[f"{runtime} speed-up"] = result.teacher.latency_ms[runtime] / latency if latency else None
-        record |= {
-            "val acc (%)": point.val_acc,
-            "test acc (%)": point.test_acc,
-            "int8 test acc (%)": point.int8_test_acc,
-            "on front": "yes" if point.on_front else "",
-        }
+        record |= {"val acc (%)": point.val_acc, "test acc (%)": point.test_acc}
+        if int8:
+            record["int8 test acc (%)"] = point.int8_test_acc
+        record["on front"] = "yes" if point.on_front else ""
         records.append(record)
     formats = {"params": ",.0f", "MFLOPs": ".1f", "val acc (%)": ACCURACY, "test acc (%)": ACCURACY}
     formats["int8 test acc (%)"] = ACCURACY
@@ -196,8 +196,9 @@ def front_table(result: ParetoResult, dataset: str) -> Table:
         f"{dataset}. Latency: median ms of one batch of {result.batch} at {result.threads} thread(s), on this "
         "machine; speed-up is against the teacher in the same runtime. The study's objective runtime is "
         f"{result.runtime}; the front is Pareto-optimal in validation accuracy and that latency.",
-        "int8: static QDQ quantisation calibrated on training images; its test accuracy is measured here.",
     ]
+    if int8:
+        notes.append("int8: static QDQ quantisation calibrated on training images; its test accuracy is measured here.")
     return Table("pareto_front", "Pareto front: accuracy × latency", pd.DataFrame.from_records(records), formats, notes)
 
 

@@ -170,7 +170,8 @@ def parity(
     *,
     labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """How closely the ONNX model follows ``model`` (fp32, eval mode) on uint8 images.
+    """How closely the ONNX model follows ``model`` (fp32, eval mode) on uint8 images, ``batch_size``
+    images per ONNX Runtime call (PyTorch runs its own evaluation batches).
 
     ``top1_agreement``: % of images where both predict the same class; ``max_abs_logit_diff``: the
     largest |torch logit - ONNX logit|. With ``labels``, also ``torch_accuracy`` and ``onnx_accuracy``
@@ -178,7 +179,7 @@ def parity(
     """
     _check_images(images)
     device = next(model.parameters()).device
-    reference = predict_logits(model, images, batch_size, device, None)
+    reference = predict_logits(model, images, device=device)
     exported = onnx_logits(session, images, batch_size)
     predicted, expected = exported.argmax(dim=1), reference.argmax(dim=1)
     report = {

@@ -20,12 +20,11 @@ import torch
 
 from kdsearch.config import LatencyConfig, ModelConfig, TeacherLogits, TrainConfig, flatten, replace, to_dict
 from kdsearch.data.datasets import Splits, load_splits
-from kdsearch.distill.teacher import trained_teacher_fields
+from kdsearch.distill.teacher import cached_teacher_accuracy, trained_teacher_fields
 from kdsearch.distill.train import TrainInputs, TrainResult, prepare_inputs, train
 from kdsearch.infra.device import resolve_device, resolve_precision
 from kdsearch.infra.tensor_cache import TensorCache, content_key
 from kdsearch.models.classifiers import CifarClassifier, save_checkpoint
-from kdsearch.models.inference import accuracy
 from kdsearch.runtime.costs import model_costs
 from kdsearch.runtime.timing import CALIBRATION_IMAGES
 from kdsearch.search.studyfile import StudySpec, teacher_recipe_config
@@ -97,7 +96,7 @@ def prepare(spec: StudySpec, configs: list[TrainConfig], progress: bool = True) 
     teacher_architecture = replace(base.teacher, num_classes=splits.num_classes)
     metrics = {
         # fp32, like `kdsearch eval`: the teacher's accuracy should not depend on the autocast.
-        "teacher_test_acc": accuracy(inputs.teacher, splits.test_images, splits.test_labels, 500, device, None),
+        "teacher_test_acc": cached_teacher_accuracy(inputs.teacher, splits, base.cache_dir, device),
         **model_costs(
             inputs.teacher,
             teacher_architecture,

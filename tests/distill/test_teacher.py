@@ -12,6 +12,7 @@ import kdsearch.distill.teacher as teacher_module
 from kdsearch.config import DataConfig, ModelConfig, TeacherRecipe, TrainConfig, replace, to_dict
 from kdsearch.data.datasets import load_splits
 from kdsearch.distill.teacher import (
+    cached_teacher_accuracy,
     cached_teacher_logits,
     load_teacher,
     recipe_config,
@@ -101,5 +102,30 @@ def test_cached_teacher_logits_are_computed_once_per_teacher_and_data(tiny_teach
     assert len(computed) == 3 and len(_entries(tmp_path)) == 3
 
 
-def _entries(cache_dir):
-    return [path for path in (cache_dir / "teacher_logits").iterdir() if path.is_dir()]
+def test_the_teachers_test_accuracy_is_measured_once_per_teacher_and_data(
+    tiny_teacher_checkpoint, tmp_path, monkeypatch
+):
+    config = TrainConfig(data=SYNTHETIC, student=TINY, teacher=TINY, teacher_checkpoint=tiny_teacher_checkpoint)
+    teacher = load_teacher(config, 10, CPU)
+    splits = load_splits(SYNTHETIC, tmp_path)
+    measured = []
+    real = teacher_module.accuracy
+    monkeypatch.setattr(
+        teacher_module, "accuracy", lambda *args, **kwargs: measured.append(args[1]) or real(*args, **kwargs)
+    )
+
+    first = cached_teacher_accuracy(teacher, splits, tmp_path, CPU)
+    again = cached_teacher_accuracy(load_teacher(config, 10, CPU), splits, tmp_path, CPU)
+    assert len(measured) == 1 and measured[0] is splits.test_images
+    logits = predict_logits(teacher, splits.test_images, 64, CPU, None)
+    assert first == again == 100.0 * int((logits.argmax(1) == splits.test_labels).sum()) / len(splits.test_labels)
+
+    with torch.no_grad():
+        teacher.classifier[1].bias[0].add_(100.0)  # every image now predicted as class 0
+    changed = cached_teacher_accuracy(teacher, splits, tmp_path, CPU)
+    assert len(measured) == 2
+    assert changed == 100.0 * int((splits.test_labels == 0).sum()) / len(splits.test_labels) != first
+
+
+def _entries(cache_dir, kind="teacher_logits"):
+    return [path for path in (cache_dir / kind).iterdir() if path.is_dir()]

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,6 +83,47 @@ def test_a_timing_waits_for_the_steps_under_way_and_no_step_runs_during_it(tmp_p
         steps = _intervals(log)
         assert not [(a, b) for a, b in steps if a < end and b > start]
         assert any(b <= start for _, b in steps) and any(a >= end for a, _ in steps)  # it stepped before and after
+
+
+def test_a_process_stopped_inside_a_step_holds_a_timing_back_only_for_its_bounded_wait(tmp_path, caplog):
+    logs = tmp_path / "steps.txt"
+    stepper = subprocess.Popen([sys.executable, "-c", STEPPER, str(tmp_path / "locks"), "30", str(logs)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (logs.exists() and _intervals(logs)):
+            assert time.monotonic() < deadline, "the stepper did not start"
+            time.sleep(0.05)
+        # Stopped (as Ctrl-Z would) while it holds its step's shared lock, it never lets go.
+        while True:
+            os.kill(stepper.pid, signal.SIGSTOP)
+            if _step_lock_held(tmp_path / "locks"):
+                break
+            os.kill(stepper.pid, signal.SIGCONT)
+            time.sleep(0.005)
+        share = CpuShare(tmp_path / "locks", timing_wait_s=1.0)
+        asked = time.monotonic()
+        with caplog.at_level("WARNING"), share.timing():
+            waited = time.monotonic() - asked
+        assert 1.0 <= waited < 2.5
+        assert "held the CPU share for over 1 s (stopped?)" in caplog.text
+        with share.timing():  # the next timing waits (and warns) again: nothing is left behind
+            pass
+    finally:
+        os.kill(stepper.pid, signal.SIGCONT)
+        stepper.kill()
+        stepper.wait(timeout=60)
+
+
+def _step_lock_held(directory: Path) -> bool:
+    descriptor = os.open(directory / "cpu-share.steps", os.O_RDWR)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
 
 
 @contextlib.contextmanager
