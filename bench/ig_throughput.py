@@ -19,8 +19,8 @@ CIFAR-10 (JPEG q75 copy) training split (val_size 5000), in index order:
 Per setting: images/s, speed-up vs the reference, relative completeness error
 |sum(IG) - (F(x) - F(x'))| / |F(x) - F(x')| (mean, median), and map agreement: the Pearson
 correlation of each image's 32x32 map (sum over channels of |IG|; kdsearch maps are float16 as
-``ig_maps`` stores them) with its high-accuracy map (mean, min). Target: >= 8x the reference's
-images/s with mean agreement >= 0.99.
+``ig_maps`` stores them) with its high-accuracy map (mean, min). Target: >= 10x the reference's
+images/s with mean agreement >= 0.99 (issue 30; it was 8x).
 
 Timing: each setting gets one untimed warm-up call on ``--warmup-images`` images. Before each timing
 the script waits (up to ``--max-wait`` s) until other processes use < 0.3 cores, and it reports the
@@ -55,7 +55,7 @@ DEFAULT_SETTINGS = (
 )
 REFERENCE_STEPS, REFERENCE_IMAGES_PER_CALL = 50, 8
 HQ_STEPS = 256
-TARGET_SPEEDUP, TARGET_AGREEMENT = 8.0, 0.99
+TARGET_SPEEDUP, TARGET_AGREEMENT = 10.0, 0.99
 
 
 @dataclass

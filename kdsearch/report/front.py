@@ -1,10 +1,11 @@
 """The report of a Pareto study: its front as a table and a figure, with the teacher in the same runtime.
 
 The front's students are rebuilt from their MLflow checkpoints (a pruned student's channels are in its
-stored config) and timed in the study's ONNX runtimes, by default fp32 and int8
-(``runtime.timing.runtime_latency``, cached per architecture); an int8 student's test accuracy is
-measured here, on the study's test split, because quantisation changes it. The teacher is timed in the same runtime, batch and threads as the study's
-latency objective, so every speed-up compares like with like.
+stored config) and timed with the teacher, their passes interleaved (``runtime.timing.interleaved_latency``,
+not cached: every speed-up is a ratio of timings taken together), in the study's objective runtime and
+its ONNX runtimes (by default fp32 and int8), at the objective's batch and threads. An int8 student's
+test accuracy is measured here, on the study's test split, because quantisation changes it. Dominated
+trials keep the latency their trial measured.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ import plotly.graph_objects as go
 import torch
 from optuna.trial import TrialState
 
-from kdsearch.config import ModelConfig, Runtime, replace
+from kdsearch.config import Runtime
 from kdsearch.data.datasets import Splits, load_splits
 from kdsearch.distill.teacher import cached_teacher_accuracy, load_teacher
 from kdsearch.errors import KdsearchError
 from kdsearch.infra.text import ACCURACY
-from kdsearch.models.classifiers import CifarClassifier, count_flops, count_parameters, load_model
+from kdsearch.models.classifiers import count_flops, count_parameters, load_model
 from kdsearch.report.tables import Table
 from kdsearch.runtime.onnx_runtime import onnx_logits, session
-from kdsearch.runtime.timing import CALIBRATION_IMAGES, Exported, runtime_latency
+from kdsearch.runtime.timing import CALIBRATION_IMAGES, Exported, interleaved_latency
 from kdsearch.search.study import front
 from kdsearch.search.studyfile import StudySpec
 
@@ -66,59 +67,42 @@ def _runtimes(spec: StudySpec) -> list[str]:
 
 
 def _student(
-    client, trial: optuna.trial.FrozenTrial, on_front: bool, spec: StudySpec, splits: Splits, repeats: list[int]
-) -> Point:
+    client,
+    trial: optuna.trial.FrozenTrial,
+    on_front: bool,
+    spec: StudySpec,
+    splits: Splits,
+    repeats: list[int],
+    scratch: Path,
+) -> tuple[Point, Exported | None]:
+    """The trial's point, with the study's own latency; a front student also its ONNX files in
+    ``scratch`` (timed later, with the teacher) and its int8 test accuracy where the study times int8."""
     run_id = trial.user_attrs["run_id"]
-    with tempfile.TemporaryDirectory() as scratch:
-        model, config = load_model(client.download_artifacts(run_id, "model.pt", scratch))
-        model.eval()
-        latency_ms, int8_test_acc = {spec.pareto.latency: trial.values[1]}, None
-        if on_front:
-            exported = Exported(model, splits.train_images[:CALIBRATION_IMAGES], scratch)
-            latency_ms = _time(model, config, spec, exported)
-            if Runtime.ONNX_INT8.value in latency_ms:
-                logits = onnx_logits(session(exported.path(Runtime.ONNX_INT8)), splits.test_images)
-                int8_test_acc = 100.0 * float((logits.argmax(dim=1) == splits.test_labels).float().mean())
-    return Point(
+    scratch.mkdir()
+    model, _ = load_model(client.download_artifacts(run_id, "model.pt", str(scratch)))
+    model.eval()
+    int8_test_acc, exported = None, None
+    if on_front:
+        exported = Exported(model, splits.train_images[:CALIBRATION_IMAGES], scratch)
+        if Runtime.ONNX_INT8.value in _runtimes(spec):
+            logits = onnx_logits(session(exported.path(Runtime.ONNX_INT8)), splits.test_images)
+            int8_test_acc = 100.0 * float((logits.argmax(dim=1) == splits.test_labels).float().mean())
+    point = Point(
         name=f"trial {trial.number}" + (f" (also {', '.join(map(str, repeats))})" if repeats else ""),
         params=dict(trial.params),
         parameters=count_parameters(model),
         flops=count_flops(model),
-        latency_ms=latency_ms,
+        latency_ms={spec.pareto.latency: trial.values[1]},
         val_acc=trial.values[0],
         test_acc=trial.user_attrs.get("test_acc"),
         int8_test_acc=int8_test_acc,
         on_front=on_front,
     )
-
-
-def _time(model: CifarClassifier, config: ModelConfig, spec: StudySpec, exported: Exported) -> dict[str, float]:
-    pareto = spec.pareto
-    return {
-        runtime: runtime_latency(
-            model,
-            config,
-            runtime,
-            pareto.batch,
-            pareto.threads,
-            spec.latency,
-            exported.calibration,
-            spec.train.cache_dir,
-            exported,
-        ).latency_ms
-        for runtime in _runtimes(spec)
-    }
-
-
-def _teacher_latency(
-    teacher: CifarClassifier, config: ModelConfig, spec: StudySpec, splits: Splits
-) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as scratch:
-        return _time(teacher, config, spec, Exported(teacher, splits.train_images[:CALIBRATION_IMAGES], scratch))
+    return point, exported
 
 
 def pareto_result(study: optuna.Study, spec: StudySpec, client) -> ParetoResult:
-    """Every complete trial, the front's students timed in each runtime, and the teacher; raises
+    """Every complete trial, the front's students and the teacher timed together in each runtime; raises
     KdsearchError when the data or the teacher are not on this machine."""
     if not Path(spec.train.teacher_checkpoint).is_file():
         raise KdsearchError(
@@ -126,7 +110,6 @@ def pareto_result(study: optuna.Study, spec: StudySpec, client) -> ParetoResult:
         )
     splits = load_splits(spec.train.data, spec.train.cache_dir)
     teacher = load_teacher(spec.train, splits.num_classes, torch.device("cpu"))
-    teacher_config = replace(spec.train.teacher, num_classes=splits.num_classes)
     on_front = {trial.number for trial in front(study)}
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "run_id" in t.user_attrs]
     # A point proposed again reused its twin's student (pareto.py): one student, listed under its first trial.
@@ -135,23 +118,41 @@ def pareto_result(study: optuna.Study, spec: StudySpec, client) -> ParetoResult:
     for trial in complete:
         if trial.user_attrs.get("same_as_trial") in numbers:
             repeats.setdefault(trial.user_attrs["same_as_trial"], []).append(trial.number)
-    students = [
-        _student(client, trial, trial.number in on_front, spec, splits, repeats.get(trial.number, []))
-        for trial in complete
-        if trial.user_attrs.get("same_as_trial") not in numbers
-    ]
     teacher_point = Point(
         name="teacher",
         params={},
         parameters=count_parameters(teacher),
         flops=count_flops(teacher),
-        latency_ms=_teacher_latency(teacher, teacher_config, spec, splits),
+        latency_ms={},
         val_acc=None,
         test_acc=cached_teacher_accuracy(teacher, splits, spec.train.cache_dir, torch.device("cpu")),
         int8_test_acc=None,
         on_front=False,
     )
-    return ParetoResult(spec.pareto.latency, spec.pareto.batch, spec.pareto.threads, teacher_point, students)
+    with tempfile.TemporaryDirectory() as scratch:
+        students = [
+            _student(
+                client,
+                trial,
+                trial.number in on_front,
+                spec,
+                splits,
+                repeats.get(trial.number, []),
+                Path(scratch) / f"trial-{trial.number}",
+            )  # fmt: skip
+            for trial in complete
+            if trial.user_attrs.get("same_as_trial") not in numbers
+        ]
+        timed = [(teacher_point, Exported(teacher, splits.train_images[:CALIBRATION_IMAGES], scratch))]
+        timed += [(point, exported) for point, exported in students if exported is not None]
+        for runtime in _runtimes(spec):
+            medians, _ = interleaved_latency(
+                [exported for _, exported in timed], runtime, spec.pareto.batch, spec.pareto.threads, spec.latency
+            )
+            for (point, _), median in zip(timed, medians, strict=True):
+                point.latency_ms[runtime] = median
+    points = [point for point, _ in students]
+    return ParetoResult(spec.pareto.latency, spec.pareto.batch, spec.pareto.threads, teacher_point, points)
 
 
 def _architecture(params: dict[str, Any]) -> str:

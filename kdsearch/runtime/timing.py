@@ -13,11 +13,15 @@ machine is not cached, so the next request measures again.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
@@ -131,6 +135,54 @@ def runtime_latency(
             tmp.write_text(json.dumps({**fields, "latency_ms": value, "other_cores": others.cores}))
             tmp.replace(path)
     return Timing(value, others.cores, cached=False)
+
+
+def interleaved_latency(
+    models: list[Exported], runtime: str, batch: int, threads: int, latency: LatencyConfig
+) -> tuple[list[float], float | None]:
+    """Median ms of one forward of ``batch`` images of each model in ``runtime``, timed together, not cached:
+    after each model's ``warmup`` passes, ``repeats`` rounds each time one pass of every model in turn.
+
+    Why: a ratio of two timings taken minutes apart inherits the machine's drift in between (a shared
+    virtual machine here ran the same teacher at 2.06 ms in one demo and 2.92 ms in the next, quiet both
+    times); passes interleaved within one measurement see the same machine. Returns the medians and
+    the cores other processes used meanwhile (None where unmeasurable).
+    """
+    runtime = Runtime(runtime)
+    with contextlib.ExitStack() as stack:
+        if runtime == Runtime.TORCH:
+            stack.enter_context(_torch_threads(threads))
+            stack.enter_context(torch.inference_mode())
+            runners = [_torch_runner(exported, batch) for exported in models]
+        else:
+            runners = [_onnx_runner(exported.path(runtime), batch, threads) for exported in models]
+        with machine_share().timing(), OtherProcesses() as others:
+            for run in runners:
+                for _ in range(latency.warmup):
+                    run()
+            timings: list[list[float]] = [[] for _ in runners]
+            for _ in range(latency.repeats):
+                for run, times in zip(runners, timings, strict=True):
+                    start = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - start)
+    return [1000.0 * statistics.median(times) for times in timings], others.cores
+
+
+def _torch_runner(exported: Exported, batch: int):
+    model = copy.deepcopy(exported.model).eval().to(memory_format=torch.channels_last)
+    size = exported.image_size
+    images = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    return lambda: model(images)
+
+
+def _onnx_runner(path: Path, batch: int, threads: int):
+    runner = session(path, threads)
+    _, channels, height, width = runner.get_inputs()[0].shape
+    feed = {
+        runner.get_inputs()[0].name: np.random.default_rng(0).random((batch, channels, height, width), dtype=np.float32)
+    }
+    return lambda: runner.run(None, feed)
 
 
 def onnx_latency_metrics(

@@ -155,3 +155,24 @@ def test_a_model_is_timed_for_what_it_is_built_as(tmp_path, monkeypatch):
     [stored] = _stored(tmp_path)
     assert stored["architecture"]["channels"] == [4, 8, 12, 16]
     assert not runtime_latency(model, TINY, "torch", 1, 1, QUICK, CALIBRATION, tmp_path).cached
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx-fp32"])
+def test_interleaved_latency_measures_each_model_and_caches_nothing(runtime, tmp_path):
+    small = build_model(TINY_STUDENT).eval()
+    large = build_model(ModelConfig(arch="mobilenetv2_cifar")).eval()
+    models = [Exported(model, CALIBRATION, tmp_path / name) for name, model in (("small", small), ("large", large))]
+    for exported in models:
+        exported.folder.mkdir()
+    medians, other_cores = timing.interleaved_latency(models, runtime, 8, 1, LatencyConfig(warmup=1, repeats=5))
+    assert len(medians) == 2 and 0 < medians[0] < medians[1]  # the full MobileNetV2 is slower than tiny_cnn
+    assert other_cores is None or other_cores >= 0
+    assert not (tmp_path / "latency").exists()
+
+
+def test_interleaved_latency_warms_every_model_up_then_times_them_in_turns(tmp_path, monkeypatch):
+    passes = []
+    monkeypatch.setattr(timing, "_torch_runner", lambda exported, batch: lambda: passes.append(exported.folder.name))
+    models = [Exported(build_model(TINY), CALIBRATION, tmp_path / name) for name in ("a", "b", "c")]
+    timing.interleaved_latency(models, "torch", 1, 1, LatencyConfig(warmup=2, repeats=3))
+    assert passes == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 3
