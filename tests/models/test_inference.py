@@ -1,4 +1,4 @@
-"""kdsearch.models.inference: logits and accuracy with BatchNorm folded in a copy, in eval mode."""
+"""kdsearch.models.inference: logits and accuracy in eval mode, fp32 with BatchNorm folded in a copy."""
 
 from __future__ import annotations
 
@@ -47,3 +47,13 @@ def test_accuracy_counts_the_argmax_hits():
     labels[:13] = (labels[:13] + 1) % 10
     assert accuracy(model, images, labels) == 100.0 * 37 / 50
     assert math.isnan(accuracy(model, images[:0], labels[:0]))
+
+
+def test_under_bf16_autocast_the_model_runs_as_it_is_so_accuracies_stay_comparable():
+    model = _trained_mobilenet()
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    logits = predict_logits(model, images, 40, CPU, torch.bfloat16)
+    assert model.training
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.eval()(images.float().div(255).contiguous(memory_format=torch.channels_last)).float()
+    assert torch.equal(logits, expected)  # not folded: folding would round the bf16 weights differently
