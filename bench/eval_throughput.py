@@ -9,8 +9,9 @@ a CPU with native bf16):
 
 - reference: what predict_logits did before: the model itself in eval mode (BatchNorm as its own
   layer), batches of 500, channels_last input, under no_grad.
-- kdsearch: predict_logits today: BatchNorm folded into the convolutions (a copy), batches of
-  EVAL_BATCH_SIZE (64), inference_mode.
+- kdsearch: predict_logits today: batches of EVAL_BATCH_SIZE (64), inference_mode, and in fp32
+  BatchNorm folded into the convolutions (a copy); under bf16 autocast it does not fold, because the
+  folded weights round differently (the "folded" rows show by how much).
 - each change alone, to show where the speed comes from.
 
 Before each timing the script waits (up to ``--max-wait`` s) until other processes use < 0.3 cores and
