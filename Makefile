@@ -21,7 +21,7 @@ $(BIN)/kdsearch: pyproject.toml
 
 setup: $(BIN)/kdsearch
 
-# The main job (studies/demo.yaml, 9 minutes on 2 cores): the baseline/KD/KD+IG ablation and a small
+# The main job (studies/demo.yaml, 9-10 minutes on 2 cores): the baseline/KD/KD+IG ablation and a small
 # accuracy x latency Pareto study of students started from the teacher, the export of the front's
 # fastest student within 1 point of its best accuracy, both reports, and a summary of them, in runs/demo/.
 # Without ../shared, CIFAR-10 is downloaded and a short teacher is trained first.

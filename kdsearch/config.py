@@ -20,8 +20,8 @@ from typing import Any
 from kdsearch.errors import ConfigError
 
 # Images per evaluation forward. Small batches keep a 32-pixel network's activations in the CPU's cache:
-# with BatchNorm folded, 64 ran the teacher 2.4x and the paper's student 3.2x faster than 500 on the
-# 2-core AMD EPYC (bench/eval_throughput.py, BENCHMARKS.md). Results do not depend on it (eval mode).
+# 64 alone ran the teacher 1.8-2.3x and the paper's student 1.5-2.0x faster than 500 on the 2-core AMD
+# EPYC (fp32 and bf16; bench/eval_throughput.py, BENCHMARKS.md). Results do not depend on it (eval mode).
 EVAL_BATCH_SIZE = 64
 
 # --- the named choices ------------------------------------------------------------------------
