@@ -317,13 +317,25 @@ def _pruned(
     return pruned, replace(student_config, channels=channel_plan(pruned))
 
 
+# Fields that change how a run is measured, not what it trains: a checkpoint written with another value
+# continues (eval_batch_size's default went from 500 to 64 while runs were in flight).
+NOT_TRAINING = ("eval_batch_size",)
+
+
+def _trains_alike(stored: dict, config: TrainConfig) -> bool:
+    current = to_dict(config)
+    return {k: v for k, v in stored.items() if k not in NOT_TRAINING} == {
+        k: v for k, v in current.items() if k not in NOT_TRAINING
+    }
+
+
 def _resume(run: _Run, run_dir: Path, discard_foreign_checkpoint: bool) -> None:
     """Continue ``run`` from ``run_dir/last.pt`` when it exists and was written by the same config."""
     path = run_dir / "last.pt"
     if not path.exists():
         return
     state = torch.load(path, map_location=run.device, weights_only=False)
-    if state["config"] != to_dict(run.config):
+    if not _trains_alike(state["config"], run.config):
         if not discard_foreign_checkpoint:
             raise CheckpointError(f"{path} was written by a different configuration; use a new run dir")
         log.warning("discarding %s: written by another configuration", path)

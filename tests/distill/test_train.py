@@ -57,6 +57,25 @@ def test_resumed_run_ends_with_the_same_weights(student_config, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_written_with_another_eval_batch_size_continues(student_config, tmp_path):
+    config = replace(student_config, epochs=2)
+
+    def stop_after_first_epoch(epoch, row):
+        if epoch == 0:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(
+            replace(config, eval_batch_size=500),
+            run_dir=tmp_path / "run",
+            on_epoch=stop_after_first_epoch,
+            progress=False,
+        )
+    resumed = train(replace(config, eval_batch_size=64), run_dir=tmp_path / "run", resume=True, progress=False)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]  # epoch 1 came from the checkpoint
+
+
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_config(student_config, tmp_path):
     train(student_config, run_dir=tmp_path / "run", progress=False)
     other = replace(student_config, kd=KDConfig(alpha=0.9, temperature=2.0))
