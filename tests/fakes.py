@@ -5,6 +5,7 @@ The fixtures built from them live in tests/conftest.py."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,12 @@ CPU_QUICK = REPO / "studies" / "cpu-quick.yaml"
 PAPER = REPO / "studies" / "paper-cifar10.toml"
 # One line of Python that runs the real CLI in a fresh process, as a user's shell would.
 CLI = [sys.executable, "-c", "import sys; from kdsearch.cli.main import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def interruptible() -> None:
+    """``preexec_fn`` of a command a test stops with SIGINT, as a terminal's Ctrl-C would: a suite started
+    in the background of a shell without job control runs with SIGINT ignored, and children inherit it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

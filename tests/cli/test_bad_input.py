@@ -21,7 +21,7 @@ from PIL import Image
 from kdsearch.cli.main import main
 from kdsearch.config import ModelConfig
 from kdsearch.models.classifiers import build_model
-from tests.fakes import SMOKE
+from tests.fakes import SMOKE, interruptible
 
 TRAIN = ["train", "--arch", "tiny_cnn", "--student-drop", "1", "--epochs", "1", "--batch-size", "32"]
 NO_TEACHER = ["--alpha", "0", "--p", "0"]
@@ -306,6 +306,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=interruptible,
     )
     deadline = time.monotonic() + 120
     while not (run_dir / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:

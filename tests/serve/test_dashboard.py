@@ -22,7 +22,7 @@ from optuna.distributions import FloatDistribution
 from kdsearch.cli import main as cli
 from kdsearch.cli.dashboard import register
 from kdsearch.serve.dashboard import DashboardServer, api, start_dashboard
-from tests.fakes import CLI
+from tests.fakes import CLI, interruptible
 from tests.serve.browser import page_text, screenshot, wait_for
 
 STUDY = "smoke-grid"
@@ -116,6 +116,7 @@ def test_cli_prints_the_urls_and_ctrl_c_stops_the_server(tmp_path, storage):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=interruptible,
     )
     try:
         lines = [process.stdout.readline() for _ in range(3)]
@@ -140,6 +141,7 @@ def test_ui_with_dashboard_starts_both_on_the_workdirs_stores_and_ctrl_c_stops_b
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=interruptible,
     )
     try:
         lines = [process.stdout.readline() for _ in range(3)]
