@@ -150,8 +150,7 @@ def onnx_latency_ms(session: ort.InferenceSession, batch_size: int = 1, warmup: 
     _check_positive(batch_size=batch_size, repeats=repeats)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup must be an integer >= 0 but got {warmup!r}")
-    _, channels, height, width = session.get_inputs()[0].shape
-    feed = {INPUT: np.random.default_rng(0).random((batch_size, channels, height, width), dtype=np.float32)}
+    feed = latency_feed(session, batch_size)
     for _ in range(warmup):
         session.run([OUTPUT], feed)
     timings = []
@@ -160,6 +159,13 @@ def onnx_latency_ms(session: ort.InferenceSession, batch_size: int = 1, warmup: 
         session.run([OUTPUT], feed)
         timings.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(timings)
+
+
+def latency_feed(session: ort.InferenceSession, batch_size: int) -> dict[str, np.ndarray]:
+    """One fixed batch of random pixels of the model's input size: a timing measures the architecture,
+    not particular images."""
+    _, channels, height, width = session.get_inputs()[0].shape
+    return {INPUT: np.random.default_rng(0).random((batch_size, channels, height, width), dtype=np.float32)}
 
 
 def parity(

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
@@ -32,7 +31,7 @@ from kdsearch.infra.cpu_share import machine_share
 from kdsearch.infra.device import device_name
 from kdsearch.infra.tensor_cache import content_key
 from kdsearch.runtime.latency import latency_ms
-from kdsearch.runtime.onnx_runtime import export_onnx, onnx_latency_ms, quantize_int8, session
+from kdsearch.runtime.onnx_runtime import OUTPUT, export_onnx, latency_feed, onnx_latency_ms, quantize_int8, session
 
 BUSY_CORES = 0.3  # other processes' cores above which a timing is not cached (contention inflates it)
 CALIBRATION_IMAGES = 256  # training images that calibrate an int8 model
@@ -178,11 +177,8 @@ def _torch_runner(exported: Exported, batch: int):
 
 def _onnx_runner(path: Path, batch: int, threads: int):
     runner = session(path, threads)
-    _, channels, height, width = runner.get_inputs()[0].shape
-    feed = {
-        runner.get_inputs()[0].name: np.random.default_rng(0).random((batch, channels, height, width), dtype=np.float32)
-    }
-    return lambda: runner.run(None, feed)
+    feed = latency_feed(runner, batch)
+    return lambda: runner.run([OUTPUT], feed)
 
 
 def onnx_latency_metrics(
