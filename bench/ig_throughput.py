@@ -13,7 +13,9 @@ CIFAR-10 (JPEG q75 copy) training split (val_size 5000), in index order:
   a time; writes and reads back the cache) on a split holding only these images, into a fresh
   temporary cache directory, with IGConfig's images_per_call, at each
   METHOD:STEPS[:PRECISION[:INTERNAL_BATCH_SIZE]] of ``--settings`` (gl gausslegendre, rt
-  riemann_trapezoid, rm riemann_middle; the batch size defaults to IGConfig's).
+  riemann_trapezoid, rm riemann_middle; the batch size defaults to IGConfig's). A setting ending in
+  ``+stockdw`` runs with PyTorch's own backward pass of strided depthwise convolutions instead of
+  kdsearch's fp32 one (``kdsearch.models.depthwise``), to show what that change buys in the same run.
 - high accuracy: 256 Gauss-Legendre steps, fp32 (kdsearch path), on the first ``--hq-images`` images.
 
 Per setting: images/s, speed-up vs the reference, relative completeness error
@@ -33,17 +35,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
 import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from unittest import mock
 
 import torch
 from common import QUIET_CORES, TEACHER, Timer, cache_dir, data_config, header, load1, machine, wait_quiet
 
 from kdsearch.config import IGConfig, ModelConfig
 from kdsearch.data.datasets import Splits, load_splits
+from kdsearch.distill import attribution
 from kdsearch.distill.attribution import MIN_OUTPUT_DIFFERENCE, ig_maps
 from kdsearch.models.classifiers import load_model
 
@@ -80,24 +86,31 @@ class Row:
         return self.speedup >= TARGET_SPEEDUP and self.agreement_mean >= TARGET_AGREEMENT
 
 
-def parse_setting(spec: str, base: IGConfig) -> IGConfig:
-    """METHOD:STEPS[:PRECISION[:INTERNAL_BATCH_SIZE]] → IGConfig; omitted parts come from ``base``."""
-    parts = spec.strip().split(":")
+STOCK_DEPTHWISE = "+stockdw"
+
+
+def parse_setting(spec: str, base: IGConfig) -> tuple[IGConfig, bool]:
+    """METHOD:STEPS[:PRECISION[:INTERNAL_BATCH_SIZE]][+stockdw] → (IGConfig, stock depthwise backward);
+    omitted parts come from ``base``."""
+    spec = spec.strip()
+    stock_depthwise = spec.endswith(STOCK_DEPTHWISE)
+    parts = spec.removesuffix(STOCK_DEPTHWISE).split(":")
     if not 2 <= len(parts) <= 4:
-        raise SystemExit(f"a setting is METHOD:STEPS[:PRECISION[:INTERNAL_BATCH_SIZE]] but got {spec!r}")
-    return IGConfig(
+        raise SystemExit(f"a setting is METHOD:STEPS[:PRECISION[:INTERNAL_BATCH_SIZE]][+stockdw] but got {spec!r}")
+    config = IGConfig(
         n_steps=int(parts[1]),
         method=METHODS.get(parts[0], parts[0]),
         precision=parts[2] if len(parts) > 2 else "fp32",
         internal_batch_size=int(parts[3]) if len(parts) > 3 else base.internal_batch_size,
         images_per_call=base.images_per_call,
     )
+    return config, stock_depthwise
 
 
-def setting_name(config: IGConfig, base: IGConfig) -> str:
+def setting_name(config: IGConfig, base: IGConfig, stock_depthwise: bool = False) -> str:
     short = {value: key for key, value in METHODS.items()}.get(config.method, config.method)
     batch = f":{config.internal_batch_size}" if config.internal_batch_size != base.internal_batch_size else ""
-    return f"kdsearch {short}:{config.n_steps}:{config.precision}{batch}"
+    return f"kdsearch {short}:{config.n_steps}:{config.precision}{batch}{' stock-dw' if stock_depthwise else ''}"
 
 
 def pixels(images: torch.Tensor) -> torch.Tensor:
@@ -128,9 +141,12 @@ def reference_ig(teacher, images, labels, n_steps: int, per_call: int) -> tuple[
     return torch.cat(maps).detach(), torch.cat(errors).detach()
 
 
-def kdsearch_ig(teacher, splits: Splits, images, labels, config: IGConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def kdsearch_ig(
+    teacher, splits: Splits, images, labels, config: IGConfig, stock_depthwise: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``kdsearch.distill.attribution.ig_maps`` end to end (teacher preparation, chunks, cache write and read
-    back) on a split holding only ``images``, into a fresh cache directory so nothing is reused."""
+    back) on a split holding only ``images``, into a fresh cache directory so nothing is reused; with
+    ``stock_depthwise``, without kdsearch's fp32 backward pass of strided depthwise convolutions."""
     subset = dataclasses.replace(
         splits,
         train_images=images,
@@ -138,7 +154,8 @@ def kdsearch_ig(teacher, splits: Splits, images, labels, config: IGConfig) -> tu
         train_index=torch.arange(len(labels)),
         fingerprint=f"{splits.fingerprint}-bench-first-{len(labels)}",
     )
-    with tempfile.TemporaryDirectory(prefix="kdbench-ig-") as scratch:
+    unchanged = mock.patch.object(attribution, "with_fp32_depthwise_backward", lambda model: 0)
+    with tempfile.TemporaryDirectory(prefix="kdbench-ig-") as scratch, unchanged if stock_depthwise else nullcontext():
         artifact = ig_maps(teacher, subset, config, scratch, torch.device("cpu"), progress=False)
         maps = artifact.tensors["maps"].float().clone()  # float16, as ig_maps stores them
         errors = artifact.tensors["relative_error"].float().clone()
@@ -241,10 +258,9 @@ def main() -> None:
                 len(images),
             )
         )
-    for config in settings:
-        jobs.append(
-            (setting_name(config, base), lambda x, y, c=config: kdsearch_ig(teacher, splits, x, y, c), len(images))
-        )
+    for config, stock_depthwise in settings:
+        run = functools.partial(kdsearch_ig, teacher, splits, config=config, stock_depthwise=stock_depthwise)
+        jobs.append((setting_name(config, base, stock_depthwise), run, len(images)))
     hq_config = IGConfig(
         n_steps=HQ_STEPS, internal_batch_size=base.internal_batch_size, images_per_call=base.images_per_call
     )

@@ -56,6 +56,7 @@ from kdsearch.infra.cpu_share import machine_share, share_threads
 from kdsearch.infra.device import device_name, resolve_precision
 from kdsearch.infra.tensor_cache import Artifact, TensorCache
 from kdsearch.models.classifiers import CifarClassifier, fold_batchnorm, weights_hash
+from kdsearch.models.depthwise import with_fp32_depthwise_backward
 
 log = logging.getLogger(__name__)
 
@@ -406,13 +407,15 @@ def maps_in_calls(
 
 def explainable(model: nn.Module, attribution: Attribution) -> nn.Module:
     """``model`` (changed in place: give a copy) made ready for the method: eval mode, parameters frozen
-    (input gradients only), channels_last, and what the method needs (DeepLift: ReLU6 as two ReLUs)."""
+    (input gradients only), channels_last, strided depthwise convolutions with an fp32 backward pass under
+    bf16 (models.depthwise), and what the method needs (DeepLift: ReLU6 as two ReLUs)."""
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     prepare = METHODS[attribution.method].prepare
     if prepare is not None:
         prepare(model)
+    with_fp32_depthwise_backward(model)
     return model.to(memory_format=torch.channels_last)
 
 

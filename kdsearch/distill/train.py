@@ -53,6 +53,7 @@ from kdsearch.models.classifiers import (
     save_checkpoint,
     weights_hash,
 )
+from kdsearch.models.depthwise import with_fp32_depthwise_backward
 from kdsearch.models.inference import accuracy
 from kdsearch.models.pruning import prune_classifier
 
@@ -244,6 +245,7 @@ def _set_up(config: TrainConfig, inputs: TrainInputs) -> _Run:
     splits = inputs.splits
     torch.manual_seed(config.seed)
     student, student_config = build_student(config, inputs)
+    with_fp32_depthwise_backward(student)  # changes only what bf16 autocast on a CPU computes
     student = student.to(device)
     uses_cached_logits = config.kd.teacher_logits == TeacherLogits.CACHED
     online_teacher = None
