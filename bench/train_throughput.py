@@ -9,7 +9,9 @@ parameters), online teacher, alpha=0.01, T=2.5, p=0.1, Adam lr 1e-3:
 - kdsearch: ``kdsearch.distill.train.train(TrainConfig(...), progress=False)``; images/s is
   ``TrainResult.images_per_s`` (training steps only, not setup or evaluation). Measured with the
   defaults (precision auto, i.e. bf16 autocast on a CPU with native bf16, channels_last) and with
-  precision fp32 / channels_last off, to show where the speed comes from.
+  precision fp32 / channels_last off, and with PyTorch's own backward pass of strided depthwise
+  convolutions instead of kdsearch's fp32 one under bf16 (``kdsearch.models.depthwise``), to show where
+  the speed comes from.
 - bare compute: the student's forward + backward + Adam step and the teacher's forward, with the same
   models, loss, precision and memory format as the kdsearch default, on one pre-made batch repeated
   for the epoch's steps: the limit a training step can reach on this CPU. kdsearch's step is printed
@@ -33,10 +35,13 @@ reference's images/s. The last line is JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
 import time
+from contextlib import nullcontext
+from unittest import mock
 
 import numpy as np
 import torch
@@ -64,6 +69,7 @@ from kdsearch.distill.losses import kd_loss
 from kdsearch.distill.train import train
 from kdsearch.infra.device import autocast_context, resolve_precision
 from kdsearch.models.classifiers import build_model, count_parameters, fold_batchnorm, load_model
+from kdsearch.models.depthwise import with_fp32_depthwise_backward
 
 ALPHA, TEMPERATURE, P = 0.01, 2.5, 0.1
 BATCH, LR = 64, 1e-3
@@ -147,6 +153,7 @@ def bare_compute_epoch(splits: Splits, teacher_path: str, images: int, precision
     dtype = resolve_precision(precision, device)
     torch.manual_seed(0)
     student = build_model(ModelConfig(drop_blocks=5, num_classes=splits.num_classes))
+    with_fp32_depthwise_backward(student)  # as kdsearch trains it
     teacher, _ = load_model(teacher_path, ModelConfig(num_classes=splits.num_classes))
     teacher = fold_batchnorm(teacher.eval())
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -174,7 +181,7 @@ def bare_compute_epoch(splits: Splits, teacher_path: str, images: int, precision
     }
 
 
-def kdsearch_epoch(args, precision: str, channels_last: bool, ig: IGConfig) -> dict:
+def kdsearch_epoch(args, precision: str, channels_last: bool, ig: IGConfig, stock_depthwise: bool = False) -> dict:
     config = TrainConfig(
         data=data_config(args.train_subset, **({"data_dir": args.data_dir} if args.data_dir else {})),
         teacher_checkpoint=args.teacher,
@@ -191,7 +198,8 @@ def kdsearch_epoch(args, precision: str, channels_last: bool, ig: IGConfig) -> d
         cache_dir=str(cache_dir()),
     )
     window = StepWindow()
-    with Timer() as timer, window:
+    unchanged = mock.patch.object(kdsearch.distill.train, "with_fp32_depthwise_backward", lambda model: 0)
+    with Timer() as timer, window, unchanged if stock_depthwise else nullcontext():
         result = train(config, progress=False)
     images = args.train_subset  # one epoch
     return {
@@ -270,9 +278,10 @@ def main() -> None:
     print(f"IG maps for the overlay: cheap n_steps={args.ig_steps} (values do not affect step speed)")
 
     variants = [
-        ("kdsearch default (precision auto, channels_last)", "auto", True),
-        ("kdsearch fp32, channels_last", "fp32", True),
-        ("kdsearch fp32, NCHW", "fp32", False),
+        ("kdsearch default (precision auto, channels_last)", "auto", True, False),
+        ("kdsearch default, stock depthwise backward", "auto", True, True),
+        ("kdsearch fp32, channels_last", "fp32", True, False),
+        ("kdsearch fp32, NCHW", "fp32", False, False),
     ]
     # Setup, untimed: the decoded data and the IG cache (the same artefact train() then loads).
     start = time.perf_counter()
@@ -287,7 +296,10 @@ def main() -> None:
     print(f"precision auto resolves to {auto if auto is not None else 'fp32'} on this CPU")
 
     rows: dict[str, dict] = {}
-    jobs = [(name, lambda p=prec, c=cl: kdsearch_epoch(args, p, c, ig)) for name, prec, cl in variants]
+    jobs = [
+        (name, functools.partial(kdsearch_epoch, args, precision, channels_last, ig, stock_depthwise))
+        for name, precision, channels_last, stock_depthwise in variants
+    ]
     workers = [int(value) for value in args.workers.split(",") if value.strip()]
     jobs.append(
         (

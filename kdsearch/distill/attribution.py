@@ -51,6 +51,7 @@ from kdsearch.config import (
 )
 from kdsearch.data.datasets import Splits
 from kdsearch.errors import ConfigError
+from kdsearch.infra.allocator import reuse_freed_memory
 from kdsearch.infra.cpu_load import OtherProcesses
 from kdsearch.infra.cpu_share import machine_share, share_threads
 from kdsearch.infra.device import device_name, resolve_precision
@@ -387,6 +388,7 @@ def maps_in_calls(
     device = next(model.parameters()).device
     step, random = images_per_call(attribution), METHODS[attribution.method].random
     maps, errors, share = [], [], machine_share()
+    reuse_freed_memory()
     for start in range(0, len(labels), step):
         batch = images[start : start + step].to(device).float().div_(255)
         with share.step(), _seeded(first_index + start, device) if random else nullcontext():

@@ -39,6 +39,7 @@ from kdsearch.distill.drawn_maps import drawn_maps
 from kdsearch.distill.losses import kd_loss
 from kdsearch.distill.teacher import cached_teacher_logits, load_teacher
 from kdsearch.errors import CheckpointError, TrainingDiverged
+from kdsearch.infra.allocator import reuse_freed_memory
 from kdsearch.infra.cpu_load import OtherProcesses
 from kdsearch.infra.cpu_share import machine_share, share_threads
 from kdsearch.infra.device import autocast_context, resolve_device, resolve_precision
@@ -468,6 +469,7 @@ def train(
     """
     setup_start = time.perf_counter()
     share_threads()
+    reuse_freed_memory()
     inputs = inputs if inputs is not None else prepare_inputs(config, progress)
     run = _set_up(config, inputs)
     _cover_drawn_images(run, progress)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kdsearch.config import EVAL_BATCH_SIZE
+from kdsearch.infra.allocator import reuse_freed_memory
 from kdsearch.infra.cpu_share import machine_share
 from kdsearch.infra.device import autocast_context
 from kdsearch.models.classifiers import fold_batchnorm
@@ -35,6 +36,7 @@ def predict_logits(
     was_training = model.training
     evaluated.eval()
     outputs, share = [], machine_share()
+    reuse_freed_memory()
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device).float().div_(255)
         with share.step(), autocast_context(device, dtype):
