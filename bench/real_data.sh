@@ -12,6 +12,7 @@
 #   bench/real_data.sh pareto     # the accuracy x latency study (24 trials) of issue 12
 #   bench/real_data.sh ablate-attribution  # issue 28: kd_ig, kd_saliency, kd_smoothgrad, kd_grad_cam beside baseline and kd
 #   bench/real_data.sh ablate-attribution-control  # then the shuffled control of the best method (CONTROL=saliency_shuffled)
+#   bench/real_data.sh pareto-mf  # issue 29: multi-fidelity Pareto study at cifar10-pareto's compute
 #   bench/real_data.sh reports # reports of the grid, TPE and ablation into studies/results/
 #
 # Two steps may run side by side on the 2 cores: give each one thread (THREADS=1, the default here)
@@ -98,6 +99,11 @@ ablate-attribution-control)
 pareto)
     $KDSEARCH study pareto --study studies/cifar10-pareto.yaml --workdir runs/cifar10-pareto --no-progress
     ;;
+pareto-mf)
+    # issue 29: the same compute in rungs 1 -> 3 -> 15 on the fast side of the front; one worker, two threads
+    # (THREADS=2), or two workers of one thread each; it resumes after an interruption.
+    $KDSEARCH study pareto --study studies/cifar10-pareto-mf.yaml --workdir runs/cifar10-pareto-mf --no-progress
+    ;;
 reports)
     $KDSEARCH report --study cpu-quick-grid --workdir runs/cifar10-grid --out studies/results/cpu-quick-grid --plotly-js cdn
     $KDSEARCH report --study cpu-quick-tpe --workdir runs/cifar10-grid --out studies/results/cpu-quick-tpe --plotly-js cdn
@@ -114,7 +120,7 @@ reports)
         --out studies/results/cifar10-ablation-attribution --plotly-js cdn
     ;;
 *)
-    echo "usage: bench/real_data.sh grid|noise|ablate|ablate-teacher-init|at-gamma|ablate-at|ablate-at-bf16|ablate-attribution|ablate-attribution-control|pareto|reports" >&2
+    echo "usage: bench/real_data.sh grid|noise|ablate|ablate-teacher-init|at-gamma|ablate-at|ablate-at-bf16|ablate-attribution|ablate-attribution-control|pareto|pareto-mf|reports" >&2
     exit 2
     ;;
 esac

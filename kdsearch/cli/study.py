@@ -340,6 +340,8 @@ def status_command(
         typer.echo(
             f"  best: trial {best['trial']}  val_acc {best['val_acc']:.2f}  test_acc {best['test_acc']}  {best['params']}"
         )
+    if report["budget"] is not None:
+        typer.echo(f"  {report['budget']}")
     for deferred in report["deferred"]:
         typer.echo(f"  deferred: trial {deferred['trial']}  {_point(deferred['point'])}  ({deferred['reason']})")
     for trial in report["front"] or []:

@@ -5,13 +5,15 @@ stored config) and timed with the teacher, their passes interleaved (``runtime.t
 not cached: every speed-up is a ratio of timings taken together), in the study's objective runtime and
 its ONNX runtimes (by default fp32 and int8), at the objective's batch and threads. An int8 student's
 test accuracy is measured here, on the study's test split, because quantisation changes it. Dominated
-trials keep the latency their trial measured.
+trials keep the latency their trial measured. In a multi-fidelity study the figure also shows the
+candidates stopped at each rung, at that rung's validation accuracy, beside the paper's student's after
+the same epochs: "within a point" is then read at equal training.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from kdsearch.models.classifiers import count_flops, count_parameters, load_mode
 from kdsearch.report.tables import Table
 from kdsearch.runtime.onnx_runtime import onnx_logits, session
 from kdsearch.runtime.timing import CALIBRATION_IMAGES, Exported, interleaved_latency
+from kdsearch.search.rungs import STOPPED_ATTR
 from kdsearch.search.study import front
 from kdsearch.search.studyfile import StudySpec
 
@@ -49,6 +52,18 @@ class Point:
     test_acc: float | None
     int8_test_acc: float | None
     on_front: bool
+    rung_val_acc: dict[int, float] = field(default_factory=dict)  # multi-fidelity: after each rung's epochs
+
+
+@dataclass
+class StoppedCandidate:
+    """A multi-fidelity candidate stopped at a rung: its latency and its validation accuracy there."""
+
+    name: str
+    params: dict[str, Any]
+    latency_ms: float  # the study's own timing
+    stopped_at: int  # epochs
+    val_acc: float
 
 
 @dataclass
@@ -58,6 +73,32 @@ class ParetoResult:
     threads: int
     teacher: Point | None
     students: list[Point]  # every complete trial; the front's with int8 numbers
+    stopped: list[StoppedCandidate] = field(default_factory=list)
+
+
+def _rung_val_acc(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+    reached = {
+        int(key.removeprefix("rung_")): value for key, value in trial.user_attrs.items() if key.startswith("rung_")
+    }
+    return dict(sorted(reached.items()))
+
+
+def stopped_candidates(trials: list[optuna.trial.FrozenTrial]) -> list[StoppedCandidate]:
+    """The trials stopped at a rung that trained (a repeated point's twin already counts)."""
+    return [
+        StoppedCandidate(
+            f"trial {trial.number}",
+            dict(trial.params),
+            trial.user_attrs["latency_ms"],
+            trial.user_attrs[STOPPED_ATTR],
+            trial.user_attrs[f"rung_{trial.user_attrs[STOPPED_ATTR]}"],
+        )
+        for trial in trials
+        if trial.state == TrialState.PRUNED
+        and STOPPED_ATTR in trial.user_attrs
+        and f"rung_{trial.user_attrs[STOPPED_ATTR]}" in trial.user_attrs
+        and "same_as_trial" not in trial.user_attrs
+    ]
 
 
 def _runtimes(spec: StudySpec) -> list[str]:
@@ -97,6 +138,7 @@ def _student(
         test_acc=trial.user_attrs.get("test_acc"),
         int8_test_acc=int8_test_acc,
         on_front=on_front,
+        rung_val_acc=_rung_val_acc(trial),
     )
     return point, exported
 
@@ -152,7 +194,8 @@ def pareto_result(study: optuna.Study, spec: StudySpec, client) -> ParetoResult:
             for (point, _), median in zip(timed, medians, strict=True):
                 point.latency_ms[runtime] = median
     points = [point for point, _ in students]
-    return ParetoResult(spec.pareto.latency, spec.pareto.batch, spec.pareto.threads, teacher_point, points)
+    stopped = stopped_candidates(study.get_trials(deepcopy=False))
+    return ParetoResult(spec.pareto.latency, spec.pareto.batch, spec.pareto.threads, teacher_point, points, stopped)
 
 
 def _architecture(params: dict[str, Any]) -> str:
@@ -163,6 +206,43 @@ def _architecture(params: dict[str, Any]) -> str:
     text = f"drop {params.get('student_drop', 0)}, width {params.get('width', 1.0):g}"
     ratio = params.get("prune_ratio", 0.0)
     return text + (f", pruned {ratio:.0%}" if ratio else "")
+
+
+def rungs_table(result: ParetoResult, dataset: str) -> Table | None:
+    """Multi-fidelity: every trained candidate's validation accuracy after each rung it reached, its
+    latency and where it stopped, the paper's student first (the reference at equal epochs); None for a
+    study without rungs."""
+    finished = [point for point in result.students if point.rung_val_acc]
+    if not finished and not result.stopped:
+        return None
+    ends = sorted(
+        {epochs for point in finished for epochs in point.rung_val_acc} | {c.stopped_at for c in result.stopped}
+    )
+    rows = []
+    for point in sorted(finished, key=lambda point: point.params != PAPER_STUDENT):
+        reference = " (paper's student)" if point.params == PAPER_STUDENT else ""
+        rows.append(
+            {"candidate": point.name + reference, "architecture": _architecture(point.params)}
+            | {f"val acc after {epochs} ep": point.rung_val_acc.get(epochs) for epochs in ends}
+            | {f"latency (ms), {result.runtime}": point.latency_ms[result.runtime], "stopped after (epochs)": None}
+        )
+    for candidate in sorted(result.stopped, key=lambda candidate: (-candidate.stopped_at, -candidate.val_acc)):
+        rows.append(
+            {"candidate": candidate.name, "architecture": _architecture(candidate.params)}
+            | {
+                f"val acc after {epochs} ep": candidate.val_acc if epochs == candidate.stopped_at else None
+                for epochs in ends
+            }
+            | {f"latency (ms), {result.runtime}": candidate.latency_ms, "stopped after (epochs)": candidate.stopped_at}
+        )
+    formats = {f"val acc after {epochs} ep": ACCURACY for epochs in ends}
+    formats |= {f"latency (ms), {result.runtime}": ".3f", "stopped after (epochs)": ".0f"}
+    note = (
+        "Multi-fidelity rungs: each candidate's validation accuracy at the end of every rung it reached (one "
+        "schedule of the last rung's epochs), and the rung after which it was not promoted; stopped candidates "
+        "show only that rung's accuracy. Latency as the study measured it (the front's are timed again above)."
+    )
+    return Table("rungs", f"Rungs of the multi-fidelity search, {dataset}", pd.DataFrame(rows), formats, [note])
 
 
 def front_table(result: ParetoResult, dataset: str) -> Table:
@@ -245,6 +325,7 @@ def front_figure(result: ParetoResult, dataset: str, progress: str = "") -> go.F
         meta={"role": "teacher", "metric": "test_acc"},
     )
     paper = [point for point in result.students if point.params == PAPER_STUDENT]
+    _add_rungs(figure, result, paper[0] if paper else None)
     if paper:
         figure.add_scatter(
             x=[paper[0].latency_ms[runtime]],
@@ -263,6 +344,33 @@ def front_figure(result: ParetoResult, dataset: str, progress: str = "") -> go.F
         yaxis_title="accuracy (%)",
     )
     return figure
+
+
+def _add_rungs(figure: go.Figure, result: ParetoResult, paper: Point | None) -> None:
+    """Multi-fidelity: the candidates stopped at each rung (validation accuracy there, open markers), and
+    the paper's student's validation accuracy after each rung's epochs (dotted lines), so that every
+    candidate is read against the reference at the same training."""
+    for epochs in sorted({candidate.stopped_at for candidate in result.stopped}):
+        stopped = [candidate for candidate in result.stopped if candidate.stopped_at == epochs]
+        figure.add_scatter(
+            x=[candidate.latency_ms for candidate in stopped],
+            y=[candidate.val_acc for candidate in stopped],
+            mode="markers",
+            marker={"symbol": "circle-open", "size": 9},
+            opacity=0.6,
+            name=f"stopped after {epochs} epoch(s): val acc",
+            text=[f"{candidate.name}: {_architecture(candidate.params)}" for candidate in stopped],
+            meta={"role": "stopped", "metric": "val_acc", "epochs": epochs},
+        )
+    if paper is None:
+        return
+    for epochs, val_acc in paper.rung_val_acc.items():
+        figure.add_hline(
+            y=val_acc,
+            line={"dash": "dot", "width": 1, "color": "red"},
+            annotation_text=f"paper's student, {epochs} epoch(s): val {val_acc:.2f}",
+            annotation_position="bottom right",
+        )
 
 
 def optuna_front(study: optuna.Study) -> go.Figure:

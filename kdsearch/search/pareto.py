@@ -25,7 +25,7 @@ from kdsearch.distill.train import build_student
 from kdsearch.errors import ConfigError
 from kdsearch.models.classifiers import build_model
 from kdsearch.runtime.timing import CALIBRATION_IMAGES, metric_name, runtime_latency
-from kdsearch.search.rungs import RUNG_ATTR, STOPPED_ATTR, promotable
+from kdsearch.search.rungs import RUNG_ATTR, STOPPED_ATTR, committed_epochs, promotable
 from kdsearch.search.study import Objective, StudyHandle, StudyKind
 from kdsearch.search.studyfile import ParetoSpec, StudySpec, check_files
 from kdsearch.search.trial import TrialRunner
@@ -74,11 +74,38 @@ def _constrain(trial: optuna.Trial, pareto: ParetoSpec, val_acc: float | None, l
     trial.set_constraint("val_acc", 0.0 if val_acc is None else short)
 
 
+def _is_reference(params: dict[str, Any], pareto: ParetoSpec) -> bool:
+    """Whether ``params`` are one of the enqueued points (references, which always go on)."""
+    return any(all(params.get(key) == value for key, value in point.items()) for point in pareto.enqueue)
+
+
+def _rung_ends(pareto: ParetoSpec, epochs: int) -> tuple[int, ...]:
+    return pareto.rungs if pareto.rungs is not None else (epochs,)
+
+
+def spent_epochs(trials: list[optuna.trial.FrozenTrial], pareto: ParetoSpec, epochs: int) -> int:
+    """Epochs the study's candidates have trained or are committed to (``rungs.committed_epochs``);
+    ``epochs``: train.epochs, each candidate's budget without rungs."""
+    ends = _rung_ends(pareto, epochs)
+    return sum(
+        committed_epochs(
+            trial.state.name,
+            ends,
+            [int(key.removeprefix("rung_")) for key in trial.user_attrs if key.startswith("rung_")],
+            trial.user_attrs.get(STOPPED_ATTR),
+            trained="same_as_trial" not in trial.user_attrs,
+            reference=_is_reference(trial.params, pareto),
+        )
+        for trial in trials
+    )
+
+
 def _rung_gate(trial: optuna.Trial, pareto: ParetoSpec, latency: float, params: dict[str, Any]):
     """After each epoch: at a rung's end, record the candidate's accuracy there and stop it (TrialPruned)
-    unless it is among the best 1/reduction of the candidates that ended the rung; references (the
+    unless it is among the best 1/reduction of the candidates that ended the rung, and (with
+    ``budget_epochs``) its next rung fits in what the other candidates left of the budget; references (the
     enqueued points) always go on, so they give every rung a student at equal training."""
-    reference = any(all(params.get(key) == value for key, value in point.items()) for point in pareto.enqueue)
+    reference = _is_reference(params, pareto)
 
     def after_epoch(epoch: int, row: dict) -> None:
         epochs = epoch + 1
@@ -100,6 +127,16 @@ def _rung_gate(trial: optuna.Trial, pareto: ParetoSpec, latency: float, params: 
                 f"val_acc {row['val_acc']:.2f} at {latency:.2f} ms after {epochs} epochs: not among the best "
                 f"1/{pareto.reduction} of {len(others) + 1} at that rung"
             )
+        if not reference and pareto.budget_epochs is not None:
+            next_end = pareto.rungs[pareto.rungs.index(epochs) + 1]
+            trials = [other for other in trial.study.get_trials(deepcopy=False) if other.number != trial.number]
+            spent = spent_epochs(trials, pareto, pareto.rungs[-1])
+            if spent + next_end > pareto.budget_epochs:
+                trial.set_user_attr(STOPPED_ATTR, epochs)
+                raise optuna.TrialPruned(
+                    f"promoted after {epochs} epochs, but its {next_end} epochs would pass budget_epochs "
+                    f"{pareto.budget_epochs} ({spent} spent or committed by the others)"
+                )
 
     return after_epoch
 
@@ -147,6 +184,21 @@ class ParetoSearch(StudyKind):
     def points(self, space: dict[str, Any]) -> list[dict[str, Any]]:
         return list(space.get("enqueue", []))
 
+    def exhausted(self, handle: StudyHandle) -> bool:
+        """With ``budget_epochs``: True once a new candidate's first rung would pass the budget."""
+        pareto = handle.spec.pareto
+        if pareto.budget_epochs is None:
+            return False
+        first = _rung_ends(pareto, handle.spec.train.epochs)[0]
+        return spent_epochs(handle.trials(), pareto, handle.spec.train.epochs) + first > pareto.budget_epochs
+
+    def budget_line(self, study: optuna.Study, spec: StudySpec) -> str | None:
+        pareto = spec.pareto
+        if pareto is None or pareto.budget_epochs is None:
+            return None
+        spent = spent_epochs(study.get_trials(deepcopy=False), pareto, spec.train.epochs)
+        return f"compute: {spent} of budget_epochs {pareto.budget_epochs} epochs trained or committed"
+
     def algorithms(self, spec: StudySpec, joining: bool):
         return SAMPLERS[ParetoSampler(spec.pareto.sampler)](spec.pareto, None if joining else spec.pareto.seed), None
 
@@ -189,7 +241,8 @@ class ParetoSearch(StudyKind):
             latency = timing.latency_ms
             trial.set_user_attr("latency_ms", latency)
             trial.set_user_attr("latency_other_cores", timing.other_cores)
-            if pareto.max_latency_ms is not None and latency > pareto.max_latency_ms:
+            too_slow = pareto.max_latency_ms is not None and latency > pareto.max_latency_ms
+            if too_slow and not _is_reference(params, pareto):  # a reference is trained wherever it lies
                 _constrain(trial, pareto, None, latency)
                 raise optuna.TrialPruned(f"{latency:.2f} ms > max_latency_ms {pareto.max_latency_ms}: not trained")
             name = metric_name(pareto.latency, pareto.batch)

@@ -71,3 +71,32 @@ def promotable(candidate: tuple[float, float], others: Sequence[tuple[float, flo
     points = [candidate, *others]
     kept = max(1, len(points) // reduction)
     return 0 in promotion_order(points)[:kept]
+
+
+def committed_epochs(
+    state: str,
+    rungs: Sequence[int],
+    reached: Sequence[int],
+    stopped_at: int | None,
+    trained: bool,
+    reference: bool,
+) -> int:
+    """Epochs a candidate has trained or is committed to, for a study's compute budget.
+
+    ``state``: the trial's state name; ``rungs``: the rung ends (one rung of ``train.epochs`` without
+    multi-fidelity); ``reached``: the rungs it has ended; ``trained``: False for a trial that trains nothing
+    (a repeated point, an architecture too slow to train). A finished candidate counts what it trained; a
+    running one what it will have trained at its next rung's end — all of its rungs for a reference, which
+    always goes on. A failed trial counts nothing: its retry (which resumes its checkpoint) counts instead.
+    """
+    if not trained:
+        return 0
+    if state == "COMPLETE":
+        return rungs[-1]
+    if state == "PRUNED":
+        return stopped_at or 0
+    if state == "RUNNING":
+        if reference:
+            return rungs[-1]
+        return next((end for end in rungs if end > max(reached, default=0)), rungs[-1])
+    return 0

@@ -105,6 +105,14 @@ class StudyKind(abc.ABC):
     def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
         """The function that evaluates one trial of this study."""
 
+    def exhausted(self, handle: StudyHandle) -> bool:
+        """True once the study has spent a budget of its own (no new trial starts; queued ones still run)."""
+        return False
+
+    def budget_line(self, study: optuna.Study, spec: StudySpec) -> str | None:
+        """One line on that budget for ``study status`` (``spec``: the stored one), or None without one."""
+        return None
+
     def done(self, study: optuna.Study) -> int:
         """Points with a complete trial (queue kinds); sampled kinds count completed + pruned trials."""
         if not self.queue:
@@ -426,7 +434,7 @@ def next_trial(handle: StudyHandle) -> optuna.Trial | None:
         return claimed
     started = len(handle.trials((*FINISHED, TrialState.RUNNING)))
     # Two workers may both pass this check for the last trial; TPE then runs one trial too many.
-    if started >= handle.total:
+    if started >= handle.total or handle.kind.exhausted(handle):
         return None
     with warnings.catch_warnings():
         # Optuna warns that heartbeats are meant for Study.optimize; run_trials sends them itself.
@@ -687,6 +695,7 @@ def status(study: optuna.Study, kind: StudyKind) -> dict[str, Any]:
         "best": describe_trial(best) if best is not None else None,
         "front": [describe_trial(trial) for trial in front(study)] if len(study.directions) > 1 else None,
         "rungs": rung_progress(study.get_trials(deepcopy=False)),
+        "budget": kind.budget_line(study, build_spec(stored["spec"])) if "spec" in stored else None,
     }
 
 

@@ -331,7 +331,9 @@ class ParetoSpec:
     latency: str = "onnx-fp32"  # a Runtime: torch | onnx-fp32 | onnx-int8
     batch: int = 1
     threads: int = 1
-    max_latency_ms: float | None = None  # constraint: slower architectures are timed and not trained
+    max_latency_ms: float | None = (
+        None  # constraint: slower architectures are timed and not trained (but enqueued ones)
+    )
     min_val_acc: float | None = None  # constraint on the trained student
     student_drop: tuple[int, int] = (0, 5)
     widths: tuple[float, ...] = (1.0,)
@@ -351,6 +353,10 @@ class ParetoSpec:
     # candidate trains train.epochs. Enqueued points (references) always go on.
     rungs: tuple[int, ...] | None = field(default=None, metadata=ADDED_LATER)
     reduction: int = field(default=3, metadata=ADDED_LATER)
+    # Compute budget: epochs over all candidates (each over the same training images), trained or committed
+    # (a running candidate to its next rung's end, a reference to its last); no candidate starts, and none
+    # is promoted, past it. None: ``trials`` alone bounds the study.
+    budget_epochs: int | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _ranges(self, "pareto", ("t", "alpha", "p", "gamma"))
@@ -366,6 +372,10 @@ class ParetoSpec:
             object.__setattr__(self, "rungs", rungs)
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, int) or self.reduction < 2:
             raise ConfigError(f"pareto reduction must be an integer >= 2 but got {self.reduction!r}")
+        if self.budget_epochs is not None and (
+            isinstance(self.budget_epochs, bool) or not isinstance(self.budget_epochs, int) or self.budget_epochs < 1
+        ):
+            raise ConfigError(f"pareto budget_epochs must be an integer >= 1 but got {self.budget_epochs!r}")
         if self.students is not None:
             object.__setattr__(self, "students", _names("pareto students", self.students))
         object.__setattr__(self, "enqueue", tuple(self.enqueue))

@@ -17,6 +17,7 @@ from kdsearch.distill.train import train
 from kdsearch.errors import ConfigError
 from kdsearch.models.classifiers import build_model, channel_plan, count_parameters, load_model
 from kdsearch.search.pareto import PARETO
+from kdsearch.search.study import front
 from kdsearch.search.studyfile import load_study
 from tests.fakes import SMOKE
 
@@ -129,7 +130,6 @@ def test_smoke_pareto_study_has_a_front_and_a_report(tmp_path, shared_cache, cap
 def test_an_architecture_slower_than_the_constraint_is_timed_but_not_trained(tmp_path, shared_cache, capsys):
     args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
     args += ["--set", "latency.repeats=2", "--set", "pareto.trials=2", "--latency", "torch", "--max-latency-ms", "1e-6"]
-    args += ["--set", "pareto.enqueue=[{student_drop: 1, prune_ratio: 0.5, alpha: 0.5}]"]
     # No trial completed: exit code 1, and the one line says the constraint excluded every candidate.
     assert main(args) == 1
     captured = capsys.readouterr()
@@ -144,9 +144,23 @@ def test_an_architecture_slower_than_the_constraint_is_timed_but_not_trained(tmp
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     assert all("run_id" not in t.user_attrs and t.user_attrs["latency_ms"] > 1e-6 for t in trials)
-    # Reopened, the study is done: the enqueued point was decided (pruned), not lost, so it is not queued again.
+    # Reopened, the study is done: its trials were decided (pruned), not lost, so none runs again.
     assert main(args) == 0
     assert len(optuna.load_study(study_name=summary.study_name, storage=storage).trials) == 2
+
+
+def test_an_enqueued_reference_is_trained_even_when_slower_than_the_constraint(tmp_path, shared_cache):
+    args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
+    args += ["--set", "latency.repeats=2", "--set", "pareto.trials=2", "--latency", "torch", "--max-latency-ms", "1e-6"]
+    args += ["--set", "pareto.enqueue=[{student_drop: 1, prune_ratio: 0.5, alpha: 0.5}]"]
+    assert main(args) == 0
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    [summary] = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    reference, sampled = study.trials
+    assert reference.state == TrialState.COMPLETE and reference.values[1] > 1e-6 and "run_id" in reference.user_attrs
+    assert front(study) == []  # trained as the yardstick, but still infeasible: off the front
+    assert sampled.state == TrialState.PRUNED and "run_id" not in sampled.user_attrs
 
 
 @pytest.mark.slow

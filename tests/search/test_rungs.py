@@ -12,7 +12,13 @@ from optuna.trial import TrialState
 
 from kdsearch.cli.main import main
 from kdsearch.errors import ConfigError
-from kdsearch.search.rungs import crowding_distances, nondominated_ranks, promotable, promotion_order
+from kdsearch.search.rungs import (
+    committed_epochs,
+    crowding_distances,
+    nondominated_ranks,
+    promotable,
+    promotion_order,
+)
 from kdsearch.search.studyfile import ParetoSpec
 from tests.fakes import SMOKE
 
@@ -46,6 +52,23 @@ def test_only_the_best_fraction_is_promoted_and_the_best_alone_while_the_rung_is
 
 
 @pytest.mark.parametrize(
+    ("state", "reached", "stopped_at", "trained", "reference", "epochs"),
+    [
+        ("COMPLETE", [1, 3], None, True, False, 9),
+        ("PRUNED", [1, 3], 3, True, False, 3),  # stopped after its second rung
+        ("PRUNED", [], None, True, False, 0),  # too slow to train, or no budget left to start
+        ("RUNNING", [], None, True, False, 1),  # heading for its first rung
+        ("RUNNING", [1], None, True, False, 3),  # promoted after its first
+        ("RUNNING", [1], None, True, True, 9),  # a reference always goes on: all its rungs
+        ("COMPLETE", [1, 3], None, False, False, 0),  # a repeated point reuses its twin's student
+        ("FAIL", [1], None, True, False, 0),  # its retry counts instead
+    ],
+)
+def test_a_candidate_counts_what_it_trained_or_is_committed_to(state, reached, stopped_at, trained, reference, epochs):
+    assert committed_epochs(state, (1, 3, 9), reached, stopped_at, trained, reference) == epochs
+
+
+@pytest.mark.parametrize(
     ("rungs", "reduction", "message"),
     [
         ([3], 3, "at least two"),
@@ -57,6 +80,36 @@ def test_only_the_best_fraction_is_promoted_and_the_best_alone_while_the_rung_is
 def test_bad_rungs_are_one_line(rungs, reduction, message):
     with pytest.raises(ConfigError, match=message):
         ParetoSpec(rungs=rungs, reduction=reduction)
+
+
+@pytest.mark.parametrize("budget", [0, -3, 2.5, True])
+def test_a_bad_budget_is_one_line(budget):
+    with pytest.raises(ConfigError, match="budget_epochs must be an integer >= 1"):
+        ParetoSpec(rungs=[1, 3], budget_epochs=budget)
+
+
+@pytest.mark.slow
+def test_a_study_with_a_compute_budget_stops_there_with_the_reference_trained_to_the_end(
+    tmp_path, shared_cache, capsys
+):
+    args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
+    args += ["--set", "latency.repeats=2", "--set", "pareto.trials=20", "--set", "pareto.rungs=[1, 3]"]
+    args += ["--set", "pareto.reduction=2", "--set", "pareto.startup_trials=20", "--set", "pareto.budget_epochs=7"]
+    args += ["--set", "pareto.enqueue=[{student_drop: 1, prune_ratio: 0.0}]"]
+    main(args)
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    [summary] = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+    trained = 0
+    for trial in trials:
+        if "same_as_trial" in trial.user_attrs:
+            continue
+        trained += 3 if trial.state == TrialState.COMPLETE else trial.user_attrs.get("stopped_at", 0)
+    assert trained <= 7 and len(trials) < 20  # the budget, not the trial count, ended the study
+    assert trials[0].state == TrialState.COMPLETE  # the reference's 3 epochs were reserved first
+    capsys.readouterr()
+    main(["study", "status", "--workdir", str(tmp_path)])
+    assert f"compute: {trained} of budget_epochs 7 epochs trained or committed" in capsys.readouterr().out
 
 
 @pytest.mark.slow

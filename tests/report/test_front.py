@@ -1,0 +1,57 @@
+"""The Pareto report's multi-fidelity parts: the rungs table and the per-rung reference on the figure."""
+
+from __future__ import annotations
+
+from kdsearch.report.front import (
+    PAPER_STUDENT,
+    ParetoResult,
+    Point,
+    StoppedCandidate,
+    front_figure,
+    rungs_table,
+)
+
+RUNTIME = "onnx-fp32"
+
+
+def _point(name, params, latency, rungs, on_front=True) -> Point:
+    return Point(name, params, 1000, 1000, {RUNTIME: latency}, rungs.get(15), 70.0, None, on_front, rungs)
+
+
+def _result(stopped=True) -> ParetoResult:
+    teacher = Point("teacher", {}, 2000, 2000, {RUNTIME: 6.0}, None, 87.05, None, False)
+    paper = _point("trial 0", PAPER_STUDENT, 3.1, {1: 70.0, 3: 75.0, 15: 80.0}, on_front=False)
+    fast = _point("trial 4", {"student_drop": 2, "prune_ratio": 0.5}, 1.3, {1: 60.0, 3: 66.0, 15: 79.5})
+    candidates = [
+        StoppedCandidate("trial 2", {"student_drop": 4, "prune_ratio": 0.6}, 0.9, 1, 41.0),
+        StoppedCandidate("trial 3", {"student_drop": 1, "prune_ratio": 0.3}, 2.2, 3, 71.0),
+    ]
+    return ParetoResult(RUNTIME, 1, 1, teacher, [fast, paper], candidates if stopped else [])
+
+
+def test_the_rungs_table_lists_the_reference_first_then_the_finished_then_the_stopped():
+    frame = rungs_table(_result(), "synthetic").frame
+    assert list(frame["candidate"]) == ["trial 0 (paper's student)", "trial 4", "trial 3", "trial 2"]
+    assert list(frame["val acc after 3 ep"])[:3] == [75.0, 66.0, 71.0]
+    assert frame["val acc after 15 ep"].isna().tolist() == [False, False, True, True]
+    assert frame["stopped after (epochs)"].tolist()[2:] == [3, 1]
+
+
+def test_a_study_without_rungs_has_no_rungs_table():
+    result = _result(stopped=False)
+    for point in result.students:
+        point.rung_val_acc = {}
+    assert rungs_table(result, "synthetic") is None
+
+
+def test_the_figure_reads_each_rung_against_the_paper_student_after_the_same_epochs():
+    figure = front_figure(_result(), "synthetic")
+    stopped = [trace for trace in figure.data if trace.meta and trace.meta["role"] == "stopped"]
+    assert [(trace.meta["epochs"], list(trace.y)) for trace in stopped] == [(1, [41.0]), (3, [71.0])]
+    lines = [shape.y0 for shape in figure.layout.shapes]
+    assert lines == [70.0, 75.0, 80.0]
+    assert [a.text for a in figure.layout.annotations][:3] == [
+        "paper's student, 1 epoch(s): val 70.00",
+        "paper's student, 3 epoch(s): val 75.00",
+        "paper's student, 15 epoch(s): val 80.00",
+    ]
