@@ -67,7 +67,7 @@ def test_backward_under_bf16_is_fp32_arithmetic_on_the_bf16_tensors(channels_las
     output.backward(grad_output)
     expected = _fp32_gradients(conv, images, grad_output)
     assert images.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
-    for got, want in zip((images.grad, conv.weight.grad, conv.bias.grad), expected):
+    for got, want in zip((images.grad, conv.weight.grad, conv.bias.grad), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
