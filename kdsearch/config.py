@@ -466,35 +466,48 @@ class Importance(StrEnum):
     L1 = "l1"  # magnitude of the group's weights
     L2 = "l2"
     RANDOM = "random"  # a control: does magnitude matter?
+    # First-order Taylor: |weight x gradient| summed over the group, the gradient of cross-entropy on a
+    # few training images (pruning.TAYLOR_IMAGES): what removing the channels would cost the loss.
+    TAYLOR = "taylor"
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """A student pruned from the teacher (Torch-Pruning): its surviving weights are the teacher's.
 
-    Exactly one target when pruning: ``ratio`` of every prunable group's channels removed, or
-    ``flops_target``, the fraction of the unpruned network's FLOPs kept. Combines with the student's
-    ``drop_blocks`` (blocks removed first) and ``width_mult`` 1 (the teacher's widths).
+    Exactly one target when pruning: ``ratio`` of every prunable group's channels removed,
+    ``flops_target``, the fraction of the unpruned network's FLOPs kept, or ``stage_ratios``, one ratio per
+    stage of the network (its convolutions grouped by output resolution, highest first). Combines with the
+    student's ``drop_blocks`` (blocks removed first) and ``width_mult`` 1 (the teacher's widths).
     """
 
     ratio: float | None = None
     flops_target: float | None = None
     importance: str = "l2"  # an Importance
+    stage_ratios: tuple[float, ...] | None = field(default=None, metadata=ADDED_LATER)  # 0: a stage left whole
 
     def __post_init__(self) -> None:
+        if self.stage_ratios is not None:
+            object.__setattr__(self, "stage_ratios", tuple(self.stage_ratios))
         check_field_types(self)
+        targets = [name for name in ("ratio", "flops_target", "stage_ratios") if getattr(self, name) is not None]
         _check(
-            self.ratio is None or self.flops_target is None,
-            f"prune needs one of ratio or flops_target, not both (got {self.ratio}, {self.flops_target})",
+            len(targets) <= 1,
+            f"prune needs one of ratio, flops_target or stage_ratios, not several (got {', '.join(targets)})",
         )
         for name in ("ratio", "flops_target"):
             value = getattr(self, name)
             _check(value is None or 0 < value < 1, f"prune {name} must be in (0, 1) but got {value!r}")
+        stages = self.stage_ratios
+        _check(
+            stages is None or (len(stages) > 0 and all(0 <= r < 1 for r in stages) and any(r > 0 for r in stages)),
+            f"prune stage_ratios must be ratios in [0, 1), at least one above 0, but got {stages!r}",
+        )
         object.__setattr__(self, "importance", choice("prune importance", self.importance, Importance))
 
     @property
     def active(self) -> bool:
-        return self.ratio is not None or self.flops_target is not None
+        return self.ratio is not None or self.flops_target is not None or self.stage_ratios is not None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kdsearch.config import (
+    Importance,
     MapCoverage,
     ModelConfig,
     OptimConfig,
@@ -56,7 +57,7 @@ from kdsearch.models.classifiers import (
 )
 from kdsearch.models.depthwise import with_fp32_depthwise_backward
 from kdsearch.models.inference import accuracy
-from kdsearch.models.pruning import prune_classifier
+from kdsearch.models.pruning import TAYLOR_IMAGES, prune_classifier
 
 log = logging.getLogger(__name__)
 
@@ -297,23 +298,30 @@ def build_student(config: TrainConfig, inputs: TrainInputs) -> tuple[CifarClassi
     if config.student_init == StudentInit.TEACHER or config.prune.active:
         init_from_teacher(student, inputs.teacher)
     if config.prune.active:
-        student, student_config = _pruned(student, student_config, inputs.teacher, config)
+        student, student_config = _pruned(student, student_config, inputs, config)
     return student, student_config
 
 
 def _pruned(
-    student: CifarClassifier, student_config: ModelConfig, teacher: CifarClassifier, config: TrainConfig
+    student: CifarClassifier, student_config: ModelConfig, inputs: TrainInputs, config: TrainConfig
 ) -> tuple[CifarClassifier, ModelConfig]:
     """The teacher-initialised student pruned to ``config.prune``'s target, and its config with the plan."""
+    teacher, splits = inputs.teacher, inputs.splits
     sourced = isinstance(student, SourcedClassifier)  # init_from_teacher copied all of the teacher into it
     if not sourced and student.classifier[1].weight.shape == teacher.classifier[1].weight.shape:
         student.classifier.load_state_dict(teacher.classifier.state_dict())  # undropped: the teacher's head too
+    calibration = None
+    if config.prune.importance == Importance.TAYLOR:  # the first training images, as the split orders them
+        calibration = (splits.train_images[:TAYLOR_IMAGES].float().div(255), splits.train_labels[:TAYLOR_IMAGES])
     pruned = prune_classifier(
         student,
         ratio=config.prune.ratio,
         flops_target=config.prune.flops_target,
+        stage_ratios=config.prune.stage_ratios,
         importance=config.prune.importance,
         seed=config.seed,
+        image_size=splits.image_size,
+        calibration=calibration,
     )
     if sourced:
         return pruned, replace(student_config, pruned_layers=changed_layers(pruned, build_model(student_config)))

@@ -2,8 +2,9 @@
 
 Torch-Pruning's dependency graph groups every channel that must go together (a residual add ties the
 outputs of all convolutions feeding it; a depthwise convolution ties its input and output to the
-convolution before it), so removing a group's channels keeps the network valid. Pruning is local and
-uniform: each group loses the same fraction of its channels, the least important ones within the group.
+convolution before it), so removing a group's channels keeps the network valid. Pruning is local: each
+group loses a fraction of its channels, the least important ones within the group — the same fraction
+everywhere, or one per stage (the network's convolutions grouped by the resolution of their output).
 
 A pruned network is not a ``ModelConfig`` architecture, so ``channel_plan`` records its shape as one
 tuple of ints (JSON-friendly) and ``apply_plan`` rebuilds it from a fresh model of the same config: a
@@ -17,6 +18,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
@@ -28,7 +30,9 @@ IMPORTANCES: dict[Importance, Callable[[], tp.importance.Importance]] = {
     Importance.L1: lambda: tp.importance.GroupMagnitudeImportance(p=1),
     Importance.L2: lambda: tp.importance.GroupMagnitudeImportance(p=2),
     Importance.RANDOM: tp.importance.RandomImportance,  # a baseline for the magnitude importances
+    Importance.TAYLOR: tp.importance.GroupTaylorImportance,  # needs the loss's gradients: _taylor_gradients
 }
+TAYLOR_IMAGES = 256  # training images whose cross-entropy gradients rank channels for "taylor"
 
 # Bisection steps on the ratio for a FLOPs target: a resolution of 2**-12, finer than one channel of
 # the widest group of mobilenetv2_cifar (1280 channels at width 1, 1792 at width 1.4).
@@ -40,15 +44,19 @@ def prune_classifier(
     *,
     ratio: float | None = None,
     flops_target: float | None = None,
+    stage_ratios: tuple[float, ...] | None = None,
     importance: str = "l2",
     round_to: int | None = 8,
     seed: int = 0,
     image_size: int = 32,
+    calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> CifarClassifier:
     """A pruned copy of ``model`` in the same mode and on the same device; ``model`` is unchanged.
 
-    Give exactly one of ``ratio`` (the fraction of each group's channels to remove) or ``flops_target``
-    (the fraction of the model's FLOPs, as ``models.count_flops`` counts them, to keep). A FLOPs target
+    Give exactly one of ``ratio`` (the fraction of each group's channels to remove), ``flops_target``
+    (the fraction of the model's FLOPs, as ``models.count_flops`` counts them, to keep) or
+    ``stage_ratios`` (one ratio per stage, ``model_stages`` of them, 0 leaving a stage whole; a group
+    belongs to the stage of the convolution that roots it). A FLOPs target
     is met by bisection on the ratio: the result is the one-shot pruning at the smallest ratio (to
     2**-12) whose FLOPs are within the target, so it is as large as the target allows and the same as
     some ``ratio=`` call (Torch-Pruning's iterative steps instead depend on the step size).
@@ -59,19 +67,24 @@ def prune_classifier(
     2.2x (batch 1) and 1.6x (batch 128) slower in ONNX Runtime (1 thread) than with ``round_to=8``, for
     6 % more FLOPs. ``None`` keeps floor(channels * (1 - ratio)), at least 1. The convolutions' input (the
     image's 3 channels) and the linear head's outputs (the classes) are never pruned; the surviving
-    channels keep their weights. "l1"/"l2" are deterministic; "random" draws from ``seed``.
+    channels keep their weights. "l1"/"l2" are deterministic; "random" draws from ``seed``; "taylor" ranks
+    by the gradients of cross-entropy on ``calibration`` (pixel images in [0, 1] and their labels).
     """
-    if (ratio is None) == (flops_target is None):
-        raise ConfigError(f"give exactly one of ratio and flops_target but got {ratio=} and {flops_target=}")
+    if sum(target is not None for target in (ratio, flops_target, stage_ratios)) != 1:
+        raise ConfigError(
+            f"give exactly one of ratio, flops_target and stage_ratios but got {ratio=}, {flops_target=}, {stage_ratios=}"
+        )
+    if importance == Importance.TAYLOR and calibration is None:
+        raise ConfigError("importance taylor needs calibration images and labels (its gradients rank the channels)")
     if importance not in IMPORTANCES:
         raise ConfigError(f"unknown pruning importance {importance!r}; known: {', '.join(IMPORTANCES)}")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ConfigError(f"round_to must be a positive integer or None but got {round_to!r}")
     if ratio is not None:
         _check_fraction("ratio", ratio)
-    else:
+    elif flops_target is not None:
         _check_fraction("flops_target", flops_target)
-    return _prune(model, ratio, flops_target, importance, round_to, seed, image_size)
+    return _prune(model, ratio, flops_target, importance, round_to, seed, image_size, stage_ratios, calibration)
 
 
 def _prune(
@@ -82,6 +95,8 @@ def _prune(
     round_to: int | None,
     seed: int,
     image_size: int,
+    stage_ratios: tuple[float, ...] | None = None,
+    calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> nn.Module:
     pruned = copy.deepcopy(model).cpu().eval()  # eval: tracing runs a forward that must not move BN statistics
     for parameter in pruned.parameters():
@@ -94,14 +109,17 @@ def _prune(
         groups = list(graph.get_all_groups(root_module_types=[nn.Conv2d]))
         if flops_target is not None:
             ratio = _ratio_for_flops(pruned, graph, groups, flops_target, round_to, image_size)
+        ratios = [ratio] * len(groups) if stage_ratios is None else _stage_of(pruned, groups, stage_ratios, image_size)
+        if importance == Importance.TAYLOR:
+            _taylor_gradients(pruned, *calibration)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             scorer = IMPORTANCES[importance]()
             # Rank every group on the unpruned network first, then prune: one-shot, as Torch-Pruning's pruners do.
             removals = []
-            for group in groups:
+            for group, group_ratio in zip(groups, ratios, strict=True):
                 channels = len(group[0][1])
-                removed = channels - _kept_channels(channels, ratio, round_to)
+                removed = channels - _kept_channels(channels, group_ratio, round_to) if group_ratio > 0 else 0
                 if removed > 0:
                     removals.append((group, torch.argsort(scorer(group), stable=True)[:removed].tolist()))
         for group, indices in removals:
@@ -113,6 +131,50 @@ def _prune(
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ConfigError(f"Torch-Pruning cannot prune {name}: {type(error).__name__}: {reason}") from None
     return pruned.to(next(model.parameters()).device).train(model.training)
+
+
+def _output_sizes(model: nn.Module, image_size: int) -> dict[nn.Module, int]:
+    """Each convolution's output resolution (height) on one image of ``image_size``."""
+    sizes, hooks = {}, []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(lambda m, _, out: sizes.__setitem__(m, out.shape[-2])))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sizes
+
+
+def model_stages(model: nn.Module, image_size: int = 32) -> int:
+    """How many stages ``stage_ratios`` addresses: the distinct output resolutions of its convolutions."""
+    return len(set(_output_sizes(model, image_size).values()))
+
+
+def _stage_of(model: nn.Module, groups: list, stage_ratios: tuple[float, ...], image_size: int) -> list[float]:
+    """Each group's ratio: that of the stage (rank of its root convolution's output resolution, highest
+    first) it belongs to."""
+    sizes = _output_sizes(model, image_size)
+    resolutions = sorted(set(sizes.values()), reverse=True)
+    if len(stage_ratios) != len(resolutions):
+        raise ConfigError(
+            f"stage_ratios gives {len(stage_ratios)} ratios but the model has {len(resolutions)} stages "
+            f"(convolution outputs at {', '.join(f'{r}x{r}' for r in resolutions)})"
+        )
+    return [stage_ratios[resolutions.index(sizes[group[0][0].target.module])] for group in groups]
+
+
+def _taylor_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Leaves the gradients of the mean cross-entropy on ``images`` in ``model``'s parameters, for
+    Torch-Pruning's Taylor importance (|weight x gradient|). BatchNorm uses its running statistics."""
+    model.zero_grad()
+    with torch.enable_grad():
+        for start in range(0, len(labels), 64):
+            batch, batch_labels = images[start : start + 64], labels[start : start + 64]
+            loss = F.cross_entropy(model(batch), batch_labels, reduction="sum") / len(labels)
+            loss.backward()
 
 
 def _check_fraction(name: str, value: float) -> None:

@@ -205,7 +205,13 @@ def _architecture(params: dict[str, Any]) -> str:
         return str(params["student"])
     text = f"drop {params.get('student_drop', 0)}, width {params.get('width', 1.0):g}"
     ratio = params.get("prune_ratio", 0.0)
-    return text + (f", pruned {ratio:.0%}" if ratio else "")
+    stages = [params[key] for key in sorted(params) if key.startswith("stage_ratio_")]
+    if any(stages):
+        text += f", pruned {'/'.join(f'{100 * r:.0f}' for r in stages)} % by stage"
+    elif ratio:
+        text += f", pruned {ratio:.0%}"
+    extras = [f"{name} {params[name]}" for name in ("importance", "recovery") if name in params]
+    return ", ".join([text, *extras])
 
 
 def rungs_table(result: ParetoResult, dataset: str) -> Table | None:

@@ -24,6 +24,7 @@ from kdsearch.config import ParetoSampler, PruneConfig, TrainConfig, replace, to
 from kdsearch.distill.train import build_student
 from kdsearch.errors import ConfigError
 from kdsearch.models.classifiers import build_model
+from kdsearch.models.pruning import model_stages
 from kdsearch.runtime.timing import CALIBRATION_IMAGES, metric_name, runtime_latency
 from kdsearch.search.rungs import RUNG_ATTR, STOPPED_ATTR, committed_epochs, promotable
 from kdsearch.search.study import Objective, StudyHandle, StudyKind
@@ -39,16 +40,25 @@ SAMPLERS = {
 }
 
 
-def trial_params(trial: optuna.Trial, pareto: ParetoSpec) -> dict[str, Any]:
-    """The trial's architecture and hyperparameters, suggested in a fixed order."""
+def trial_params(trial: optuna.Trial, pareto: ParetoSpec, stages: int = 0) -> dict[str, Any]:
+    """The trial's architecture and hyperparameters, suggested in a fixed order; ``stages``: the teacher's,
+    for per-stage prune ratios."""
     if pareto.students is not None:
         params: dict[str, Any] = {"student": trial.suggest_categorical("student", list(pareto.students))}
     else:
         params = {
             "student_drop": trial.suggest_int("student_drop", *pareto.student_drop),
             "width": trial.suggest_categorical("width", list(pareto.widths)),
-            "prune_ratio": trial.suggest_categorical("prune_ratio", list(pareto.prune_ratios)),
         }
+        if pareto.stage_ratios is None:
+            params["prune_ratio"] = trial.suggest_categorical("prune_ratio", list(pareto.prune_ratios))
+        for stage in range(stages if pareto.stage_ratios is not None else 0):
+            params[f"stage_ratio_{stage}"] = trial.suggest_categorical(
+                f"stage_ratio_{stage}", list(pareto.stage_ratios)
+            )
+    for name, values in (("importance", pareto.importances), ("recovery", pareto.recovery)):
+        if values is not None:
+            params[name] = trial.suggest_categorical(name, list(values))
     for name in ("t", "alpha", "p", "gamma"):
         bounds = getattr(pareto, name)
         if bounds is not None:
@@ -56,14 +66,30 @@ def trial_params(trial: optuna.Trial, pareto: ParetoSpec) -> dict[str, Any]:
     return params
 
 
-def pareto_config(spec: StudySpec, params: dict[str, Any]) -> TrainConfig:
+def pareto_config(spec: StudySpec, params: dict[str, Any], image_size: int = 32) -> TrainConfig:
+    """A trial's config; per-stage ratios apply to the student's own stages, the first ones of the
+    teacher's (a student with trailing blocks dropped may have fewer)."""
     config = spec.configure(params)
+    student = replace(config.student, width_mult=float(params.get("width", config.student.width_mult)))
+    importance = params.get("importance", config.prune.importance)
+    prune = replace(config.prune, importance=importance)
     ratio = params.get("prune_ratio", 0.0)
-    return replace(
-        config,
-        student=replace(config.student, width_mult=float(params.get("width", config.student.width_mult))),
-        prune=PruneConfig(ratio=ratio, importance=config.prune.importance) if ratio > 0 else config.prune,
-    )
+    if ratio > 0:
+        prune = PruneConfig(ratio=ratio, importance=importance)
+    if "stage_ratio_0" in params:
+        stages = model_stages(build_model(student), image_size)
+        ratios = tuple(float(params[f"stage_ratio_{stage}"]) for stage in range(stages))
+        if any(r > 0 for r in ratios):
+            prune = PruneConfig(stage_ratios=ratios, importance=importance)
+    config = replace(config, student=student, prune=prune)
+    if params.get("recovery") == "ce":  # plain cross-entropy: no teacher in the loss
+        config = replace(
+            config,
+            kd=replace(config.kd, alpha=0.0),
+            attention=replace(config.attention, gamma=0.0),
+            overlay=replace(config.overlay, p=0.0),
+        )
+    return config
 
 
 def _constrain(trial: optuna.Trial, pareto: ParetoSpec, val_acc: float | None, latency: float) -> None:
@@ -211,9 +237,11 @@ class ParetoSearch(StudyKind):
         spec, prepared = handle.spec, runner.prepared
         pareto = spec.pareto
         calibration = prepared.splits.train_images[:CALIBRATION_IMAGES]
+        image_size = prepared.splits.image_size
+        stages = model_stages(build_model(spec.train.teacher), image_size) if pareto.stage_ratios is not None else 0
 
         def objective(trial: optuna.Trial) -> tuple[float, float]:
-            params = trial_params(trial, pareto)
+            params = trial_params(trial, pareto, stages)
             twin = _complete_twin(trial, params)
             if twin is not None:
                 # Training is seeded, so the same point trains the same student: reuse it, do not retrain
@@ -230,7 +258,7 @@ class ParetoSearch(StudyKind):
                         trial.set_user_attr(key, value)
                 trial.set_user_attr("same_as_trial", stopped.number)
                 raise optuna.TrialPruned(f"the same point as trial {stopped.number}, stopped at a rung")
-            config = pareto_config(spec, params)
+            config = pareto_config(spec, params, image_size)
             if pareto.rungs is not None:
                 config = replace(config, epochs=pareto.rungs[-1])  # one schedule, stopped at a rung or not
             model, architecture = build_student(config, prepared.inputs)

@@ -32,6 +32,7 @@ import yaml
 from kdsearch.config import (
     ADDED_LATER,
     AttributionMethod,
+    Importance,
     LatencyConfig,
     ModelConfig,
     ParetoSampler,
@@ -357,6 +358,13 @@ class ParetoSpec:
     # (a running candidate to its next rung's end, a reference to its last); no candidate starts, and none
     # is promoted, past it. None: ``trials`` alone bounds the study.
     budget_epochs: int | None = field(default=None, metadata=ADDED_LATER)
+    # Recovery that suits pruning, as search axes (None: the base config's, not searched): the importance
+    # that ranks channels (an Importance), the recovery loss ("kd": the base config's KD; "ce": plain
+    # cross-entropy, no teacher, as pruning papers fine-tune), and per-stage prune ratios: the values each
+    # stage's ratio takes (stages: the teacher's convolutions by output resolution), instead of prune_ratios.
+    importances: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
+    recovery: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
+    stage_ratios: tuple[float, ...] | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _ranges(self, "pareto", ("t", "alpha", "p", "gamma"))
@@ -403,6 +411,22 @@ class ParetoSpec:
             raise ConfigError(f"pareto max_latency_ms must be > 0 but got {self.max_latency_ms}")
         if self.min_val_acc is not None and not 0 <= self.min_val_acc <= 100:
             raise ConfigError(f"pareto min_val_acc must be in [0, 100] but got {self.min_val_acc}")
+        if self.importances is not None:
+            names = _names("pareto importances", self.importances)
+            object.__setattr__(self, "importances", tuple(choice("pareto importance", n, Importance) for n in names))
+        if self.recovery is not None:
+            names = _names("pareto recovery", self.recovery)
+            if any(name not in RECOVERY_LOSSES for name in names):
+                raise ConfigError(f"pareto recovery must be among {list(RECOVERY_LOSSES)} but got {list(names)}")
+            object.__setattr__(self, "recovery", names)
+        if self.stage_ratios is not None:
+            values = tuple(self.stage_ratios)
+            if not values or len(set(values)) != len(values) or any(not 0 <= r < 1 for r in values):
+                raise ConfigError(f"pareto stage_ratios must be distinct ratios in [0, 1) but got {list(values)}")
+            object.__setattr__(self, "stage_ratios", values)
+
+
+RECOVERY_LOSSES = ("kd", "ce")  # pareto.recovery: the base config's KD, or plain cross-entropy
 
 
 @dataclass(frozen=True)

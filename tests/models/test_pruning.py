@@ -9,7 +9,7 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from kdsearch.config import ModelConfig
 from kdsearch.errors import ConfigError
 from kdsearch.models.classifiers import apply_plan, build_model, channel_plan, count_flops, count_parameters
-from kdsearch.models.pruning import IMPORTANCES, prune_classifier
+from kdsearch.models.pruning import IMPORTANCES, model_stages, prune_classifier
 
 STUDENT = ModelConfig(arch="mobilenetv2_cifar", drop_blocks=5)
 NARROW_TEACHER = ModelConfig(arch="mobilenetv2_cifar", width_mult=0.5)  # all 19 blocks, half the channels
@@ -102,7 +102,7 @@ def test_magnitude_importances_are_deterministic(student):
         first_state, second_state = first.state_dict(), second.state_dict()
         assert all(torch.equal(first_state[key], second_state[key]) for key in first_state)
     l1, l2 = (prune_classifier(student, ratio=0.5, importance=name) for name in ("l1", "l2"))
-    assert set(IMPORTANCES) == {"l1", "l2", "random"}
+    assert set(IMPORTANCES) == {"l1", "l2", "random", "taylor"}
     assert not torch.equal(l1.features[0][0].weight, l2.features[0][0].weight)  # different rankings
 
 
@@ -179,14 +179,69 @@ def test_bad_flops_target():
         prune_classifier(_model(TINY), flops_target=1.2)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"ratio": 0.5, "flops_target": 0.5}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"ratio": 0.5, "flops_target": 0.5}, {"ratio": 0.5, "stage_ratios": (0.5, 0.5, 0.5, 0.5)}]
+)
 def test_exactly_one_target(kwargs):
-    with pytest.raises(ConfigError, match="exactly one of ratio and flops_target"):
+    with pytest.raises(ConfigError, match="exactly one of ratio, flops_target and stage_ratios"):
         prune_classifier(_model(TINY), **kwargs)
 
 
 def test_unknown_importance_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="'taylor'; known: l1, l2, random"):
+    with pytest.raises(ConfigError, match="'hessian'; known: l1, l2, random, taylor"):
+        prune_classifier(_model(TINY), ratio=0.5, importance="hessian")
+
+
+def test_each_stage_loses_its_own_fraction():
+    model = _model(TINY)  # one convolution per resolution: 32, 16, 8, 4 pixels
+    assert model_stages(model) == 4
+    pruned = prune_classifier(model, stage_ratios=(0.0, 0.5, 0.0, 0.5), round_to=None)
+    assert channel_plan(pruned) == (8, 8, 24, 16)
+
+
+def test_mobilenetv2_stages_are_its_resolutions(student):
+    assert model_stages(student) == 3  # the paper's student: 32, 16 and 8 pixels
+    pruned = prune_classifier(student, stage_ratios=(0.0, 0.0, 0.5))
+    widths = {
+        name: module.out_channels for name, module in pruned.features.named_modules() if isinstance(module, nn.Conv2d)
+    }
+    full = {
+        name: module.out_channels for name, module in student.features.named_modules() if isinstance(module, nn.Conv2d)
+    }
+    changed = {name.split(".")[0] for name in full if widths[name] != full[name]}
+    assert changed and all(int(block) >= 7 for block in changed)  # blocks 7 on run at 8x8 pixels
+
+
+def test_stage_ratios_must_match_the_stages():
+    with pytest.raises(
+        ConfigError,
+        match="stage_ratios gives 2 ratios but the model has 4 stages \\(convolution outputs at 32x32, 16x16, 8x8, 4x4\\)",
+    ):
+        prune_classifier(_model(TINY), stage_ratios=(0.5, 0.5))
+
+
+def _calibration(labels_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(labels_seed)
+    images = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return images, torch.randint(0, 10, (64,), generator=generator)
+
+
+def test_taylor_ranks_channels_by_the_gradients_of_the_calibration_loss():
+    model = _model(TINY)
+    ranked = [
+        prune_classifier(model, ratio=0.5, round_to=None, importance="taylor", calibration=_calibration(s))
+        for s in (0, 0, 1)
+    ]
+    kept = [[weight.flatten().tolist() for weight in (m.features[1][0].weight,)] for m in ranked]
+    assert kept[0] == kept[1]  # deterministic
+    assert kept[0] != kept[2]  # other labels, other gradients, other channels kept
+    magnitude = prune_classifier(model, ratio=0.5, round_to=None)
+    assert kept[0] != [magnitude.features[1][0].weight.flatten().tolist()]
+    assert all(parameter.grad is None for parameter in model.parameters())  # the input model is untouched
+
+
+def test_taylor_needs_calibration_images():
+    with pytest.raises(ConfigError, match="importance taylor needs calibration images"):
         prune_classifier(_model(TINY), ratio=0.5, importance="taylor")
 
 

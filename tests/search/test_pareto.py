@@ -89,11 +89,52 @@ def test_latency_onnx_runtimes_are_checked():
         ({"pareto.widths": [0.5], "pareto.prune_ratios": [0.5]}, "cannot start from the teacher's weights"),
         ({"pareto.student_drop": [0, 9]}, "would remove all"),
         ({"pareto.max_latency_ms": -1}, "max_latency_ms must be > 0"),
+        ({"pareto.importances": ["l2", "hessian"]}, r"pareto importance must be one of .* but got 'hessian'"),
+        ({"pareto.recovery": ["kd", "mse"]}, r"pareto recovery must be among \['kd', 'ce'\]"),
+        ({"pareto.stage_ratios": [0.0, 1.0]}, r"pareto stage_ratios must be distinct ratios in \[0, 1\)"),
     ],
 )
 def test_bad_pareto_settings_are_one_line_errors(overrides, message, smoke_overrides):
     with pytest.raises(ConfigError, match=message):
         PARETO.validate(load_study(SMOKE, {**smoke_overrides, **overrides}))
+
+
+def test_recovery_axes_become_each_trials_config(smoke_overrides):
+    from kdsearch.search.pareto import pareto_config, trial_params
+
+    overrides = {"pareto.stage_ratios": [0.0, 0.5], "pareto.importances": ["taylor"], "pareto.recovery": ["ce"]}
+    spec = load_study(SMOKE, {**smoke_overrides, **overrides})
+    fixed = {"student_drop": 1, "width": 1.0, "stage_ratio_0": 0.0, "stage_ratio_1": 0.5, "stage_ratio_2": 0.5}
+    fixed |= {"stage_ratio_3": 0.0, "alpha": 0.5, "importance": "taylor", "recovery": "ce"}
+    params = trial_params(optuna.trial.FixedTrial(fixed), spec.pareto, stages=4)
+    assert params == fixed  # no prune_ratio axis beside the per-stage one
+    config = pareto_config(spec, params)
+    # tiny_cnn without its last block has 3 stages: the first three of the teacher's four ratios
+    assert config.prune == PruneConfig(stage_ratios=(0.0, 0.5, 0.5), importance="taylor")
+    assert config.kd.alpha == 0.0 and config.overlay.p == 0.0 and config.attention.gamma == 0.0
+    unpruned = pareto_config(spec, params | {"stage_ratio_1": 0.0, "stage_ratio_2": 0.0, "recovery": "kd"})
+    assert not unpruned.prune.active and unpruned.kd.alpha == 0.5
+
+
+@pytest.mark.slow
+def test_a_study_searches_taylor_importance_per_stage_ratios_and_the_recovery_loss(tmp_path, shared_cache):
+    args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
+    args += ["--set", "latency.repeats=2", "--set", "pareto.trials=3", "--set", "pareto.startup_trials=3"]
+    args += ["--set", "pareto.stage_ratios=[0.0, 0.5]", "--set", "pareto.importances=[taylor]"]
+    args += ["--set", "pareto.recovery=[kd, ce]"]
+    args += ["--set", "pareto.enqueue=[{student_drop: 0, stage_ratio_0: 0.5, stage_ratio_1: 0.5, recovery: ce}]"]
+    assert main(args) == 0
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    [summary] = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+    first = trials[0]
+    assert first.state == TrialState.COMPLETE and first.params["importance"] == "taylor"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    model, config = load_model(client.download_artifacts(first.user_attrs["run_id"], "model.pt", str(tmp_path)))
+    # tiny_cnn's stages of 8 and 16 channels at 0.5: the first kept whole (never below round_to 8), the second halved
+    assert channel_plan(model)[:2] == (8, 8) and config.channels == channel_plan(model)
 
 
 def test_prune_ratio_outside_the_unit_interval_is_refused():
