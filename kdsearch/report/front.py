@@ -4,8 +4,8 @@ The front's students are rebuilt from their MLflow checkpoints (a pruned student
 stored config) and timed with the teacher, their passes interleaved (``runtime.timing.interleaved_latency``,
 not cached: every speed-up is a ratio of timings taken together), in the study's objective runtime and
 its ONNX runtimes (by default fp32 and int8), at the objective's batch and threads. An int8 student's
-test accuracy is measured here, on the study's test split, because quantisation changes it. Dominated
-trials keep the latency their trial measured. In a multi-fidelity study the figure also shows the
+test accuracy is measured here, on the study's test split, because quantisation changes it. The paper's
+student is timed with them wherever it lies; other dominated trials keep the latency their trial measured. In a multi-fidelity study the figure also shows the
 candidates stopped at each rung, at that rung's validation accuracy, beside the paper's student's after
 the same epochs: "within a point" is then read at equal training.
 """
@@ -63,7 +63,8 @@ class StoppedCandidate:
     params: dict[str, Any]
     latency_ms: float  # the study's own timing
     stopped_at: int  # epochs
-    val_acc: float
+    val_acc: float  # at the rung it stopped after
+    rung_val_acc: dict[int, float] = field(default_factory=dict)  # after each rung it reached
 
 
 @dataclass
@@ -92,6 +93,7 @@ def stopped_candidates(trials: list[optuna.trial.FrozenTrial]) -> list[StoppedCa
             trial.user_attrs["latency_ms"],
             trial.user_attrs[STOPPED_ATTR],
             trial.user_attrs[f"rung_{trial.user_attrs[STOPPED_ATTR]}"],
+            _rung_val_acc(trial),
         )
         for trial in trials
         if trial.state == TrialState.PRUNED
@@ -116,14 +118,15 @@ def _student(
     repeats: list[int],
     scratch: Path,
 ) -> tuple[Point, Exported | None]:
-    """The trial's point, with the study's own latency; a front student also its ONNX files in
-    ``scratch`` (timed later, with the teacher) and its int8 test accuracy where the study times int8."""
+    """The trial's point, with the study's own latency; a front student (and the paper's, the reference
+    every speed-up is read against) also its ONNX files in ``scratch`` (timed later, with the teacher)
+    and its int8 test accuracy where the study times int8."""
     run_id = trial.user_attrs["run_id"]
     scratch.mkdir()
     model, _ = load_model(client.download_artifacts(run_id, "model.pt", str(scratch)))
     model.eval()
     int8_test_acc, exported = None, None
-    if on_front:
+    if on_front or trial.params == PAPER_STUDENT:
         exported = Exported(model, splits.train_images[:CALIBRATION_IMAGES], scratch)
         if Runtime.ONNX_INT8.value in _runtimes(spec):
             logits = onnx_logits(session(exported.path(Runtime.ONNX_INT8)), splits.test_images)
@@ -235,18 +238,16 @@ def rungs_table(result: ParetoResult, dataset: str) -> Table | None:
     for candidate in sorted(result.stopped, key=lambda candidate: (-candidate.stopped_at, -candidate.val_acc)):
         rows.append(
             {"candidate": candidate.name, "architecture": _architecture(candidate.params)}
-            | {
-                f"val acc after {epochs} ep": candidate.val_acc if epochs == candidate.stopped_at else None
-                for epochs in ends
-            }
+            | {f"val acc after {epochs} ep": candidate.rung_val_acc.get(epochs) for epochs in ends}
             | {f"latency (ms), {result.runtime}": candidate.latency_ms, "stopped after (epochs)": candidate.stopped_at}
         )
     formats = {f"val acc after {epochs} ep": ACCURACY for epochs in ends}
     formats |= {f"latency (ms), {result.runtime}": ".3f", "stopped after (epochs)": ".0f"}
     note = (
         "Multi-fidelity rungs: each candidate's validation accuracy at the end of every rung it reached (one "
-        "schedule of the last rung's epochs), and the rung after which it was not promoted; stopped candidates "
-        "show only that rung's accuracy. Latency as the study measured it (the front's are timed again above)."
+        "schedule of the last rung's epochs), and the rung after which it was not promoted. Latency: the front's "
+        "and the paper's student's as timed again with the teacher (the front table), the others' as the study "
+        "measured them."
     )
     return Table("rungs", f"Rungs of the multi-fidelity search, {dataset}", pd.DataFrame(rows), formats, [note])
 

@@ -109,8 +109,12 @@ def progress(source: Source, finished: str) -> tuple[bool, str]:
     running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
     deferred = outstanding_deferred(source.study)
     failed = sum(trial.state == TrialState.FAIL and DEFERRED not in trial.user_attrs for trial in trials)
-    text = f"{done} of {source.total} {STUDY_KINDS[source.kind].unit} {finished}"
-    partial = done < source.total or running > 0 or queued > 0
+    kind = STUDY_KINDS[source.kind]
+    text = f"{done} of {source.total} {kind.unit} {finished}"
+    budget_spent = kind.budget_spent(source.study, build_spec(source.spec))
+    if budget_spent:
+        text = f"{done} {kind.unit} {finished}: the study's compute budget is spent"
+    partial = (done < source.total and not budget_spent) or running > 0 or queued > 0
     if partial:
         text = f"partial: {text}; {running} running, {queued} queued"
     if deferred:

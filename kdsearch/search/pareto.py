@@ -210,13 +210,14 @@ class ParetoSearch(StudyKind):
     def points(self, space: dict[str, Any]) -> list[dict[str, Any]]:
         return list(space.get("enqueue", []))
 
-    def exhausted(self, handle: StudyHandle) -> bool:
+    def budget_spent(self, study: optuna.Study, spec: StudySpec) -> bool:
         """With ``budget_epochs``: True once a new candidate's first rung would pass the budget."""
-        pareto = handle.spec.pareto
-        if pareto.budget_epochs is None:
+        pareto = spec.pareto
+        if pareto is None or pareto.budget_epochs is None:
             return False
-        first = _rung_ends(pareto, handle.spec.train.epochs)[0]
-        return spent_epochs(handle.trials(), pareto, handle.spec.train.epochs) + first > pareto.budget_epochs
+        first = _rung_ends(pareto, spec.train.epochs)[0]
+        trials = study.get_trials(deepcopy=False)
+        return spent_epochs(trials, pareto, spec.train.epochs) + first > pareto.budget_epochs
 
     def budget_line(self, study: optuna.Study, spec: StudySpec) -> str | None:
         pareto = spec.pareto

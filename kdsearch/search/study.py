@@ -107,6 +107,10 @@ class StudyKind(abc.ABC):
 
     def exhausted(self, handle: StudyHandle) -> bool:
         """True once the study has spent a budget of its own (no new trial starts; queued ones still run)."""
+        return self.budget_spent(handle.study, handle.spec)
+
+    def budget_spent(self, study: optuna.Study, spec: StudySpec) -> bool:
+        """``exhausted`` for a stored study and its spec: a study that ended on its budget is complete."""
         return False
 
     def budget_line(self, study: optuna.Study, spec: StudySpec) -> str | None:

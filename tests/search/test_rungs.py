@@ -99,7 +99,8 @@ def test_a_study_with_a_compute_budget_stops_there_with_the_reference_trained_to
     main(args)
     storage = f"sqlite:///{tmp_path}/studies.db"
     [summary] = optuna.get_all_study_summaries(storage)
-    trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    trials = study.get_trials()
     trained = 0
     for trial in trials:
         if "same_as_trial" in trial.user_attrs:
@@ -107,6 +108,10 @@ def test_a_study_with_a_compute_budget_stops_there_with_the_reference_trained_to
         trained += 3 if trial.state == TrialState.COMPLETE else trial.user_attrs.get("stopped_at", 0)
     assert trained <= 7 and len(trials) < 20  # the budget, not the trial count, ended the study
     assert trials[0].state == TrialState.COMPLETE  # the reference's 3 epochs were reserved first
+    from kdsearch.search.pareto import PARETO
+    from kdsearch.search.studyfile import build_spec
+
+    assert PARETO.budget_spent(study, build_spec(study.user_attrs["kdsearch"]["spec"]))  # complete, not partial
     capsys.readouterr()
     main(["study", "status", "--workdir", str(tmp_path)])
     assert f"compute: {trained} of budget_epochs 7 epochs trained or committed" in capsys.readouterr().out
