@@ -56,6 +56,7 @@ def _intervals(path: Path) -> list[tuple[float, float]]:
     return [tuple(map(float, line.split())) for line in path.read_text().splitlines() if line.count(" ") == 1]
 
 
+@pytest.mark.slow
 def test_a_timing_waits_for_the_steps_under_way_and_no_step_runs_during_it(tmp_path):
     logs = [tmp_path / "a.txt", tmp_path / "b.txt"]
     # Two steppers whose shared steps overlap: without the turnstile the timing could wait for ever.
@@ -85,6 +86,7 @@ def test_a_timing_waits_for_the_steps_under_way_and_no_step_runs_during_it(tmp_p
         assert any(b <= start for _, b in steps) and any(a >= end for a, _ in steps)  # it stepped before and after
 
 
+@pytest.mark.slow
 def test_a_process_stopped_inside_a_step_holds_a_timing_back_only_for_its_bounded_wait(tmp_path, caplog):
     logs = tmp_path / "steps.txt"
     stepper = subprocess.Popen([sys.executable, "-c", STEPPER, str(tmp_path / "locks"), "30", str(logs)])
@@ -170,6 +172,7 @@ def _ig(student_config):
     return attribute
 
 
+@pytest.mark.slow  # each holds a timing for a second
 @pytest.mark.parametrize("work", ["predict_logits", "measure_latency", "runtime_latency", "maps_in_calls"])
 def test_kdsearch_work_waits_while_another_process_times(work, student_config, tmp_path):
     run = {
@@ -184,6 +187,7 @@ def test_kdsearch_work_waits_while_another_process_times(work, student_config, t
     assert finished >= times["released"]
 
 
+@pytest.mark.slow
 def test_training_steps_wait_while_another_process_times(student_config):
     config = replace(student_config, overlay=OverlayConfig(p=0.0))  # KD with the online teacher, no IG maps
     inputs = prepare_inputs(config, progress=False)

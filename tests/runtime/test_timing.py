@@ -157,7 +157,7 @@ def test_a_model_is_timed_for_what_it_is_built_as(tmp_path, monkeypatch):
     assert not runtime_latency(model, TINY, "torch", 1, 1, QUICK, CALIBRATION, tmp_path).cached
 
 
-@pytest.mark.parametrize("runtime", ["torch", "onnx-fp32"])
+@pytest.mark.parametrize("runtime", ["torch", pytest.param("onnx-fp32", marks=pytest.mark.slow)])
 def test_interleaved_latency_measures_each_model_and_caches_nothing(runtime, tmp_path):
     small = build_model(TINY_STUDENT).eval()
     large = build_model(ModelConfig(arch="mobilenetv2_cifar")).eval()

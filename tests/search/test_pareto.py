@@ -190,6 +190,7 @@ def test_an_architecture_slower_than_the_constraint_is_timed_but_not_trained(tmp
     assert len(optuna.load_study(study_name=summary.study_name, storage=storage).trials) == 2
 
 
+@pytest.mark.slow
 def test_an_enqueued_reference_is_trained_even_when_slower_than_the_constraint(tmp_path, shared_cache):
     args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
     args += ["--set", "latency.repeats=2", "--set", "pareto.trials=2", "--latency", "torch", "--max-latency-ms", "1e-6"]

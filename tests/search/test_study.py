@@ -235,6 +235,7 @@ def test_a_claim_moves_on_from_a_trial_another_worker_is_taking(tmp_path, monkey
     assert claimed._trial_id == second and handle.storage.get_trial(first).state == TrialState.WAITING
 
 
+@pytest.mark.slow
 def test_a_heartbeat_thread_outlives_a_failing_beat(tmp_path, monkeypatch):
     handle = open_study(GRID, load_study(SMOKE), f"sqlite:///{tmp_path}/studies.db", FAST)
     trial = claim_waiting(handle)

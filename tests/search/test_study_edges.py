@@ -58,6 +58,7 @@ def test_a_set_value_that_does_not_parse_is_one_line(tmp_path, capsys):
     assert "cannot parse value '[1, 2'" in _error(capsys)
 
 
+@pytest.mark.slow
 def test_a_report_of_a_study_without_a_complete_trial_is_written_and_says_so(tmp_path, _mlflow_template):
     storage = f"sqlite:///{tmp_path}/studies.db"
     (tmp_path / "mlruns").mkdir()
@@ -127,6 +128,7 @@ def _status(tmp_path, capsys, name="queue") -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_defer_takes_matching_queued_trials_out_and_the_studys_command_queues_them_again(tmp_path, capsys):
     handle = _queued_grid(tmp_path)
     taken = claim_waiting(handle)  # a worker runs t=1, alpha=0.1 now: it must stay running
@@ -179,6 +181,7 @@ def test_a_defer_that_matches_nothing_or_gives_no_reason_is_one_line_exit_2_and_
     assert {trial.state for trial in handle.trials()} == {TrialState.WAITING}
 
 
+@pytest.mark.slow
 def test_a_report_says_which_points_are_deferred_and_does_not_count_them_as_failed(tmp_path, _mlflow_template):
     (tmp_path / "mlruns").mkdir()
     shutil.copy(_mlflow_template, tmp_path / "mlruns" / "mlflow.db")
