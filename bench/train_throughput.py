@@ -378,7 +378,8 @@ def main() -> None:
     for name, row in rows.items():
         row["ratio"] = row["images_per_s"] / reference_speed
         marker = "  <- reference (faster loader)" if name == reference_name else ""
-        print(f"{name:<50} {row['images_per_s']:>7.1f} {row['ratio']:>11.2f}x {row['others']:>6.2f}{marker}")
+        ratio = f"{row['ratio']:>11.2f}x" if reference_name is not None else f"{'not run':>12}"
+        print(f"{name:<50} {row['images_per_s']:>7.1f} {ratio} {row['others']:>6.2f}{marker}")
     headline = rows[variants[0][0]]["ratio"]
     limit = (
         rows[variants[0][0]]["images_per_s"] / rows["bare compute (default precision, channels_last)"]["images_per_s"]
