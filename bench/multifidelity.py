@@ -4,9 +4,8 @@ Both searches run here as kdsearch Pareto studies over the same space, on the sa
 sampler seed: the full-budget one trains every candidate for the last rung's epochs; the multi-fidelity
 one trains in rungs (``--rungs``) and promotes the best 1/``--reduction`` of each rung. Compute is the
 epochs actually trained over all trials (stopped ones included; both train on the same images); the
-multi-fidelity study gets as many candidates as the full study's epochs buy at successive halving's
-expected epochs per candidate, and both studies' actual epochs are printed (promotion is asynchronous,
-so the spent compute differs somewhat from the expectation). Each
+multi-fidelity study's ``pareto.budget_epochs`` is the full study's epochs, so it trains at most as
+much (its trial count is only an upper bound), and both studies' epochs are printed. Each
 search's quality is the hypervolume of its validation front (accuracy ↑, latency ↓) against one reference
 point for both: accuracy 0 and 1.1 × the slowest latency either study measured. Printed: both budgets,
 both hypervolumes and their ratio; the last line is JSON.
@@ -86,14 +85,11 @@ def main() -> None:
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kdsearch-mf-"))
         common = {"latency.repeats": 3, "latency.onnx_runtimes": [], "pareto.latency": "torch"}
         full = run(args.study, workdir, "full", {**common, "train.epochs": rungs[-1]}, args.full_trials)
-        # Successive halving's expected epochs per candidate: each rung's share of candidates times the
-        # epochs it adds; as many candidates as the full search's epochs buy at that rate.
-        shares = [args.reduction**-index for index in range(len(rungs))]
-        added = [rungs[0]] + [b - a for a, b in zip(rungs, rungs[1:], strict=False)]
-        per_candidate = sum(share * epochs for share, epochs in zip(shares, added, strict=True))
-        trials = max(args.full_trials, round(epochs_trained(full) / per_candidate))
+        # Equal compute by construction: the full search's epochs are the multi-fidelity one's budget
+        # (pareto.budget_epochs), which ends it; its trial count is only an upper bound.
         overrides = {**common, "pareto.rungs": rungs, "pareto.reduction": args.reduction}
-        multi = run(args.study, workdir, "multi-fidelity", overrides, trials)
+        overrides["pareto.budget_epochs"] = epochs_trained(full)
+        multi = run(args.study, workdir, "multi-fidelity", overrides, 20 * args.full_trials)
     slowest = max(p[1] for p in front_points(full) + front_points(multi))
     reference = (0.0, 1.1 * slowest)
     result = {
