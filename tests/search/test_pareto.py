@@ -143,7 +143,7 @@ def test_prune_ratio_outside_the_unit_interval_is_refused():
 
 
 @pytest.mark.slow
-def test_smoke_pareto_study_has_a_front_and_a_report(tmp_path, shared_cache, capsys):
+def test_smoke_pareto_study_has_a_front_and_a_report(tmp_path, shared_cache, capsys, monkeypatch):
     args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
     args += ["--set", "latency.repeats=2", "--set", "pareto.trials=3"]
     assert main(args) == 0
@@ -159,8 +159,19 @@ def test_smoke_pareto_study_has_a_front_and_a_report(tmp_path, shared_cache, cap
     status = json.loads(capsys.readouterr().out)
     assert {t["trial"] for t in status["front"]} == {t.number for t in study.best_trials}
 
+    import kdsearch.report.front
+
+    timed_together, interleaved = [], kdsearch.report.front.interleaved_latency
+
+    def recorded(exported, runtime, *args, **kwargs):
+        timed_together.append((runtime, len(exported)))
+        return interleaved(exported, runtime, *args, **kwargs)
+
+    monkeypatch.setattr(kdsearch.report.front, "interleaved_latency", recorded)
     out = tmp_path / "report"
     assert main(["report", "--study", summary.study_name, "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    # the teacher and the whole front in one interleaved timing per runtime: every speed-up a ratio of timings taken together
+    assert timed_together == [("onnx-fp32", 1 + len(study.best_trials))]
     table = (out / "tables" / "pareto_front.csv").read_text().splitlines()
     assert table[0].startswith("student,architecture,params,MFLOPs,onnx-fp32 ms,onnx-fp32 speed-up")
     assert len(table) == 1 + 1 + len(study.best_trials)  # header, teacher, the front
