@@ -13,6 +13,7 @@
 #   bench/real_data.sh ablate-attribution  # issue 28: kd_ig, kd_saliency, kd_smoothgrad, kd_grad_cam beside baseline and kd
 #   bench/real_data.sh ablate-attribution-control  # then the shuffled control of the best method (CONTROL=saliency_shuffled)
 #   bench/real_data.sh pareto-mf  # issue 29: multi-fidelity Pareto study at cifar10-pareto's compute
+#   bench/real_data.sh pareto-full15  # the same space and compute, every candidate 15 epochs (no rungs)
 #   bench/real_data.sh reports # reports of the grid, TPE and ablation into studies/results/
 #
 # Two steps may run side by side on the 2 cores: give each one thread (THREADS=1, the default here)
@@ -104,6 +105,13 @@ pareto-mf)
     # (THREADS=2), or two workers of one thread each; it resumes after an interruption.
     $KDSEARCH study pareto --study studies/cifar10-pareto-mf.yaml --workdir runs/cifar10-pareto-mf --no-progress
     ;;
+pareto-full15)
+    # issue 29's side by side: the same space, cap and compute (72 epochs), every candidate trained the full
+    # 15 epochs (no rungs); then compare: .venv/bin/python bench/multifidelity.py --storage
+    # sqlite:///runs/cifar10-pareto-mf/studies.db --full-name <this study> --mf-name <pareto-mf's>
+    $KDSEARCH study pareto --study studies/cifar10-pareto-mf.yaml --workdir runs/cifar10-pareto-mf \
+        --set pareto.rungs=null --set pareto.budget_epochs=72 --no-progress
+    ;;
 reports)
     $KDSEARCH report --study cpu-quick-grid --workdir runs/cifar10-grid --out studies/results/cpu-quick-grid --plotly-js cdn
     $KDSEARCH report --study cpu-quick-tpe --workdir runs/cifar10-grid --out studies/results/cpu-quick-tpe --plotly-js cdn
@@ -120,7 +128,7 @@ reports)
         --out studies/results/cifar10-ablation-attribution --plotly-js cdn
     ;;
 *)
-    echo "usage: bench/real_data.sh grid|noise|ablate|ablate-teacher-init|at-gamma|ablate-at|ablate-at-bf16|ablate-attribution|ablate-attribution-control|pareto|pareto-mf|reports" >&2
+    echo "usage: bench/real_data.sh grid|noise|ablate|ablate-teacher-init|at-gamma|ablate-at|ablate-at-bf16|ablate-attribution|ablate-attribution-control|pareto|pareto-mf|pareto-full15|reports" >&2
     exit 2
     ;;
 esac
