@@ -48,8 +48,10 @@ def epochs_trained(study: optuna.Study) -> int:
     total = 0
     for trial in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if "same_as_trial" in trial.user_attrs or "latency_ms" not in trial.user_attrs:
-            continue  # a repeated point trains nothing; a too-slow architecture is never trained
+            continue  # a repeated point trains nothing
         rungs = [int(key.removeprefix("rung_")) for key in trial.user_attrs if key.startswith("rung_")]
+        if trial.state == TrialState.PRUNED and not rungs:
+            continue  # slower than max_latency_ms: timed, never trained
         total += max(rungs) if rungs else int(spec["train"]["epochs"])
     return total
 
