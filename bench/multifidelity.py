@@ -28,6 +28,7 @@ import optuna
 from optuna.trial import TrialState
 
 from kdsearch.search.launch import Workspace
+from kdsearch.search.rungs import rung_accuracies
 from kdsearch.search.studyfile import load_study
 
 
@@ -49,7 +50,7 @@ def epochs_trained(study: optuna.Study) -> int:
     for trial in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if "same_as_trial" in trial.user_attrs or "latency_ms" not in trial.user_attrs:
             continue  # a repeated point trains nothing
-        rungs = [int(key.removeprefix("rung_")) for key in trial.user_attrs if key.startswith("rung_")]
+        rungs = list(rung_accuracies(trial.user_attrs))
         if trial.state == TrialState.PRUNED and not rungs:
             continue  # slower than max_latency_ms: timed, never trained
         total += max(rungs) if rungs else int(spec["train"]["epochs"])

@@ -112,10 +112,10 @@ class ReferenceDataset(torch.utils.data.Dataset):
         return self.normalize(image), int(self.labels[index])
 
 
-def student_config(args, num_classes: int, normalization: str | None = None) -> ModelConfig:
-    config = ModelConfig(arch=args.student, drop_blocks=args.drop_blocks, cifar_stem=args.cifar_stem)
-    config = dataclasses.replace(config, num_classes=num_classes)
-    return config if normalization is None else dataclasses.replace(config, normalization=normalization)
+def student_config(args, num_classes: int) -> ModelConfig:
+    return ModelConfig(
+        arch=args.student, num_classes=num_classes, drop_blocks=args.drop_blocks, cifar_stem=args.cifar_stem
+    )
 
 
 def bench_data(args):

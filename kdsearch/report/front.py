@@ -32,7 +32,7 @@ from kdsearch.models.classifiers import count_flops, count_parameters, load_mode
 from kdsearch.report.tables import Table
 from kdsearch.runtime.onnx_runtime import onnx_logits, session
 from kdsearch.runtime.timing import CALIBRATION_IMAGES, Exported, interleaved_latency
-from kdsearch.search.rungs import STOPPED_ATTR
+from kdsearch.search.rungs import STOPPED_ATTR, rung_accuracies
 from kdsearch.search.study import front
 from kdsearch.search.studyfile import StudySpec
 
@@ -63,8 +63,12 @@ class StoppedCandidate:
     params: dict[str, Any]
     latency_ms: float  # the study's own timing
     stopped_at: int  # epochs
-    val_acc: float  # at the rung it stopped after
-    rung_val_acc: dict[int, float] = field(default_factory=dict)  # after each rung it reached
+    rung_val_acc: dict[int, float]  # after each rung it reached
+
+    @property
+    def val_acc(self) -> float:
+        """At the rung it stopped after."""
+        return self.rung_val_acc[self.stopped_at]
 
 
 @dataclass
@@ -77,13 +81,6 @@ class ParetoResult:
     stopped: list[StoppedCandidate] = field(default_factory=list)
 
 
-def _rung_val_acc(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
-    reached = {
-        int(key.removeprefix("rung_")): value for key, value in trial.user_attrs.items() if key.startswith("rung_")
-    }
-    return dict(sorted(reached.items()))
-
-
 def stopped_candidates(trials: list[optuna.trial.FrozenTrial]) -> list[StoppedCandidate]:
     """The trials stopped at a rung that trained (a repeated point's twin already counts)."""
     return [
@@ -92,13 +89,11 @@ def stopped_candidates(trials: list[optuna.trial.FrozenTrial]) -> list[StoppedCa
             dict(trial.params),
             trial.user_attrs["latency_ms"],
             trial.user_attrs[STOPPED_ATTR],
-            trial.user_attrs[f"rung_{trial.user_attrs[STOPPED_ATTR]}"],
-            _rung_val_acc(trial),
+            rung_accuracies(trial.user_attrs),
         )
         for trial in trials
         if trial.state == TrialState.PRUNED
-        and STOPPED_ATTR in trial.user_attrs
-        and f"rung_{trial.user_attrs[STOPPED_ATTR]}" in trial.user_attrs
+        and trial.user_attrs.get(STOPPED_ATTR) in rung_accuracies(trial.user_attrs)
         and "same_as_trial" not in trial.user_attrs
     ]
 
@@ -141,7 +136,7 @@ def _student(
         test_acc=trial.user_attrs.get("test_acc"),
         int8_test_acc=int8_test_acc,
         on_front=on_front,
-        rung_val_acc=_rung_val_acc(trial),
+        rung_val_acc=rung_accuracies(trial.user_attrs),
     )
     return point, exported
 

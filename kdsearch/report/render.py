@@ -39,7 +39,7 @@ from kdsearch.report.parts import REPORT_PARTS, ReportPart
 from kdsearch.report.source import Source, child_runs, parent_run, trial_rows
 from kdsearch.report.tables import Deployment, Table
 from kdsearch.search.kinds import STUDY_KINDS
-from kdsearch.search.study import ATTR, DEFERRED, find_study, outstanding_deferred
+from kdsearch.search.study import ATTR, DEFERRED, find_study, outstanding_deferred, stored_train_epochs
 from kdsearch.search.studyfile import apply_overrides, build_spec
 from kdsearch.track.tracking import mlflow_client
 
@@ -111,7 +111,7 @@ def progress(source: Source, finished: str) -> tuple[bool, str]:
     failed = sum(trial.state == TrialState.FAIL and DEFERRED not in trial.user_attrs for trial in trials)
     kind = STUDY_KINDS[source.kind]
     text = f"{done} of {source.total} {kind.unit} {finished}"
-    budget_spent = kind.budget_spent(source.study, build_spec(source.spec))
+    budget_spent = kind.budget_spent(source.study, source.space, stored_train_epochs(source.spec))
     if budget_spent:
         text = f"{done} {kind.unit} {finished}: the study's compute budget is spent"
     partial = (done < source.total and not budget_spent) or running > 0 or queued > 0

@@ -16,6 +16,7 @@ the samplers through ``Trial.set_constraint``, so infeasible trials do not shape
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -26,7 +27,7 @@ from kdsearch.errors import ConfigError
 from kdsearch.models.classifiers import build_model
 from kdsearch.models.pruning import model_stages
 from kdsearch.runtime.timing import CALIBRATION_IMAGES, metric_name, runtime_latency
-from kdsearch.search.rungs import RUNG_ATTR, STOPPED_ATTR, committed_epochs, promotable
+from kdsearch.search.rungs import RUNG_ATTR, STOPPED_ATTR, committed_epochs, promotable, rung_accuracies
 from kdsearch.search.study import Objective, StudyHandle, StudyKind
 from kdsearch.search.studyfile import ParetoSpec, StudySpec, check_files
 from kdsearch.search.trial import TrialRunner
@@ -100,30 +101,33 @@ def _constrain(trial: optuna.Trial, pareto: ParetoSpec, val_acc: float | None, l
     trial.set_constraint("val_acc", 0.0 if val_acc is None else short)
 
 
-def _is_reference(params: dict[str, Any], pareto: ParetoSpec) -> bool:
+def _is_reference(params: dict[str, Any], enqueue: Sequence[dict[str, Any]]) -> bool:
     """Whether ``params`` are one of the enqueued points (references, which always go on)."""
-    return any(all(params.get(key) == value for key, value in point.items()) for point in pareto.enqueue)
+    return any(all(params.get(key) == value for key, value in point.items()) for point in enqueue)
 
 
-def _rung_ends(pareto: ParetoSpec, epochs: int) -> tuple[int, ...]:
-    return pareto.rungs if pareto.rungs is not None else (epochs,)
-
-
-def spent_epochs(trials: list[optuna.trial.FrozenTrial], pareto: ParetoSpec, epochs: int) -> int:
+def spent_epochs(
+    trials: list[optuna.trial.FrozenTrial], rung_ends: Sequence[int], enqueue: Sequence[dict[str, Any]]
+) -> int:
     """Epochs the study's candidates have trained or are committed to (``rungs.committed_epochs``);
-    ``epochs``: train.epochs, each candidate's budget without rungs."""
-    ends = _rung_ends(pareto, epochs)
+    ``rung_ends``: the rungs, or (train.epochs,) without them."""
     return sum(
         committed_epochs(
             trial.state.name,
-            ends,
-            [int(key.removeprefix("rung_")) for key in trial.user_attrs if key.startswith("rung_")],
+            rung_ends,
+            list(rung_accuracies(trial.user_attrs)),
             trial.user_attrs.get(STOPPED_ATTR),
             trained="same_as_trial" not in trial.user_attrs,
-            reference=_is_reference(trial.params, pareto),
+            reference=_is_reference(trial.params, enqueue),
         )
         for trial in trials
     )
+
+
+def _budget(space: dict[str, Any], train_epochs: int) -> tuple[int | None, tuple[int, ...], list[dict[str, Any]]]:
+    """(budget_epochs, rung ends, enqueued points) from a Pareto study's stored space."""
+    rungs = space.get("rungs")
+    return space.get("budget_epochs"), tuple(rungs) if rungs else (train_epochs,), space.get("enqueue", [])
 
 
 def _rung_gate(trial: optuna.Trial, pareto: ParetoSpec, latency: float, params: dict[str, Any]):
@@ -131,7 +135,7 @@ def _rung_gate(trial: optuna.Trial, pareto: ParetoSpec, latency: float, params: 
     unless it is among the best 1/reduction of the candidates that ended the rung, and (with
     ``budget_epochs``) its next rung fits in what the other candidates left of the budget; references (the
     enqueued points) always go on, so they give every rung a student at equal training."""
-    reference = _is_reference(params, pareto)
+    reference = _is_reference(params, pareto.enqueue)
 
     def after_epoch(epoch: int, row: dict) -> None:
         epochs = epoch + 1
@@ -156,7 +160,7 @@ def _rung_gate(trial: optuna.Trial, pareto: ParetoSpec, latency: float, params: 
         if not reference and pareto.budget_epochs is not None:
             next_end = pareto.rungs[pareto.rungs.index(epochs) + 1]
             trials = [other for other in trial.study.get_trials(deepcopy=False) if other.number != trial.number]
-            spent = spent_epochs(trials, pareto, pareto.rungs[-1])
+            spent = spent_epochs(trials, pareto.rungs, pareto.enqueue)
             if spent + next_end > pareto.budget_epochs:
                 trial.set_user_attr(STOPPED_ATTR, epochs)
                 raise optuna.TrialPruned(
@@ -210,21 +214,17 @@ class ParetoSearch(StudyKind):
     def points(self, space: dict[str, Any]) -> list[dict[str, Any]]:
         return list(space.get("enqueue", []))
 
-    def budget_spent(self, study: optuna.Study, spec: StudySpec) -> bool:
+    def budget_spent(self, study: optuna.Study, space: dict[str, Any], train_epochs: int) -> bool:
         """With ``budget_epochs``: True once a new candidate's first rung would pass the budget."""
-        pareto = spec.pareto
-        if pareto is None or pareto.budget_epochs is None:
-            return False
-        first = _rung_ends(pareto, spec.train.epochs)[0]
-        trials = study.get_trials(deepcopy=False)
-        return spent_epochs(trials, pareto, spec.train.epochs) + first > pareto.budget_epochs
+        budget, ends, enqueue = _budget(space, train_epochs)
+        return budget is not None and spent_epochs(study.get_trials(deepcopy=False), ends, enqueue) + ends[0] > budget
 
-    def budget_line(self, study: optuna.Study, spec: StudySpec) -> str | None:
-        pareto = spec.pareto
-        if pareto is None or pareto.budget_epochs is None:
+    def budget_line(self, study: optuna.Study, space: dict[str, Any], train_epochs: int) -> str | None:
+        budget, ends, enqueue = _budget(space, train_epochs)
+        if budget is None:
             return None
-        spent = spent_epochs(study.get_trials(deepcopy=False), pareto, spec.train.epochs)
-        return f"compute: {spent} of budget_epochs {pareto.budget_epochs} epochs trained or committed"
+        spent = spent_epochs(study.get_trials(deepcopy=False), ends, enqueue)
+        return f"compute: {spent} of budget_epochs {budget} epochs trained or committed"
 
     def algorithms(self, spec: StudySpec, joining: bool):
         return SAMPLERS[ParetoSampler(spec.pareto.sampler)](spec.pareto, None if joining else spec.pareto.seed), None
@@ -271,7 +271,7 @@ class ParetoSearch(StudyKind):
             trial.set_user_attr("latency_ms", latency)
             trial.set_user_attr("latency_other_cores", timing.other_cores)
             too_slow = pareto.max_latency_ms is not None and latency > pareto.max_latency_ms
-            if too_slow and not _is_reference(params, pareto):  # a reference is trained wherever it lies
+            if too_slow and not _is_reference(params, pareto.enqueue):  # a reference is trained wherever it lies
                 _constrain(trial, pareto, None, latency)
                 raise optuna.TrialPruned(f"{latency:.2f} ms > max_latency_ms {pareto.max_latency_ms}: not trained")
             name = metric_name(pareto.latency, pareto.batch)

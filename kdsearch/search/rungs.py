@@ -13,10 +13,18 @@ retried trial resume), so it is never trained twice and ends as an uninterrupted
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 RUNG_ATTR = "rung_{epochs}"  # a trial's validation accuracy at the end of the rung of that many epochs
 STOPPED_ATTR = "stopped_at"  # the rung (epochs) after which a candidate was not promoted
+
+
+def rung_accuracies(user_attrs: Mapping[str, Any]) -> dict[int, float]:
+    """A trial's validation accuracy after each rung it ended, by epochs, in rung order."""
+    prefix = RUNG_ATTR.removesuffix("{epochs}")
+    reached = {int(key.removeprefix(prefix)): value for key, value in user_attrs.items() if key.startswith(prefix)}
+    return dict(sorted(reached.items()))
 
 
 def nondominated_ranks(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -84,8 +92,9 @@ def committed_epochs(
     """Epochs a candidate has trained or is committed to, for a study's compute budget.
 
     ``state``: the trial's state name; ``rungs``: the rung ends (one rung of ``train.epochs`` without
-    multi-fidelity); ``reached``: the rungs it has ended; ``trained``: False for a trial that trains nothing
-    (a repeated point, an architecture too slow to train). A finished candidate counts what it trained; a
+    multi-fidelity); ``reached``: the rungs it has ended; ``trained``: False for a repeated point (it reuses
+    its twin's student). An architecture too slow to train ends PRUNED after no rung and counts nothing. A
+    finished candidate counts what it trained; a
     running one what it will have trained at its next rung's end — all of its rungs for a reference, which
     always goes on. A failed trial counts nothing: its retry (which resumes its checkpoint) counts instead.
     """

@@ -41,6 +41,7 @@ from kdsearch.errors import ConfigError, StudyError, TrainingDiverged
 from kdsearch.infra.storage import check_database
 from kdsearch.infra.tensor_cache import content_key
 from kdsearch.search.optuna_storage import HeartbeatConfig, open_storage, storage_failed
+from kdsearch.search.rungs import rung_accuracies
 from kdsearch.search.studyfile import StudySpec, apply_overrides, build_spec, check_study_name
 from kdsearch.search.trial import Prepared, TrialRunner, prepare
 from kdsearch.track.tracking import Tracker, run_tags, tracking_failed
@@ -105,16 +106,13 @@ class StudyKind(abc.ABC):
     def objective(self, handle: StudyHandle, runner: TrialRunner) -> Objective:
         """The function that evaluates one trial of this study."""
 
-    def exhausted(self, handle: StudyHandle) -> bool:
-        """True once the study has spent a budget of its own (no new trial starts; queued ones still run)."""
-        return self.budget_spent(handle.study, handle.spec)
-
-    def budget_spent(self, study: optuna.Study, spec: StudySpec) -> bool:
-        """``exhausted`` for a stored study and its spec: a study that ended on its budget is complete."""
+    def budget_spent(self, study: optuna.Study, space: dict[str, Any], train_epochs: int) -> bool:
+        """True once the study has spent a budget of its own, read from its stored ``space``: no new trial
+        starts (queued ones still run), and a study that ended on it is complete."""
         return False
 
-    def budget_line(self, study: optuna.Study, spec: StudySpec) -> str | None:
-        """One line on that budget for ``study status`` (``spec``: the stored one), or None without one."""
+    def budget_line(self, study: optuna.Study, space: dict[str, Any], train_epochs: int) -> str | None:
+        """One line on that budget for ``study status``, or None for a study without one."""
         return None
 
     def done(self, study: optuna.Study) -> int:
@@ -438,7 +436,7 @@ def next_trial(handle: StudyHandle) -> optuna.Trial | None:
         return claimed
     started = len(handle.trials((*FINISHED, TrialState.RUNNING)))
     # Two workers may both pass this check for the last trial; TPE then runs one trial too many.
-    if started >= handle.total or handle.kind.exhausted(handle):
+    if started >= handle.total or handle.kind.budget_spent(handle.study, handle.space, handle.spec.train.epochs):
         return None
     with warnings.catch_warnings():
         # Optuna warns that heartbeats are meant for Study.optimize; run_trials sends them itself.
@@ -699,8 +697,14 @@ def status(study: optuna.Study, kind: StudyKind) -> dict[str, Any]:
         "best": describe_trial(best) if best is not None else None,
         "front": [describe_trial(trial) for trial in front(study)] if len(study.directions) > 1 else None,
         "rungs": rung_progress(study.get_trials(deepcopy=False)),
-        "budget": kind.budget_line(study, build_spec(stored["spec"])) if "spec" in stored else None,
+        "budget": kind.budget_line(study, stored.get("space", {}), stored_train_epochs(stored.get("spec", {}))),
     }
+
+
+def stored_train_epochs(source: dict[str, Any]) -> int:
+    """``train.epochs`` of a stored study's spec source, without building the spec (which can need the
+    data: a trained teacher's file is named by it)."""
+    return int(source.get("train", {}).get("epochs", TrainConfig.epochs))
 
 
 def rung_progress(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]] | None:
@@ -708,15 +712,13 @@ def rung_progress(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]
     rung after which it was stopped (None: it went on, or is still running); None for other studies."""
     rows = []
     for trial in trials:
-        reached = {
-            int(key.removeprefix("rung_")): value for key, value in trial.user_attrs.items() if key.startswith("rung_")
-        }
+        reached = rung_accuracies(trial.user_attrs)
         if reached:
             rows.append(
                 {
                     "trial": trial.number,
                     "state": trial.state.name.lower(),
-                    "val_acc_after_epochs": dict(sorted(reached.items())),
+                    "val_acc_after_epochs": reached,
                     "stopped_at": trial.user_attrs.get("stopped_at"),
                 }
             )

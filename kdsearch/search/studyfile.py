@@ -316,6 +316,9 @@ def _ranges(spec: Any, section: str, names: tuple[str, ...]) -> None:
             object.__setattr__(spec, name, _range(f"{section} {name}", value))
 
 
+RECOVERY_LOSSES = ("kd", "ce")  # pareto.recovery: the base config's KD, or plain cross-entropy
+
+
 @dataclass(frozen=True)
 class ParetoSpec:
     """Accuracy × latency: maximise validation accuracy, minimise the latency measured in ``latency``.
@@ -332,9 +335,8 @@ class ParetoSpec:
     latency: str = "onnx-fp32"  # a Runtime: torch | onnx-fp32 | onnx-int8
     batch: int = 1
     threads: int = 1
-    max_latency_ms: float | None = (
-        None  # constraint: slower architectures are timed and not trained (but enqueued ones)
-    )
+    # constraint: slower architectures are timed and not trained (enqueued references are trained anyway)
+    max_latency_ms: float | None = None
     min_val_acc: float | None = None  # constraint on the trained student
     student_drop: tuple[int, int] = (0, 5)
     widths: tuple[float, ...] = (1.0,)
@@ -424,9 +426,6 @@ class ParetoSpec:
             if not values or len(set(values)) != len(values) or any(not 0 <= r < 1 for r in values):
                 raise ConfigError(f"pareto stage_ratios must be distinct ratios in [0, 1) but got {list(values)}")
             object.__setattr__(self, "stage_ratios", values)
-
-
-RECOVERY_LOSSES = ("kd", "ce")  # pareto.recovery: the base config's KD, or plain cross-entropy
 
 
 @dataclass(frozen=True)

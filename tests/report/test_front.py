@@ -23,8 +23,8 @@ def _result(stopped=True) -> ParetoResult:
     paper = _point("trial 0", PAPER_STUDENT, 3.1, {1: 70.0, 3: 75.0, 15: 80.0}, on_front=False)
     fast = _point("trial 4", {"student_drop": 2, "prune_ratio": 0.5}, 1.3, {1: 60.0, 3: 66.0, 15: 79.5})
     candidates = [
-        StoppedCandidate("trial 2", {"student_drop": 4, "prune_ratio": 0.6}, 0.9, 1, 41.0, {1: 41.0}),
-        StoppedCandidate("trial 3", {"student_drop": 1, "prune_ratio": 0.3}, 2.2, 3, 71.0, {1: 55.0, 3: 71.0}),
+        StoppedCandidate("trial 2", {"student_drop": 4, "prune_ratio": 0.6}, 0.9, 1, {1: 41.0}),
+        StoppedCandidate("trial 3", {"student_drop": 1, "prune_ratio": 0.3}, 2.2, 3, {1: 55.0, 3: 71.0}),
     ]
     return ParetoResult(RUNTIME, 1, 1, teacher, [fast, paper], candidates if stopped else [])
 

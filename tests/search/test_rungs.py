@@ -109,9 +109,9 @@ def test_a_study_with_a_compute_budget_stops_there_with_the_reference_trained_to
     assert trained <= 7 and len(trials) < 20  # the budget, not the trial count, ended the study
     assert trials[0].state == TrialState.COMPLETE  # the reference's 3 epochs were reserved first
     from kdsearch.search.pareto import PARETO
-    from kdsearch.search.studyfile import build_spec
 
-    assert PARETO.budget_spent(study, build_spec(study.user_attrs["kdsearch"]["spec"]))  # complete, not partial
+    stored = study.user_attrs["kdsearch"]
+    assert PARETO.budget_spent(study, stored["space"], stored["spec"]["train"]["epochs"])  # complete, not partial
     capsys.readouterr()
     main(["study", "status", "--workdir", str(tmp_path)])
     assert f"compute: {trained} of budget_epochs 7 epochs trained or committed" in capsys.readouterr().out
