@@ -14,6 +14,7 @@
 #   bench/real_data.sh ablate-attribution-control  # then the shuffled control of the best method (CONTROL=saliency_shuffled)
 #   bench/real_data.sh pareto-mf  # issue 29: multi-fidelity Pareto study at cifar10-pareto's compute
 #   bench/real_data.sh pareto-full15  # the same space and compute, every candidate 15 epochs (no rungs)
+#   bench/real_data.sh families   # issue 27: the paper's student beside six other families, from scratch, one budget
 #   bench/real_data.sh reports # reports of the grid, TPE and ablation into studies/results/
 #
 # Two steps may run side by side on the 2 cores: give each one thread (THREADS=1, the default here)
@@ -111,6 +112,11 @@ pareto-full15)
     # sqlite:///runs/cifar10-pareto-mf/studies.db --full-name <this study> --mf-name <pareto-mf's>
     $KDSEARCH study pareto --study studies/cifar10-pareto-mf.yaml --workdir runs/cifar10-pareto-mf \
         --set pareto.rungs=null --set pareto.budget_epochs=72 --no-progress
+    ;;
+families)
+    # issue 27: seven students trained once each (enqueued); run it twice side by side (two workers of one
+    # thread) to use both cores; it resumes after an interruption.
+    $KDSEARCH study pareto --study studies/cifar10-families.yaml --workdir runs/cifar10-families --no-progress
     ;;
 reports)
     $KDSEARCH report --study cpu-quick-grid --workdir runs/cifar10-grid --out studies/results/cpu-quick-grid --plotly-js cdn

@@ -485,6 +485,13 @@ class PruneConfig:
     flops_target: float | None = None
     importance: str = "l2"  # an Importance
     stage_ratios: tuple[float, ...] | None = field(default=None, metadata=ADDED_LATER)  # 0: a stage left whole
+    # Iterative pruning: the target reached in ``steps`` equal steps at epoch starts spread over the
+    # schedule (pruning.prune_epochs), each ranking the channels of the student recovered so far.
+    steps: int = field(default=1, metadata=ADDED_LATER)
+    # Sparsity training before pruning: the strength of Torch-Pruning's group-lasso penalty on every
+    # prunable group (GroupNormPruner.regularize) from the first epoch to the last step; > 0 moves the
+    # first step off epoch 0, so the teacher-initialised student first trains unpruned under it.
+    sparsity: float = field(default=0.0, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         if self.stage_ratios is not None:
@@ -504,10 +511,23 @@ class PruneConfig:
             f"prune stage_ratios must be ratios in [0, 1), at least one above 0, but got {stages!r}",
         )
         object.__setattr__(self, "importance", choice("prune importance", self.importance, Importance))
+        _check(self.steps >= 1, f"prune steps must be >= 1 but got {self.steps}")
+        _check(
+            self.sparsity >= 0 and math.isfinite(self.sparsity), f"prune sparsity must be >= 0 but got {self.sparsity}"
+        )
+        _check(
+            not (self.iterative and self.flops_target is not None),
+            "iterative pruning (steps > 1) and sparsity training take a ratio or stage_ratios, not flops_target",
+        )
 
     @property
     def active(self) -> bool:
         return self.ratio is not None or self.flops_target is not None or self.stage_ratios is not None
+
+    @property
+    def iterative(self) -> bool:
+        """Whether the student is pruned during training (steps or sparsity) rather than once before it."""
+        return self.steps > 1 or self.sparsity > 0
 
 
 @dataclass(frozen=True)
@@ -570,6 +590,14 @@ class TrainConfig:
                 self.teacher_checkpoint is not None,
                 "a teacher checkpoint is needed when alpha > 0, p > 0, gamma > 0, pruning or student_init teacher "
                 "(--teacher-checkpoint)",
+            )
+        if self.prune.iterative:
+            needed = self.prune.steps + (self.prune.sparsity > 0)
+            _check(
+                self.prune.active and self.epochs >= needed,
+                f"prune steps {self.prune.steps}{' after sparsity training' if self.prune.sparsity > 0 else ''} "
+                f"need a prune target and at least {needed} epochs (one per step) but got "
+                f"{'no target' if not self.prune.active else f'{self.epochs} epochs'}",
             )
         _check(
             not (self.attention.gamma > 0 and self.kd.teacher_logits == TeacherLogits.CACHED),

@@ -29,6 +29,7 @@ from kdsearch.config import (
     StudentInit,
     TeacherLogits,
     TrainConfig,
+    from_dict,
     replace,
     to_dict,
 )
@@ -57,7 +58,7 @@ from kdsearch.models.classifiers import (
 )
 from kdsearch.models.depthwise import with_fp32_depthwise_backward
 from kdsearch.models.inference import accuracy
-from kdsearch.models.pruning import TAYLOR_IMAGES, prune_classifier
+from kdsearch.models.pruning import TAYLOR_IMAGES, GroupLasso, prune_classifier, prune_epochs, step_target
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +188,14 @@ class TrainResult:
     maps_cache_key: str | None = None  # the cache of the maps the overlay used (None without overlay)
 
 
+def _parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights decayed, scales and biases not): weight decay on BatchNorm scales and biases only fights
+    the normalisation."""
+    return [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
+
+
 def _optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    # Weight decay on BatchNorm scales and biases only fights the normalisation; leave them out.
-    decayed = [p for p in model.parameters() if p.ndim > 1]
-    undecayed = [p for p in model.parameters() if p.ndim <= 1]
+    decayed, undecayed = _parameter_groups(model)
     groups = [
         {"params": decayed, "weight_decay": config.weight_decay},
         {"params": undecayed, "weight_decay": 0.0},
@@ -232,6 +237,7 @@ class _Run:
     recipe: BatchRecipe
     attention_pairs: list[tuple[int, int]]  # (student block, teacher block); empty without AT
     maps: torch.Tensor | None  # the overlay method's maps; None without overlay
+    regularizer: GroupLasso | None = None  # sparsity training's penalty, in the epochs it applies to
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 0
     earlier_train_time: float = 0.0  # spent before a resume, so that train_time_s is the whole run's
@@ -246,7 +252,7 @@ def _set_up(config: TrainConfig, inputs: TrainInputs) -> _Run:
     dtype = resolve_precision(config.precision, device)
     splits = inputs.splits
     torch.manual_seed(config.seed)
-    student, student_config = build_student(config, inputs)
+    student, student_config = build_student(config, inputs, final=False)
     with_fp32_depthwise_backward(student)  # changes only what bf16 autocast on a CPU computes
     student = student.to(device)
     uses_cached_logits = config.kd.teacher_logits == TeacherLogits.CACHED
@@ -290,42 +296,95 @@ def _set_up(config: TrainConfig, inputs: TrainInputs) -> _Run:
     )
 
 
-def build_student(config: TrainConfig, inputs: TrainInputs) -> tuple[CifarClassifier, ModelConfig]:
+def build_student(
+    config: TrainConfig, inputs: TrainInputs, *, final: bool = True
+) -> tuple[CifarClassifier, ModelConfig]:
     """The untrained student of ``config`` and the config that rebuilds it: random, or the teacher's kept
-    blocks (student_init teacher), then pruned to ``config.prune``'s target with the teacher's weights."""
-    student_config = replace(config.student, num_classes=inputs.splits.num_classes)
+    blocks (student_init teacher), then pruned to ``config.prune``'s target with the teacher's weights.
+    With iterative pruning and ``final`` False: the student before its first step, unpruned (training
+    prunes it); ``final`` True gives the architecture its last step ends at, as latency measures it."""
+    student_config = _unpruned_config(config, inputs)
     student = build_model(student_config)
     if config.student_init == StudentInit.TEACHER or config.prune.active:
         init_from_teacher(student, inputs.teacher)
     if config.prune.active:
-        student, student_config = _pruned(student, student_config, inputs, config)
+        teacher = inputs.teacher  # init_from_teacher copied all of a sourced teacher into its student
+        if (
+            not isinstance(student, SourcedClassifier)
+            and student.classifier[1].weight.shape == teacher.classifier[1].weight.shape
+        ):
+            student.classifier.load_state_dict(teacher.classifier.state_dict())  # undropped: the teacher's head too
+        if final or not config.prune.iterative:
+            student, student_config = _pruned(student, student_config, inputs, config)
     return student, student_config
 
 
+def _unpruned_config(config: TrainConfig, inputs: TrainInputs) -> ModelConfig:
+    return replace(config.student, num_classes=inputs.splits.num_classes)
+
+
 def _pruned(
-    student: CifarClassifier, student_config: ModelConfig, inputs: TrainInputs, config: TrainConfig
+    student: CifarClassifier,
+    unpruned_config: ModelConfig,
+    inputs: TrainInputs,
+    config: TrainConfig,
+    step: int | None = None,
 ) -> tuple[CifarClassifier, ModelConfig]:
-    """The teacher-initialised student pruned to ``config.prune``'s target, and its config with the plan."""
-    teacher, splits = inputs.teacher, inputs.splits
-    sourced = isinstance(student, SourcedClassifier)  # init_from_teacher copied all of the teacher into it
-    if not sourced and student.classifier[1].weight.shape == teacher.classifier[1].weight.shape:
-        student.classifier.load_state_dict(teacher.classifier.state_dict())  # undropped: the teacher's head too
+    """``student`` pruned to ``config.prune``'s target (or, iterative, to its ``step``'s), and the config
+    that rebuilds it: ``unpruned_config`` with the plan."""
+    splits, prune = inputs.splits, config.prune
     calibration = None
-    if config.prune.importance == Importance.TAYLOR:  # the first training images, as the split orders them
+    if prune.importance == Importance.TAYLOR:  # the first training images, as the split orders them
         calibration = (splits.train_images[:TAYLOR_IMAGES].float().div(255), splits.train_labels[:TAYLOR_IMAGES])
+    ratio, stage_ratios, reference = prune.ratio, prune.stage_ratios, None
+    if step is not None:
+        ratio, stage_ratios = step_target(prune.ratio, prune.stage_ratios, step, prune.steps)
+        reference = build_model(unpruned_config)
     pruned = prune_classifier(
         student,
-        ratio=config.prune.ratio,
-        flops_target=config.prune.flops_target,
-        stage_ratios=config.prune.stage_ratios,
-        importance=config.prune.importance,
+        ratio=ratio,
+        flops_target=prune.flops_target,
+        stage_ratios=stage_ratios,
+        importance=prune.importance,
         seed=config.seed,
         image_size=splits.image_size,
         calibration=calibration,
+        reference=reference,
     )
-    if sourced:
-        return pruned, replace(student_config, pruned_layers=changed_layers(pruned, build_model(student_config)))
-    return pruned, replace(student_config, channels=channel_plan(pruned))
+    if isinstance(pruned, SourcedClassifier):
+        return pruned, replace(unpruned_config, pruned_layers=changed_layers(pruned, build_model(unpruned_config)))
+    return pruned, replace(unpruned_config, channels=channel_plan(pruned))
+
+
+def _prune_on_schedule(run: _Run, epoch: int) -> None:
+    """Iterative pruning: the step due at ``epoch``'s start, if one is, and the sparsity penalty of the
+    epochs before the last step (traced again for the network as it now is)."""
+    prune = run.config.prune
+    if not prune.iterative:
+        return
+    schedule = prune_epochs(prune.steps, run.config.epochs, prune.sparsity > 0)
+    if epoch in schedule:
+        step = schedule.index(epoch)
+        unpruned = _unpruned_config(run.config, run.inputs)
+        student, run.student_config = _pruned(run.student, unpruned, run.inputs, run.config, step=step)
+        _use_student(run, student)
+        log.info("pruning step %d/%d before epoch %d", step + 1, prune.steps, epoch + 1)
+    sparse = prune.sparsity > 0 and epoch < schedule[-1]
+    run.regularizer = GroupLasso(run.student, prune.sparsity, run.inputs.splits.image_size) if sparse else None
+
+
+def _use_student(run: _Run, student: CifarClassifier) -> None:
+    """Trains ``student`` from now on (a pruning step's result, or a resumed checkpoint's shape): on the
+    run's device and memory format, with the optimiser pointed at its parameters and its moments reset
+    (those of removed channels mean nothing, as Torch-Pruning's examples start a new optimiser)."""
+    with_fp32_depthwise_backward(student)
+    student = student.to(run.device)
+    if run.config.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    for group, parameters in zip(run.optimizer.param_groups, _parameter_groups(student), strict=True):
+        group["params"] = parameters
+    run.optimizer.state.clear()
+    run.student = student
 
 
 # Fields that change how a run is measured, not what it trains: a checkpoint written with another value
@@ -351,6 +410,9 @@ def _resume(run: _Run, run_dir: Path, discard_foreign_checkpoint: bool) -> None:
             raise CheckpointError(f"{path} was written by a different configuration; use a new run dir")
         log.warning("discarding %s: written by another configuration", path)
         return
+    if "student_config" in state and state["student_config"] != to_dict(run.student_config):
+        run.student_config = from_dict(ModelConfig, state["student_config"])  # pruned further than at set-up
+        _use_student(run, build_model(run.student_config))
     run.student.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -432,6 +494,9 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> tuple[float, float]:
                     raise TrainingDiverged(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
                 run.optimizer.zero_grad(set_to_none=True)
                 run.scaler.scale(loss).backward()
+                if run.regularizer is not None:
+                    run.scaler.unscale_(run.optimizer)  # the penalty is added to true gradients
+                    run.regularizer(run.student)
                 run.scaler.step(run.optimizer)
                 run.scaler.update()
                 run.scheduler.step()
@@ -449,6 +514,7 @@ def _save_training_state(run: _Run, run_dir: Path, train_time_s: float) -> None:
         "epoch": len(run.history),
         "history": run.history,
         "config": to_dict(run.config),
+        "student_config": to_dict(run.student_config),  # iterative pruning changes its shape as it trains
         "train_time_s": train_time_s,
     }
     tmp = run_dir / "last.pt.tmp"
@@ -488,6 +554,7 @@ def train(
     loop_start, step_seconds, images_seen = time.perf_counter(), 0.0, 0
     splits, count = inputs.splits, len(run.train_labels)
     for epoch in range(run.start_epoch, config.epochs):
+        _prune_on_schedule(run, epoch)
         with OtherProcesses() as others:
             train_loss, seconds = _train_epoch(run, epoch, progress)
         share_threads(others.cores)  # the next epoch's threads: this one's share of what was free

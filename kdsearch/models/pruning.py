@@ -50,6 +50,7 @@ def prune_classifier(
     seed: int = 0,
     image_size: int = 32,
     calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+    reference: nn.Module | None = None,
 ) -> CifarClassifier:
     """A pruned copy of ``model`` in the same mode and on the same device; ``model`` is unchanged.
 
@@ -69,6 +70,10 @@ def prune_classifier(
     image's 3 channels) and the linear head's outputs (the classes) are never pruned; the surviving
     channels keep their weights. "l1"/"l2" are deterministic; "random" draws from ``seed``; "taylor" ranks
     by the gradients of cross-entropy on ``calibration`` (pixel images in [0, 1] and their labels).
+
+    ``reference``: the unpruned network ``model`` is a step of (iterative pruning): ratios are then
+    fractions of the reference's channels, so each step removes what the last one left over and the last
+    step ends at the one-shot pruning's channel counts (its latency, measured before training, holds).
     """
     if sum(target is not None for target in (ratio, flops_target, stage_ratios)) != 1:
         raise ConfigError(
@@ -84,7 +89,11 @@ def prune_classifier(
         _check_fraction("ratio", ratio)
     elif flops_target is not None:
         _check_fraction("flops_target", flops_target)
-    return _prune(model, ratio, flops_target, importance, round_to, seed, image_size, stage_ratios, calibration)
+    if reference is not None and flops_target is not None:
+        raise ConfigError("iterative pruning takes a ratio or stage_ratios, not flops_target")
+    return _prune(
+        model, ratio, flops_target, importance, round_to, seed, image_size, stage_ratios, calibration, reference
+    )
 
 
 def _prune(
@@ -97,6 +106,7 @@ def _prune(
     image_size: int,
     stage_ratios: tuple[float, ...] | None = None,
     calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+    reference: nn.Module | None = None,
 ) -> nn.Module:
     pruned = copy.deepcopy(model).cpu().eval()  # eval: tracing runs a forward that must not move BN statistics
     for parameter in pruned.parameters():
@@ -110,6 +120,7 @@ def _prune(
         if flops_target is not None:
             ratio = _ratio_for_flops(pruned, graph, groups, flops_target, round_to, image_size)
         ratios = [ratio] * len(groups) if stage_ratios is None else _stage_of(pruned, groups, stage_ratios, image_size)
+        widths = _reference_widths(pruned, groups, reference)
         if importance == Importance.TAYLOR:
             _taylor_gradients(pruned, *calibration)
         with torch.random.fork_rng(devices=[]):
@@ -117,9 +128,9 @@ def _prune(
             scorer = IMPORTANCES[importance]()
             # Rank every group on the unpruned network first, then prune: one-shot, as Torch-Pruning's pruners do.
             removals = []
-            for group, group_ratio in zip(groups, ratios, strict=True):
+            for group, group_ratio, width in zip(groups, ratios, widths, strict=True):
                 channels = len(group[0][1])
-                removed = channels - _kept_channels(channels, group_ratio, round_to) if group_ratio > 0 else 0
+                removed = channels - _kept_channels(width, group_ratio, round_to) if group_ratio > 0 else 0
                 if removed > 0:
                     removals.append((group, torch.argsort(scorer(group), stable=True)[:removed].tolist()))
         for group, indices in removals:
@@ -131,6 +142,60 @@ def _prune(
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ConfigError(f"Torch-Pruning cannot prune {name}: {type(error).__name__}: {reason}") from None
     return pruned.to(next(model.parameters()).device).train(model.training)
+
+
+def _reference_widths(model: nn.Module, groups: list, reference: nn.Module | None) -> list[int]:
+    """Each group's channels in ``reference`` (found by its root convolution's name), or in ``model``."""
+    if reference is None:
+        return [len(group[0][1]) for group in groups]
+    names = {module: name for name, module in model.named_modules()}
+    unpruned = dict(reference.named_modules())
+    return [unpruned[names[group[0][0].target.module]].out_channels for group in groups]
+
+
+def prune_epochs(steps: int, epochs: int, sparsity: bool) -> tuple[int, ...]:
+    """The epochs (from 0) at whose start each of ``steps`` iterative pruning steps runs, spread evenly
+    over the schedule: the first at epoch 0, or after the first 1/(steps+1) of it with sparsity training,
+    which then has that long to drive the channels to go towards zero before the first is cut."""
+    if sparsity:
+        return tuple((step + 1) * epochs // (steps + 1) for step in range(steps))
+    return tuple(step * epochs // steps for step in range(steps))
+
+
+def step_target(
+    ratio: float | None, stage_ratios: tuple[float, ...] | None, step: int, steps: int
+) -> tuple[float | None, tuple[float, ...] | None]:
+    """(ratio, stage_ratios) after ``step`` (from 0) of ``steps``: the final target's (step+1)/steps."""
+    fraction = (step + 1) / steps
+    if stage_ratios is not None:
+        return None, tuple(r * fraction for r in stage_ratios)
+    return ratio * fraction, None
+
+
+class GroupLasso:
+    """Sparsity training: Torch-Pruning's group-lasso penalty (``GroupNormPruner.regularize``: each
+    group's gradient grows by ``strength`` x its weights, scaled up to 16x for the groups of lowest norm)
+    on every convolution-rooted group of ``model``, applied after each backward pass. The groups are
+    traced once, so a pruning step needs a new one."""
+
+    def __init__(self, model: nn.Module, strength: float, image_size: int):
+        training = model.training
+        model.eval()  # tracing runs a forward that must not move BN statistics
+        try:
+            with torch.enable_grad():
+                example = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
+                self._pruner = tp.pruner.GroupNormPruner(
+                    model,
+                    example,
+                    importance=tp.importance.GroupMagnitudeImportance(p=2),
+                    reg=strength,
+                    root_module_types=[nn.Conv2d],
+                )
+        finally:
+            model.train(training)
+
+    def __call__(self, model: nn.Module) -> None:
+        self._pruner.regularize(model)
 
 
 def _output_sizes(model: nn.Module, image_size: int) -> dict[nn.Module, int]:

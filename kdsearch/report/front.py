@@ -209,6 +209,9 @@ def _architecture(params: dict[str, Any]) -> str:
     elif ratio:
         text += f", pruned {ratio:.0%}"
     extras = [f"{name} {params[name]}" for name in ("importance", "recovery") if name in params]
+    if ratio or any(stages):  # how it was pruned; an unpruned candidate ignores these
+        extras += [f"in {params['prune_steps']} steps"] if params.get("prune_steps", 1) > 1 else []
+        extras += [f"sparsity {params['sparsity']:g}"] if params.get("sparsity", 0) > 0 else []
     return ", ".join([text, *extras])
 
 

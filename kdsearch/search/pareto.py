@@ -57,7 +57,12 @@ def trial_params(trial: optuna.Trial, pareto: ParetoSpec, stages: int = 0) -> di
             params[f"stage_ratio_{stage}"] = trial.suggest_categorical(
                 f"stage_ratio_{stage}", list(pareto.stage_ratios)
             )
-    for name, values in (("importance", pareto.importances), ("recovery", pareto.recovery)):
+    for name, values in (
+        ("importance", pareto.importances),
+        ("recovery", pareto.recovery),
+        ("prune_steps", pareto.prune_steps),
+        ("sparsity", pareto.sparsities),
+    ):
         if values is not None:
             params[name] = trial.suggest_categorical(name, list(values))
     for name in ("t", "alpha", "p", "gamma"):
@@ -74,14 +79,19 @@ def pareto_config(spec: StudySpec, params: dict[str, Any], image_size: int = 32)
     student = replace(config.student, width_mult=float(params.get("width", config.student.width_mult)))
     importance = params.get("importance", config.prune.importance)
     prune = replace(config.prune, importance=importance)
+    recovery = {  # how a pruned candidate gets to its target: in steps, after sparsity training or at once
+        "importance": importance,
+        "steps": params.get("prune_steps", config.prune.steps),
+        "sparsity": params.get("sparsity", config.prune.sparsity),
+    }
     ratio = params.get("prune_ratio", 0.0)
     if ratio > 0:
-        prune = PruneConfig(ratio=ratio, importance=importance)
+        prune = PruneConfig(ratio=ratio, **recovery)
     if "stage_ratio_0" in params:
         stages = model_stages(build_model(student), image_size)
         ratios = tuple(float(params[f"stage_ratio_{stage}"]) for stage in range(stages))
         if any(r > 0 for r in ratios):
-            prune = PruneConfig(stage_ratios=ratios, importance=importance)
+            prune = PruneConfig(stage_ratios=ratios, **recovery)
     config = replace(config, student=student, prune=prune)
     if params.get("recovery") == "ce":  # plain cross-entropy: no teacher in the loss
         config = replace(

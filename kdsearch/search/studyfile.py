@@ -367,6 +367,11 @@ class ParetoSpec:
     importances: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
     recovery: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
     stage_ratios: tuple[float, ...] | None = field(default=None, metadata=ADDED_LATER)
+    # Iterative pruning and sparsity training as axes (None: train.prune's, not searched): the steps a
+    # pruned candidate reaches its target in (recovering between them), and the group-lasso strengths of
+    # sparsity training before its first step (0: none). An unpruned candidate ignores both.
+    prune_steps: tuple[int, ...] | None = field(default=None, metadata=ADDED_LATER)
+    sparsities: tuple[float, ...] | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _ranges(self, "pareto", ("t", "alpha", "p", "gamma"))
@@ -426,6 +431,30 @@ class ParetoSpec:
             if not values or len(set(values)) != len(values) or any(not 0 <= r < 1 for r in values):
                 raise ConfigError(f"pareto stage_ratios must be distinct ratios in [0, 1) but got {list(values)}")
             object.__setattr__(self, "stage_ratios", values)
+        if self.prune_steps is not None:
+            values = tuple(self.prune_steps)
+            if (
+                not values
+                or len(set(values)) != len(values)
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values)
+            ):
+                raise ConfigError(f"pareto prune_steps must be distinct integers >= 1 but got {list(values)}")
+            object.__setattr__(self, "prune_steps", values)
+        if self.sparsities is not None:
+            values = tuple(self.sparsities)
+            if (
+                not values
+                or len(set(values)) != len(values)
+                or any(isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf for v in values)
+            ):
+                raise ConfigError(f"pareto sparsities must be distinct strengths >= 0 but got {list(values)}")
+            object.__setattr__(self, "sparsities", tuple(float(v) for v in values))
+
+    def epochs_needed(self) -> int:
+        """The fewest epochs of training that fit every candidate's pruning steps (one epoch each, plus one
+        of sparsity training first where a strength is above 0)."""
+        steps = max(self.prune_steps or (1,))
+        return steps + any(v > 0 for v in self.sparsities or ())
 
 
 @dataclass(frozen=True)
@@ -454,6 +483,14 @@ class StudySpec:
             unknown = [name for name in names or () if name not in self.students]
             if unknown:
                 raise ConfigError(f"{where} {unknown[0]!r} is not in the study's students {sorted(self.students)}")
+        if self.pareto is not None and (self.pareto.prune_steps or self.pareto.sparsities):
+            epochs = self.pareto.rungs[-1] if self.pareto.rungs else self.train.epochs
+            if epochs < self.pareto.epochs_needed():
+                raise ConfigError(
+                    f"pareto prune_steps {list(self.pareto.prune_steps or [1])} and sparsities "
+                    f"{list(self.pareto.sparsities or [0.0])} need at least {self.pareto.epochs_needed()} epochs "
+                    f"(one per pruning step, one of sparsity training) but the candidates train {epochs}"
+                )
 
     def configure(self, params: dict[str, Any]) -> TrainConfig:
         """A trial's config: its search parameters set on the base config (``with_params``)."""

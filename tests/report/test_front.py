@@ -56,3 +56,14 @@ def test_the_figure_reads_each_rung_against_the_paper_student_after_the_same_epo
         "paper's student, 3 epoch(s): val 75.00",
         "paper's student, 15 epoch(s): val 80.00",
     ]
+
+
+def test_a_candidates_label_says_how_it_was_pruned():
+    from kdsearch.report.front import _architecture
+
+    iterative = {"student_drop": 0, "prune_ratio": 0.5, "prune_steps": 3, "sparsity": 0.001, "recovery": "ce"}
+    assert _architecture(iterative) == "drop 0, width 1, pruned 50%, recovery ce, in 3 steps, sparsity 0.001"
+    unpruned = iterative | {"prune_ratio": 0.0}  # nothing was pruned: steps and sparsity did nothing
+    assert _architecture(unpruned) == "drop 0, width 1, recovery ce"
+    one_shot = iterative | {"prune_steps": 1, "sparsity": 0.0}
+    assert _architecture(one_shot) == "drop 0, width 1, pruned 50%, recovery ce"

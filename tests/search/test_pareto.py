@@ -116,12 +116,42 @@ def test_recovery_axes_become_each_trials_config(smoke_overrides):
     assert not unpruned.prune.active and unpruned.kd.alpha == 0.5
 
 
+def test_iterative_pruning_and_sparsity_axes_become_each_trials_config(smoke_overrides):
+    from kdsearch.search.pareto import pareto_config, trial_params
+
+    overrides = {"train.epochs": 3, "pareto.prune_steps": [1, 2], "pareto.sparsities": [0, 0.001]}
+    spec = load_study(SMOKE, {**smoke_overrides, **overrides})
+    fixed = {"student_drop": 0, "width": 1.0, "prune_ratio": 0.5, "alpha": 0.5, "prune_steps": 2, "sparsity": 0.001}
+    params = trial_params(optuna.trial.FixedTrial(fixed), spec.pareto)
+    assert params == fixed
+    assert pareto_config(spec, params).prune == PruneConfig(ratio=0.5, steps=2, sparsity=0.001)
+    unpruned = pareto_config(spec, params | {"prune_ratio": 0.0})
+    assert not unpruned.prune.active and not unpruned.prune.iterative  # nothing to prune: trained as it is
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"pareto.prune_steps": [1, 3]},
+            r"need at least 3 epochs \(one per pruning step, one of sparsity training\) but the candidates train 1",
+        ),
+        ({"pareto.prune_steps": [2], "pareto.sparsities": [0.01], "train.epochs": 2}, "need at least 3 epochs"),
+        ({"pareto.prune_steps": [0, 2]}, r"prune_steps must be distinct integers >= 1 but got \[0, 2\]"),
+        ({"pareto.sparsities": [-1.0]}, r"sparsities must be distinct strengths >= 0"),
+    ],
+)
+def test_pruning_axes_that_cannot_run_are_refused(smoke_overrides, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(SMOKE, {**smoke_overrides, **overrides})
+
+
 @pytest.mark.slow
 def test_a_study_searches_taylor_importance_per_stage_ratios_and_the_recovery_loss(tmp_path, shared_cache):
     args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress"]
     args += ["--set", "latency.repeats=2", "--set", "pareto.trials=3", "--set", "pareto.startup_trials=3"]
     args += ["--set", "pareto.stage_ratios=[0.0, 0.5]", "--set", "pareto.importances=[taylor]"]
-    args += ["--set", "pareto.recovery=[kd, ce]"]
+    args += ["--set", "pareto.recovery=[kd, ce]", "--set", "pareto.prune_steps=[2]", "--set", "train.epochs=2"]
     args += ["--set", "pareto.enqueue=[{student_drop: 0, stage_ratio_0: 0.5, stage_ratio_1: 0.5, recovery: ce}]"]
     assert main(args) == 0
     storage = f"sqlite:///{tmp_path}/studies.db"
@@ -129,6 +159,7 @@ def test_a_study_searches_taylor_importance_per_stage_ratios_and_the_recovery_lo
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
     first = trials[0]
     assert first.state == TrialState.COMPLETE and first.params["importance"] == "taylor"
+    assert first.params["prune_steps"] == 2  # pruned half-way before epoch 1, the rest before epoch 2
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
