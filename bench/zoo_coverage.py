@@ -155,12 +155,13 @@ def main() -> None:
     parser.add_argument("--timm-sample", type=int, default=50)
     parser.add_argument("--max-params", type=float, default=100e6)
     parser.add_argument("--out", type=Path, default=Path("bench/out/zoo_coverage.csv"))
+    parser.add_argument("--threads", type=int, default=2, help="1 beside a background study")
     parser.add_argument("--summary", type=Path, help="print the table of an existing CSV and exit")
     args = parser.parse_args()
     if args.summary is not None:
         print(summary(args.summary))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     done = set()
     if args.out.exists():
         done = {(row["source"], row["model"], row["size"]) for row in csv.DictReader(args.out.open())}
