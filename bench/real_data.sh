@@ -14,6 +14,7 @@
 #   bench/real_data.sh ablate-attribution-control  # then the shuffled control of the best method (CONTROL=saliency_shuffled)
 #   bench/real_data.sh pareto-mf  # issue 29: multi-fidelity Pareto study at cifar10-pareto's compute
 #   bench/real_data.sh pareto-full15  # the same space and compute, every candidate 15 epochs (no rungs)
+#   bench/real_data.sh pruning-recovery  # issue 29: one ~3x architecture recovered six ways (KD, CE, Taylor, steps, sparsity)
 #   bench/real_data.sh families   # issue 27: the paper's student beside six other families, from scratch, one budget
 #   bench/real_data.sh reports # reports of the grid, TPE and ablation into studies/results/
 #
@@ -112,6 +113,10 @@ pareto-full15)
     # sqlite:///runs/cifar10-pareto-mf/studies.db --full-name <this study> --mf-name <pareto-mf's>
     $KDSEARCH study pareto --study studies/cifar10-pareto-mf.yaml --workdir runs/cifar10-pareto-mf \
         --set pareto.rungs=null --set pareto.budget_epochs=72 --no-progress
+    ;;
+pruning-recovery)
+    # issue 29: six enqueued points, 15 epochs each; the paper's student at the same epochs is cifar10-pareto-mf's.
+    $KDSEARCH study pareto --study studies/cifar10-pruning-recovery.yaml --workdir runs/cifar10-pareto-mf --no-progress
     ;;
 families)
     # issue 27: seven students trained once each (enqueued); run it twice side by side (two workers of one

@@ -186,6 +186,8 @@ def test_interrupted_computation_resumes_from_finished_chunks(tiny_teacher_check
     assert sum(calls) == len(splits.train_labels) - CHUNK_IMAGES  # the finished chunk was not recomputed
     assert artifact.tensors["maps"].shape[0] == len(splits.train_labels)
     assert not (artifact.path / "partial").exists()
+    whole = ig_maps(teacher, splits, ig, tmp_path / "uninterrupted", torch.device("cpu"), progress=False)
+    assert torch.equal(artifact.tensors["maps"], whole.tensors["maps"])  # the chunks assembled in order
 
 
 def test_panel_of_one_method_shows_three_tiles():
