@@ -12,6 +12,7 @@ the same epochs: "within a point" is then read at equal training.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +274,42 @@ def rungs_table(result: ParetoResult, dataset: str) -> Table | None:
         "measured them."
     )
     return Table("rungs", f"Rungs of the multi-fidelity search, {dataset}", pd.DataFrame(rows), formats, [note])
+
+
+def students_table(result: ParetoResult, dataset: str) -> Table | None:
+    """A study of named students (``pareto.students``): every trained student, fastest first, with the
+    latencies measured here together with the teacher's, and which ones no faster student beats in test
+    accuracy: the family that wins at each latency. None for a study of built-in architectures."""
+    students = [point for point in result.students if "student" in point.params]
+    if not students:
+        return None
+    runtime = result.runtime
+    students.sort(key=lambda point: point.latency_ms[runtime])
+    records, best = [], -math.inf
+    for point in students:
+        wins = point.test_acc is not None and point.test_acc > best
+        best = max(best, point.test_acc if point.test_acc is not None else -math.inf)
+        records.append(
+            {
+                "student": point.name,
+                "architecture": _architecture(point.params) + (" (paper's student)" if point.paper else ""),
+                "params": point.parameters,
+                "MFLOPs": point.flops / 1e6,
+                f"{runtime} ms": point.latency_ms[runtime],
+                f"{runtime} speed-up": result.teacher.latency_ms[runtime] / point.latency_ms[runtime],
+                "val acc (%)": point.val_acc,
+                "test acc (%)": point.test_acc,
+                "best up to this latency": "yes" if wins else "",
+            }
+        )
+    formats = {"params": ",.0f", "MFLOPs": ".1f", f"{runtime} ms": ".3f", f"{runtime} speed-up": ".2f"}
+    formats |= {"val acc (%)": ACCURACY, "test acc (%)": ACCURACY}
+    note = (
+        f"{dataset}. Every trained student, timed here together with the teacher ({runtime}, batch "
+        f"{result.batch}, {result.threads} thread(s)), fastest first; 'best up to this latency': no faster "
+        "student reaches its test accuracy (the front in test accuracy and this timing)."
+    )
+    return Table("students", "Students: which one wins at which latency", pd.DataFrame(records), formats, [note])
 
 
 def front_table(result: ParetoResult, dataset: str) -> Table:

@@ -13,7 +13,14 @@ from optuna.trial import TrialState
 from kdsearch.errors import KdsearchError
 from kdsearch.report import figures, tables
 from kdsearch.report.figures import Figure
-from kdsearch.report.front import front_figure, front_table, optuna_front, pareto_result, rungs_table
+from kdsearch.report.front import (
+    front_figure,
+    front_table,
+    optuna_front,
+    pareto_result,
+    rungs_table,
+    students_table,
+)
 from kdsearch.report.paper import IG_STUDENT_ARM, reported_accuracy
 from kdsearch.report.source import Source
 from kdsearch.report.tables import Deployment, Table
@@ -139,8 +146,8 @@ class ParetoPart(ReportPart):
             return [], [optuna_figure]
         dataset = measured.dataset if measured is not None else spec.train.data.label or spec.train.data.dataset
         front = front_figure(result, dataset, progress)
-        rungs = rungs_table(result, dataset)
-        return [front_table(result, dataset)] + ([rungs] if rungs is not None else []), [
+        extra = [t for t in (rungs_table(result, dataset), students_table(result, dataset)) if t is not None]
+        return [front_table(result, dataset), *extra], [
             Figure("pareto_front", "Pareto front: accuracy vs latency", front, 1100, 650),
             optuna_figure,
         ]

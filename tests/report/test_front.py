@@ -67,3 +67,25 @@ def test_a_candidates_label_says_how_it_was_pruned():
     assert _architecture(unpruned) == "drop 0, width 1, recovery ce"
     one_shot = iterative | {"prune_steps": 1, "sparsity": 0.0}
     assert _architecture(one_shot) == "drop 0, width 1, pruned 50%, recovery ce"
+
+
+def test_the_students_table_says_which_named_student_wins_at_which_latency():
+    from kdsearch.report.front import students_table
+
+    teacher = Point("teacher", {}, 2000, 2000, {RUNTIME: 3.0}, None, 87.05, None, False)
+    named = [  # (name, latency, test accuracy)
+        ("shufflenet", 0.3, 60.0),
+        ("lcnet", 0.5, 58.0),  # slower and less accurate than shufflenet: not the best at its latency
+        ("mobilenetv2_paper", 1.5, 70.0),
+    ]
+    points = [
+        Point(f"trial {i}", {"student": n}, 1, 1, {RUNTIME: ms}, acc, acc, None, True)
+        for i, (n, ms, acc) in enumerate(named)
+    ]
+    points[2].paper = True
+    table = students_table(ParetoResult(RUNTIME, 1, 1, teacher, list(reversed(points)), []), "synthetic")
+    frame = table.frame
+    assert list(frame["architecture"]) == ["shufflenet", "lcnet", "mobilenetv2_paper (paper's student)"]
+    assert list(frame["best up to this latency"]) == ["yes", "", "yes"]
+    assert list(frame[f"{RUNTIME} speed-up"]) == [10.0, 6.0, 2.0]
+    assert students_table(_result(), "synthetic") is None  # built-in architectures: the front table says it all
