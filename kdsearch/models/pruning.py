@@ -129,10 +129,13 @@ def _prune(
             # Rank every group on the unpruned network first, then prune: one-shot, as Torch-Pruning's pruners do.
             removals = []
             for group, group_ratio, width in zip(groups, ratios, widths, strict=True):
-                channels = len(group[0][1])
-                removed = channels - _kept_channels(width, group_ratio, round_to) if group_ratio > 0 else 0
-                if removed > 0:
-                    removals.append((group, torch.argsort(scorer(group), stable=True)[:removed].tolist()))
+                channels, split = len(group[0][1]), _channel_split(group)
+                if group_ratio <= 0 or channels % split:
+                    continue
+                kept = _kept_channels(width, group_ratio, round_to)
+                kept = min(channels, max(split, kept - kept % split))
+                if channels > kept:
+                    removals.append((group, _least_important(scorer(group), channels - kept, split)))
         for group, indices in removals:
             group.prune(idxs=sorted(indices))
     except ConfigError:
@@ -142,6 +145,29 @@ def _prune(
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ConfigError(f"Torch-Pruning cannot prune {name}: {type(error).__name__}: {reason}") from None
     return pruned.to(next(model.parameters()).device).train(model.training)
+
+
+def _channel_split(group) -> int:
+    """How many equal parts the group's channels fall into: the channel groups of the grouped (not
+    depthwise) convolutions it feeds or is fed by (ResNeXt, RegNet), 1 where there are none."""
+    split = 1
+    for dependency, _ in group:
+        module = dependency.target.module
+        if isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels:
+            split = math.lcm(split, module.groups)
+    return split
+
+
+def _least_important(scores: torch.Tensor, removed: int, split: int) -> list[int]:
+    """The ``removed`` channels of lowest score; in ``split`` equal parts, the same positions of every part
+    (ranked by their summed score). Why: Torch-Pruning's convolution handler keeps a grouped convolution's
+    input channels by the kept positions of its first group, so pruning that differs between groups indexes
+    past the weights (what failed on every ResNeXt and RegNet before), as its own pruners also align."""
+    if split == 1:
+        return torch.argsort(scores, stable=True)[:removed].tolist()
+    size = len(scores) // split
+    positions = torch.argsort(scores.view(split, size).sum(0), stable=True)[: removed // split].tolist()
+    return [part * size + position for part in range(split) for position in positions]
 
 
 def _reference_widths(model: nn.Module, groups: list, reference: nn.Module | None) -> list[int]:

@@ -273,3 +273,19 @@ def test_plan_must_keep_depthwise_and_residual_counts(student):
     residual[8] = 16  # the second 24-channel block's projection feeds a residual add with 24 channels
     with pytest.raises(ConfigError, match="does not fit"):
         apply_plan(student, residual)
+
+
+def test_grouped_convolutions_lose_the_same_positions_in_every_group():
+    torch.manual_seed(0)
+    grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)  # as in ResNeXt and RegNet blocks
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), grouped, nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    pruned = prune_classifier(model, ratio=0.5, round_to=None).eval()
+    conv = pruned[3]
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (8, 8, 4)
+    assert pruned(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    # The first convolution's kept channels are the same two positions of each of the 4 input groups.
+    kept = [i for i in range(16) if any(torch.equal(model[0].weight[i], w) for w in pruned[0].weight)]
+    assert len(kept) == 8 and len({i % 4 for i in kept}) == 2

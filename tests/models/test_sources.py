@@ -200,6 +200,7 @@ def test_a_torchvision_teacher_passes_its_first_blocks_weights_and_attention_to_
         "timm:test_resnet",
         "timm:test_efficientnet",
         "timm:test_convnext",  # layer_scale: a parameter of a block, kept by its shape
+        "torchvision:regnet_x_400mf",  # grouped convolutions: every group loses the same positions
     ],
 )
 def test_a_pruned_sourced_model_rebuilds_from_the_layers_pruning_changed(arch, tmp_path):
@@ -221,10 +222,7 @@ def test_a_pruned_sourced_model_rebuilds_from_the_layers_pruning_changed(arch, t
     assert stored.pruned_layers == layers and torch.equal(rebuilt.eval()(images), pruned(images))
 
 
-@pytest.mark.parametrize(
-    ("arch", "reason"),
-    [("torchvision:shufflenet_v2_x0_5", "ZeroDivisionError"), ("torchvision:regnet_x_400mf", "RuntimeError")],
-)
+@pytest.mark.parametrize(("arch", "reason"), [("torchvision:shufflenet_v2_x0_5", "ZeroDivisionError")])
 def test_a_model_torch_pruning_cannot_prune_is_refused_in_one_line_before_training(arch, reason):
     from kdsearch.config import PruneConfig
     from kdsearch.distill.preflight import check_inputs
@@ -238,7 +236,7 @@ def test_a_model_torch_pruning_cannot_prune_is_refused_in_one_line_before_traini
         overlay=OverlayConfig(p=0.0),
         prune=PruneConfig(ratio=0.5),
     )
-    name = {"torchvision:shufflenet_v2_x0_5": "ShuffleNetV2", "torchvision:regnet_x_400mf": "RegNet"}[arch]
+    name = {"torchvision:shufflenet_v2_x0_5": "ShuffleNetV2"}[arch]
     with pytest.raises(ConfigError, match=f"student {arch}: Torch-Pruning cannot prune {name}: {reason}"):
         check_inputs(config)
 
