@@ -308,12 +308,12 @@ def build_student(
     if config.student_init == StudentInit.TEACHER or config.prune.active:
         init_from_teacher(student, inputs.teacher)
     if config.prune.active:
-        teacher = inputs.teacher  # init_from_teacher copied all of a sourced teacher into its student
+        teacher = inputs.teacher  # a built-in student with every block also takes the teacher's head
         if (
             not isinstance(student, SourcedClassifier)
             and student.classifier[1].weight.shape == teacher.classifier[1].weight.shape
         ):
-            student.classifier.load_state_dict(teacher.classifier.state_dict())  # undropped: the teacher's head too
+            student.classifier.load_state_dict(teacher.classifier.state_dict())  # (a sourced one took it whole)
         if final or not config.prune.iterative:
             student, student_config = _pruned(student, student_config, inputs, config)
     return student, student_config
