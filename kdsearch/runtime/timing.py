@@ -136,16 +136,23 @@ def runtime_latency(
     return Timing(value, others.cores, cached=False)
 
 
+BURST = 5  # passes of one model in a row in each round of interleaved_latency; the last is timed
+
+
 def interleaved_latency(
     models: list[Exported], runtime: str, batch: int, threads: int, latency: LatencyConfig
 ) -> tuple[list[float], float | None]:
     """Median ms of one forward of ``batch`` images of each model in ``runtime``, timed together, not cached:
-    after each model's ``warmup`` passes, ``repeats`` rounds each time one pass of every model in turn.
+    after each model's ``warmup`` passes, ``repeats`` rounds, in each of which every model in turn runs
+    ``BURST`` passes in a row and the last one is timed.
 
     Why: a ratio of two timings taken minutes apart inherits the machine's drift in between (a shared
     virtual machine here ran the same teacher at 2.06 ms in one demo and 2.92 ms in the next, quiet both
-    times); passes interleaved within one measurement see the same machine. Returns the medians and
-    the cores other processes used meanwhile (None where unmeasurable).
+    times); rounds interleaved within one measurement see the same machine. Why bursts: a model timed
+    right after another one runs cold (its weights out of the caches): single interleaved passes ran
+    MobileNetV3-small 2.3x and the paper's student 1.1x slower than in a loop of its own, where a deployed
+    model runs; the last of 5 passes in a row was within 2 % of the loop (bench/out/interleaved_bursts.txt).
+    Returns the medians and the cores other processes used meanwhile (None where unmeasurable).
     """
     runtime = Runtime(runtime)
     with contextlib.ExitStack() as stack:
@@ -162,6 +169,8 @@ def interleaved_latency(
             timings: list[list[float]] = [[] for _ in runners]
             for _ in range(latency.repeats):
                 for run, times in zip(runners, timings, strict=True):
+                    for _ in range(BURST - 1):
+                        run()
                     start = time.perf_counter()
                     run()
                     times.append(time.perf_counter() - start)

@@ -170,9 +170,10 @@ def test_interleaved_latency_measures_each_model_and_caches_nothing(runtime, tmp
     assert not (tmp_path / "latency").exists()
 
 
-def test_interleaved_latency_warms_every_model_up_then_times_them_in_turns(tmp_path, monkeypatch):
+def test_interleaved_latency_warms_every_model_up_then_times_bursts_of_each_in_turns(tmp_path, monkeypatch):
     passes = []
     monkeypatch.setattr(timing, "_torch_runner", lambda exported, batch: lambda: passes.append(exported.folder.name))
     models = [Exported(build_model(TINY), CALIBRATION, tmp_path / name) for name in ("a", "b", "c")]
     timing.interleaved_latency(models, "torch", 1, 1, LatencyConfig(warmup=2, repeats=3))
-    assert passes == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 3
+    burst = timing.BURST
+    assert passes == ["a", "a", "b", "b", "c", "c"] + (["a"] * burst + ["b"] * burst + ["c"] * burst) * 3
