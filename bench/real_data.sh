@@ -15,6 +15,7 @@
 #   bench/real_data.sh pareto-mf  # issue 29: multi-fidelity Pareto study at cifar10-pareto's compute
 #   bench/real_data.sh pareto-full15  # the same space and compute, every candidate 15 epochs (no rungs)
 #   bench/real_data.sh pruning-recovery  # issue 29: one ~3x architecture recovered six ways (KD, CE, Taylor, steps, sparsity)
+#   bench/real_data.sh paper-student-kd  # the paper's student at pruning-recovery's KD (alpha 0.5), 15 epochs: its fair reference
 #   bench/real_data.sh families   # issue 27: the paper's student beside six other families, from scratch, one budget
 #   bench/real_data.sh reports # reports of the grid, TPE and ablation into studies/results/
 #
@@ -117,6 +118,12 @@ pareto-full15)
 pruning-recovery)
     # issue 29: six enqueued points, 15 epochs each; the paper's student at the same epochs is cifar10-pareto-mf's.
     $KDSEARCH study pareto --study studies/cifar10-pruning-recovery.yaml --workdir runs/cifar10-pareto-mf --no-progress
+    ;;
+paper-student-kd)
+    # The reference of the alpha-0.5 arms at equal training: cifar10-pareto-mf's first point (the enqueued paper's
+    # student), 15 epochs without rungs, with KD alpha 0.5; one trial in a study of its own.
+    $KDSEARCH study pareto --study studies/cifar10-pareto-mf.yaml --workdir runs/cifar10-pareto-mf \
+        --set pareto.rungs=null --set pareto.budget_epochs=null --set pareto.trials=1 --set train.kd.alpha=0.5 --no-progress
     ;;
 families)
     # issue 27: seven students trained once each (enqueued); run it twice side by side (two workers of one
