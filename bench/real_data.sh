@@ -15,6 +15,7 @@
 #   bench/real_data.sh pareto-mf  # issue 29: multi-fidelity Pareto study at cifar10-pareto's compute
 #   bench/real_data.sh pareto-full15  # the same space and compute, every candidate 15 epochs (no rungs)
 #   bench/real_data.sh pruning-recovery  # issue 29: one ~3x architecture recovered six ways (KD, CE, Taylor, steps, sparsity)
+#   bench/real_data.sh pruning-recovery-3x  # the best recovery (one-shot l2, KD alpha 0.5) on two architectures over 3x
 #   bench/real_data.sh paper-student-kd  # the paper's student at pruning-recovery's KD (alpha 0.5), 15 epochs: its fair reference
 #   bench/real_data.sh families   # issue 27: the paper's student beside six other families, from scratch, one budget
 #   bench/real_data.sh reports # reports of the grid, TPE and ablation into studies/results/
@@ -118,6 +119,16 @@ pareto-full15)
 pruning-recovery)
     # issue 29: six enqueued points, 15 epochs each; the paper's student at the same epochs is cifar10-pareto-mf's.
     $KDSEARCH study pareto --study studies/cifar10-pruning-recovery.yaml --workdir runs/cifar10-pareto-mf --no-progress
+    ;;
+pruning-recovery-3x)
+    # pruning-recovery's best recovery on the faster architectures of cifar10-pareto-mf's front region:
+    # drop 1 and drop 2, every group pruned 50 % (3.3x and ~3.6x the teacher's speed in its report).
+    $KDSEARCH study pareto --study studies/cifar10-pruning-recovery.yaml --workdir runs/cifar10-pareto-mf \
+        --set pareto.student_drop=[1,2] --set pareto.prune_ratios=[0.5] --set pareto.alpha=null \
+        --set train.kd.alpha=0.5 --set pareto.importances=null --set pareto.recovery=null \
+        --set pareto.prune_steps=null --set pareto.sparsities=null --set pareto.trials=2 \
+        --set "pareto.enqueue=[{student_drop: 1, width: 1.0, prune_ratio: 0.5}, {student_drop: 2, width: 1.0, prune_ratio: 0.5}]" \
+        --no-progress
     ;;
 paper-student-kd)
     # The reference of the alpha-0.5 arms at equal training: cifar10-pareto-mf's first point (the enqueued paper's
