@@ -530,6 +530,12 @@ class PruneConfig:
         return self.steps > 1 or self.sparsity > 0
 
 
+def pruning_epochs_needed(steps: int, sparsity: float) -> int:
+    """The fewest training epochs that hold ``steps`` pruning steps (one epoch each), plus one epoch of
+    sparsity training before the first where ``sparsity`` > 0 (``pruning.prune_epochs`` spreads them)."""
+    return steps + (sparsity > 0)
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     """Attention transfer (``kdsearch.distill.attention``): gamma times the mean over block pairs of the
@@ -592,7 +598,7 @@ class TrainConfig:
                 "(--teacher-checkpoint)",
             )
         if self.prune.iterative:
-            needed = self.prune.steps + (self.prune.sparsity > 0)
+            needed = pruning_epochs_needed(self.prune.steps, self.prune.sparsity)
             _check(
                 self.prune.active and self.epochs >= needed,
                 f"prune steps {self.prune.steps}{' after sparsity training' if self.prune.sparsity > 0 else ''} "

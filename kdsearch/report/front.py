@@ -127,7 +127,7 @@ def _student(
     model.eval()
     int8_test_acc = None
     exported = Exported(model, splits.train_images[:CALIBRATION_IMAGES], scratch)
-    paper = _is_paper_student(trial.params, spec)
+    paper = trial.params == PAPER_STUDENT or _names_the_paper_student(trial.params, spec)
     if on_front or paper:
         if Runtime.ONNX_INT8.value in _runtimes(spec):
             logits = onnx_logits(session(exported.path(Runtime.ONNX_INT8)), splits.test_images)
@@ -148,10 +148,10 @@ def _student(
     return point, exported
 
 
-def _is_paper_student(params: dict[str, Any], spec: StudySpec) -> bool:
-    if params == PAPER_STUDENT:
-        return True
-    named = spec.students.get(params.get("student"))  # a study of named students: the one built as the paper's
+def _names_the_paper_student(params: dict[str, Any], spec: StudySpec) -> bool:
+    """A study of named students: whether ``params`` name the one built as the paper's student (as Pareto
+    params, ``Point`` recognises it itself)."""
+    named = spec.students.get(params.get("student"))
     return named is not None and (named.arch, named.drop_blocks, named.width_mult, named.channels) == (
         "mobilenetv2_cifar",
         5,

@@ -140,11 +140,11 @@ BURST = 5  # passes of one model in a row in each round of interleaved_latency; 
 
 
 def interleaved_latency(
-    models: list[Exported], runtime: str, batch: int, threads: int, latency: LatencyConfig
+    models: list[Exported], runtime: str, batch: int, threads: int, latency: LatencyConfig, burst: int = BURST
 ) -> tuple[list[float], float | None]:
     """Median ms of one forward of ``batch`` images of each model in ``runtime``, timed together, not cached:
     after each model's ``warmup`` passes, ``repeats`` rounds, in each of which every model in turn runs
-    ``BURST`` passes in a row and the last one is timed.
+    ``burst`` passes in a row and the last one is timed.
 
     Why: a ratio of two timings taken minutes apart inherits the machine's drift in between (a shared
     virtual machine here ran the same teacher at 2.06 ms in one demo and 2.92 ms in the next, quiet both
@@ -169,7 +169,7 @@ def interleaved_latency(
             timings: list[list[float]] = [[] for _ in runners]
             for _ in range(latency.repeats):
                 for run, times in zip(runners, timings, strict=True):
-                    for _ in range(BURST - 1):
+                    for _ in range(burst - 1):
                         run()
                     start = time.perf_counter()
                     run()

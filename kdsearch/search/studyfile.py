@@ -22,6 +22,7 @@ import dataclasses
 import math
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -42,6 +43,7 @@ from kdsearch.config import (
     check_field_types,
     choice,
     from_dict,
+    pruning_epochs_needed,
     replace,
 )
 from kdsearch.distill.preflight import check_inputs
@@ -319,6 +321,21 @@ def _ranges(spec: Any, section: str, names: tuple[str, ...]) -> None:
 RECOVERY_LOSSES = ("kd", "ce")  # pareto.recovery: the base config's KD, or plain cross-entropy
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _distinct_axis(spec: Any, name: str, what: str, valid: Callable[[Any], bool]) -> None:
+    """An optional categorical axis of ``spec``: None, or distinct valid values (stored as a tuple)."""
+    values = getattr(spec, name)
+    if values is None:
+        return
+    values = tuple(values)
+    if not values or len(set(values)) != len(values) or not all(valid(value) for value in values):
+        raise ConfigError(f"pareto {name} must be distinct {what} but got {list(values)}")
+    object.__setattr__(spec, name, values)
+
+
 @dataclass(frozen=True)
 class ParetoSpec:
     """Accuracy × latency: maximise validation accuracy, minimise the latency measured in ``latency``.
@@ -426,35 +443,17 @@ class ParetoSpec:
             if any(name not in RECOVERY_LOSSES for name in names):
                 raise ConfigError(f"pareto recovery must be among {list(RECOVERY_LOSSES)} but got {list(names)}")
             object.__setattr__(self, "recovery", names)
-        if self.stage_ratios is not None:
-            values = tuple(self.stage_ratios)
-            if not values or len(set(values)) != len(values) or any(not 0 <= r < 1 for r in values):
-                raise ConfigError(f"pareto stage_ratios must be distinct ratios in [0, 1) but got {list(values)}")
-            object.__setattr__(self, "stage_ratios", values)
-        if self.prune_steps is not None:
-            values = tuple(self.prune_steps)
-            if (
-                not values
-                or len(set(values)) != len(values)
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values)
-            ):
-                raise ConfigError(f"pareto prune_steps must be distinct integers >= 1 but got {list(values)}")
-            object.__setattr__(self, "prune_steps", values)
+        _distinct_axis(self, "stage_ratios", "ratios in [0, 1)", lambda r: _is_number(r) and 0 <= r < 1)
+        _distinct_axis(
+            self, "prune_steps", "integers >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        )
+        _distinct_axis(self, "sparsities", "strengths >= 0", lambda v: _is_number(v) and 0 <= v < math.inf)
         if self.sparsities is not None:
-            values = tuple(self.sparsities)
-            if (
-                not values
-                or len(set(values)) != len(values)
-                or any(isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf for v in values)
-            ):
-                raise ConfigError(f"pareto sparsities must be distinct strengths >= 0 but got {list(values)}")
-            object.__setattr__(self, "sparsities", tuple(float(v) for v in values))
+            object.__setattr__(self, "sparsities", tuple(float(v) for v in self.sparsities))
 
     def epochs_needed(self) -> int:
-        """The fewest epochs of training that fit every candidate's pruning steps (one epoch each, plus one
-        of sparsity training first where a strength is above 0)."""
-        steps = max(self.prune_steps or (1,))
-        return steps + any(v > 0 for v in self.sparsities or ())
+        """The fewest training epochs that hold every candidate's pruning steps and sparsity training."""
+        return pruning_epochs_needed(max(self.prune_steps or (1,)), max(self.sparsities or (0.0,)))
 
 
 @dataclass(frozen=True)
