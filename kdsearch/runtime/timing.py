@@ -150,8 +150,9 @@ def interleaved_latency(
     virtual machine here ran the same teacher at 2.06 ms in one demo and 2.92 ms in the next, quiet both
     times); rounds interleaved within one measurement see the same machine. Why bursts: a model timed
     right after another one runs cold (its weights out of the caches): single interleaved passes ran
-    MobileNetV3-small 2.4x and the paper's student 1.14x slower than in a loop of its own, where a deployed
-    model runs; the last of 5 passes in a row was within 6 % of the loop (bench/out/interleaved_bursts.txt).
+    MobileNetV3-small 2.4-2.8x and the paper's student 1.07-1.14x slower than in a loop of its own, where a
+    deployed model runs; the last of 5 passes in a row ran at 0.8-1.2x of the loop, this VM's noise
+    (bench/out/interleaved_bursts.txt, three runs).
     Returns the medians and the cores other processes used meanwhile (None where unmeasurable).
     """
     runtime = Runtime(runtime)
