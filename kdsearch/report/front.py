@@ -84,6 +84,16 @@ class ParetoResult:
     teacher: Point | None
     students: list[Point]  # every complete trial; the front's with int8 numbers
     stopped: list[StoppedCandidate] = field(default_factory=list)
+    # The test accuracy a student that learned nothing may still show: the most frequent test class's share
+    # plus two binomial standard errors over the test images (chance_ceiling); None where not measured.
+    chance_test_acc: float | None = None
+
+
+def chance_ceiling(labels: torch.Tensor) -> float:
+    """Test accuracy (%) up to which a classifier is indistinguishable from always naming the most frequent
+    class: its share plus two binomial standard errors over ``len(labels)`` images."""
+    share = float(torch.bincount(labels).max()) / len(labels)
+    return 100.0 * (share + 2.0 * math.sqrt(share * (1.0 - share) / len(labels)))
 
 
 def stopped_candidates(trials: list[optuna.trial.FrozenTrial]) -> list[StoppedCandidate]:
@@ -219,7 +229,15 @@ def pareto_result(study: optuna.Study, spec: StudySpec, client) -> ParetoResult:
                 point.latency_ms[runtime] = median
     points = [point for point, _ in students]
     stopped = stopped_candidates(study.get_trials(deepcopy=False))
-    return ParetoResult(spec.pareto.latency, spec.pareto.batch, spec.pareto.threads, teacher_point, points, stopped)
+    return ParetoResult(
+        spec.pareto.latency,
+        spec.pareto.batch,
+        spec.pareto.threads,
+        teacher_point,
+        points,
+        stopped,
+        chance_ceiling(splits.test_labels),
+    )
 
 
 def _architecture(params: dict[str, Any]) -> str:
@@ -279,16 +297,19 @@ def rungs_table(result: ParetoResult, dataset: str) -> Table | None:
 def students_table(result: ParetoResult, dataset: str) -> Table | None:
     """A study of named students (``pareto.students``): every trained student, fastest first, with the
     latencies measured here together with the teacher's, and which ones no faster student beats in test
-    accuracy: the family that wins at each latency. None for a study of built-in architectures."""
+    accuracy: the family that wins at each latency, unless it is at chance level (one that did not train would
+    otherwise win below every other). None for a study of built-in architectures."""
     students = [point for point in result.students if "student" in point.params]
     if not students:
         return None
     runtime = result.runtime
     students.sort(key=lambda point: point.latency_ms[runtime])
-    records, best = [], -math.inf
+    chance = result.chance_test_acc if result.chance_test_acc is not None else -math.inf
+    records, best = [], chance
     for point in students:
         wins = point.test_acc is not None and point.test_acc > best
         best = max(best, point.test_acc if point.test_acc is not None else -math.inf)
+        at_chance = point.test_acc is not None and point.test_acc <= chance
         records.append(
             {
                 "student": point.name,
@@ -299,7 +320,7 @@ def students_table(result: ParetoResult, dataset: str) -> Table | None:
                 f"{runtime} speed-up": result.teacher.latency_ms[runtime] / point.latency_ms[runtime],
                 "val acc (%)": point.val_acc,
                 "test acc (%)": point.test_acc,
-                "best up to this latency": "yes" if wins else "",
+                "best up to this latency": "yes" if wins else ("chance level" if at_chance else ""),
             }
         )
     formats = {"params": ",.0f", "MFLOPs": ".1f", f"{runtime} ms": ".3f", f"{runtime} speed-up": ".2f"}
@@ -309,6 +330,11 @@ def students_table(result: ParetoResult, dataset: str) -> Table | None:
         f"{result.batch}, {result.threads} thread(s)), fastest first; 'best up to this latency': no faster "
         "student reaches its test accuracy (the front in test accuracy and this timing)."
     )
+    if result.chance_test_acc is not None:
+        note += (
+            f" 'chance level': test accuracy at most {result.chance_test_acc:.2f} %, the most frequent test class's "
+            "share plus two binomial standard errors, which a student that learned nothing reaches; it wins nowhere."
+        )
     return Table("students", "Students: which one wins at which latency", pd.DataFrame(records), formats, [note])
 
 

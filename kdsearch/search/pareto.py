@@ -16,12 +16,12 @@ the samplers through ``Trial.set_constraint``, so infeasible trials do not shape
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
 
-from kdsearch.config import ParetoSampler, PruneConfig, TrainConfig, replace, to_dict
+from kdsearch.config import KDConfig, ParetoSampler, PruneConfig, TrainConfig, replace, to_dict
 from kdsearch.distill.train import build_student
 from kdsearch.errors import ConfigError
 from kdsearch.models.classifiers import build_model
@@ -181,16 +181,30 @@ def _rung_gate(trial: optuna.Trial, pareto: ParetoSpec, latency: float, params: 
     return after_epoch
 
 
-def _stopped_twin(trial: optuna.Trial, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
-    """A trial of the same study with exactly these params that was stopped at a rung, if any."""
-    pruned = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
-    return next((other for other in pruned if other.params == params and STOPPED_ATTR in other.user_attrs), None)
+def training_key(config: TrainConfig) -> str:
+    """What ``config`` trains, as text: configs with one key train the same student (training is seeded).
+    Settings that cannot change the training are left out, so that points differing only in them are one:
+    an unpruned student's pruning recovery (importance, steps, sparsity) and the temperature of a loss
+    without KD (plain cross-entropy recovery, alpha 0)."""
+    if not config.prune.active:
+        config = replace(config, prune=PruneConfig())
+    if config.kd.alpha == 0:
+        config = replace(config, kd=replace(config.kd, temperature=KDConfig().temperature))
+    return json.dumps(to_dict(config), sort_keys=True)
 
 
-def _complete_twin(trial: optuna.Trial, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
-    """A complete trial of the same study with exactly these params, if any."""
-    complete = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return next((other for other in complete if other.params == params), None)
+def _twin(
+    trial: optuna.Trial, key: str, key_of: Callable[[optuna.trial.FrozenTrial], str], reference: bool
+) -> optuna.trial.FrozenTrial | None:
+    """A trial of the same study that trains what ``key`` trains and finished, or (unless ``reference``:
+    references always go on) was stopped at a rung, where it would stop again; finished ones first."""
+    states = [optuna.trial.TrialState.COMPLETE] + ([] if reference else [optuna.trial.TrialState.PRUNED])
+    for state in states:
+        for other in trial.study.get_trials(deepcopy=False, states=(state,)):
+            finished_or_stopped = state == optuna.trial.TrialState.COMPLETE or STOPPED_ATTR in other.user_attrs
+            if other.number != trial.number and finished_or_stopped and key_of(other) == key:
+                return other
+    return None
 
 
 class ParetoSearch(StudyKind):
@@ -251,25 +265,32 @@ class ParetoSearch(StudyKind):
         image_size = prepared.splits.image_size
         stages = model_stages(build_model(spec.train.teacher), image_size) if pareto.stage_ratios is not None else 0
 
+        keys: dict[int, str] = {}  # trial number -> training_key, as other trials look for their twins
+
+        def key_of(other: optuna.trial.FrozenTrial) -> str:
+            if other.number not in keys:
+                keys[other.number] = training_key(pareto_config(spec, other.params, image_size))
+            return keys[other.number]
+
         def objective(trial: optuna.Trial) -> tuple[float, float]:
             params = trial_params(trial, pareto, stages)
-            twin = _complete_twin(trial, params)
-            if twin is not None:
-                # Training is seeded, so the same point trains the same student: reuse it, do not retrain
-                # (TPE proposes a finished point again once a categorical space is small).
+            config = pareto_config(spec, params, image_size)
+            twin = _twin(trial, training_key(config), key_of, _is_reference(params, pareto.enqueue))
+            if twin is not None and twin.state == optuna.trial.TrialState.COMPLETE:
+                # Training is seeded, so a point that trains what a finished one trained is that student: reuse
+                # it (TPE proposes a finished point again once a categorical space is small; points differing
+                # only in settings the training ignores are the same student).
                 for key in ("latency_ms", "test_acc", "run_id"):
                     trial.set_user_attr(key, twin.user_attrs.get(key))
                 trial.set_user_attr("same_as_trial", twin.number)
                 _constrain(trial, pareto, *twin.values)
                 return tuple(twin.values)
-            stopped = _stopped_twin(trial, params)
-            if stopped is not None:  # the same point stopped at a rung before: it would stop there again
-                for key, value in stopped.user_attrs.items():
+            if twin is not None:  # the same student stopped at a rung before: it would stop there again
+                for key, value in twin.user_attrs.items():
                     if key.startswith("rung_") or key in ("latency_ms", STOPPED_ATTR):
                         trial.set_user_attr(key, value)
-                trial.set_user_attr("same_as_trial", stopped.number)
-                raise optuna.TrialPruned(f"the same point as trial {stopped.number}, stopped at a rung")
-            config = pareto_config(spec, params, image_size)
+                trial.set_user_attr("same_as_trial", twin.number)
+                raise optuna.TrialPruned(f"the same student as trial {twin.number}, stopped at a rung")
             if pareto.rungs is not None:
                 config = replace(config, epochs=pareto.rungs[-1])  # one schedule, stopped at a rung or not
             model, architecture = build_student(config, prepared.inputs)

@@ -74,6 +74,7 @@ def test_the_students_table_says_which_named_student_wins_at_which_latency():
 
     teacher = Point("teacher", {}, 2000, 2000, {RUNTIME: 3.0}, None, 87.05, None, False)
     named = [  # (name, latency, test accuracy)
+        ("mnasnet", 0.2, 10.3),  # did not train: at chance, so it wins nowhere though it is the fastest
         ("shufflenet", 0.3, 60.0),
         ("lcnet", 0.5, 58.0),  # slower and less accurate than shufflenet: not the best at its latency
         ("mobilenetv2_paper", 1.5, 70.0),
@@ -82,10 +83,25 @@ def test_the_students_table_says_which_named_student_wins_at_which_latency():
         Point(f"trial {i}", {"student": n}, 1, 1, {RUNTIME: ms}, acc, acc, None, True)
         for i, (n, ms, acc) in enumerate(named)
     ]
-    points[2].paper = True
-    table = students_table(ParetoResult(RUNTIME, 1, 1, teacher, list(reversed(points)), []), "synthetic")
+    points[3].paper = True
+    result = ParetoResult(RUNTIME, 1, 1, teacher, list(reversed(points)), [], chance_test_acc=10.6)
+    table = students_table(result, "synthetic")
     frame = table.frame
-    assert list(frame["architecture"]) == ["shufflenet", "lcnet", "mobilenetv2_paper (paper's student)"]
-    assert list(frame["best up to this latency"]) == ["yes", "", "yes"]
-    assert list(frame[f"{RUNTIME} speed-up"]) == [10.0, 6.0, 2.0]
+    assert list(frame["architecture"]) == ["mnasnet", "shufflenet", "lcnet", "mobilenetv2_paper (paper's student)"]
+    assert list(frame["best up to this latency"]) == ["chance level", "yes", "", "yes"]
+    assert list(frame[f"{RUNTIME} speed-up"]) == [15.0, 10.0, 6.0, 2.0]
+    assert "at most 10.60 %" in table.notes[0]
+    unmeasured = students_table(ParetoResult(RUNTIME, 1, 1, teacher, points, []), "synthetic").frame
+    assert list(unmeasured["best up to this latency"]) == ["yes", "yes", "", "yes"]
     assert students_table(_result(), "synthetic") is None  # built-in architectures: the front table says it all
+
+
+def test_chance_ceiling_is_the_most_frequent_class_share_plus_two_standard_errors():
+    import torch
+
+    from kdsearch.report.front import chance_ceiling
+
+    balanced = torch.arange(10_000) % 10  # 10 %, standard error 0.3 points
+    assert abs(chance_ceiling(balanced) - 10.6) < 1e-9
+    skewed = torch.tensor([0] * 75 + [1] * 25)  # 75 %, standard error sqrt(.75 * .25 / 100) = 4.33 points
+    assert abs(chance_ceiling(skewed) - (75.0 + 2 * 100 * (0.75 * 0.25 / 100) ** 0.5)) < 1e-9

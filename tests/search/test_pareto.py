@@ -129,6 +129,29 @@ def test_iterative_pruning_and_sparsity_axes_become_each_trials_config(smoke_ove
     assert not unpruned.prune.active and not unpruned.prune.iterative  # nothing to prune: trained as it is
 
 
+def test_points_that_train_the_same_student_share_a_training_key(smoke_overrides):
+    from kdsearch.search.pareto import pareto_config, training_key
+
+    overrides = {"train.epochs": 3, "pareto.prune_steps": [1, 2], "pareto.importances": ["l2", "taylor"]}
+    overrides |= {"pareto.recovery": ["kd", "ce"]}
+    spec = load_study(SMOKE, {**smoke_overrides, **overrides})
+    point = {"student_drop": 0, "width": 1.0, "prune_ratio": 0.0, "alpha": 0.5, "t": 2.0, "recovery": "kd"}
+    point |= {"importance": "l2", "prune_steps": 1}
+
+    def key(**changes):
+        return training_key(pareto_config(spec, point | changes))
+
+    # unpruned: how a pruned student would be recovered does not reach its training
+    assert key() == key(importance="taylor") == key(prune_steps=2)
+    # pruned: it does
+    assert (
+        len({key(prune_ratio=0.5), key(prune_ratio=0.5, importance="taylor"), key(prune_ratio=0.5, prune_steps=2)}) == 3
+    )
+    # plain cross-entropy has no temperature (nor alpha); with KD both count
+    assert key(recovery="ce") == key(recovery="ce", t=4.0, alpha=0.9)
+    assert len({key(), key(t=4.0), key(alpha=0.9)}) == 3
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -263,7 +286,9 @@ def test_a_point_proposed_again_reuses_its_trained_student(tmp_path, shared_cach
         return real_train(config, **kwargs)
 
     monkeypatch.setattr(kdsearch.search.trial, "train", counted)
-    point = {"student_drop": 1, "width": 1.0, "prune_ratio": 0.0, "alpha": 0.5}
+    point = {"student_drop": 1, "width": 1.0, "prune_ratio": 0.0, "alpha": 0.5, "importance": "l2"}
+    # unpruned, so the importance that would rank its channels does not reach its training: the same student
+    other = point | {"importance": "taylor"}
     args = ["study", "pareto", "--study", str(SMOKE), "--workdir", str(tmp_path), "--no-progress", "--latency", "torch"]
     args += [
         "--set",
@@ -271,13 +296,15 @@ def test_a_point_proposed_again_reuses_its_trained_student(tmp_path, shared_cach
         "--set",
         "pareto.trials=2",
         "--set",
-        f"pareto.enqueue=[{json.dumps(point)}, {json.dumps(point)}]",
+        "pareto.importances=[l2, taylor]",
+        "--set",
+        f"pareto.enqueue=[{json.dumps(point)}, {json.dumps(other)}]",
     ]
     assert main(args) == 0
     storage = f"sqlite:///{tmp_path}/studies.db"
     [summary] = optuna.get_all_study_summaries(storage)
     first, again = optuna.load_study(study_name=summary.study_name, storage=storage).trials
-    assert first.params == again.params == point and again.user_attrs["same_as_trial"] == 0
+    assert (first.params, again.params) == (point, other) and again.user_attrs["same_as_trial"] == 0
     assert again.values == first.values and again.user_attrs["run_id"] == first.user_attrs["run_id"]
     assert trainings == [0.5]
     capsys.readouterr()
