@@ -12,6 +12,10 @@ listed as such (building and timing them on a 2-core CPU takes minutes each). St
   rebuilt from them gives the pruned model's logits;
 - export: ONNX export of the (unpruned) model and top-1 agreement 100 % on 8 images, max |Δlogit| < 1e-3.
 
+Each model runs in a child process capped at --memory-gb of address space and --timeout-s: a model that
+exhausts memory (SwinV2 at 32 pixels took 21 GB and the kernel's OOM killer ended the whole survey) or
+hangs is recorded as failing the step it was in, and the survey goes on.
+
     python bench/zoo_coverage.py --sizes 32,224 --timm-sample 50 --out bench/out/zoo_coverage.csv
     python bench/zoo_coverage.py --summary bench/out/zoo_coverage.csv      # the table BENCHMARKS.md shows
 """
@@ -21,8 +25,11 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import multiprocessing
+import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,21 +91,27 @@ def _export_with_parity(model: torch.nn.Module, size: int) -> None:
         )
 
 
-def survey(source: str, name: str, size: int, max_params: float) -> dict:
+def survey(
+    source: str, name: str, size: int, max_params: float, on_step: Callable[[dict], None] = lambda row: None
+) -> dict:
     """One model at one size through the steps: build and KD gate the rest; pruning and export are
-    independent of each other (a model Torch-Pruning cannot prune may still export)."""
+    independent of each other (a model Torch-Pruning cannot prune may still export). ``on_step`` gets the
+    row as each step starts, with that step marked "running"."""
     row = {"source": source, "model": name, "size": size, **dict.fromkeys(STEPS, ""), "failure": ""}
     start = time.perf_counter()
     config = ModelConfig(arch=f"{source}:{name}", cifar_stem=size <= 64, normalization="imagenet")
     failures = []
 
     def attempt(step: str, work) -> bool:
+        row[step] = "running"
+        on_step(dict(row, seconds=f"{time.perf_counter() - start:.1f}"))
         try:
             work()
         except Exception as error:  # the survey records why a model fails, whatever the library raised
             row[step] = "fail"
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             failures.append(f"{step}: {type(error).__name__}: {reason}"[:300])
+            row["failure"] = "; ".join(failures)
             return False
         row[step] = "ok"
         return True
@@ -124,7 +137,47 @@ def survey(source: str, name: str, size: int, max_params: float) -> dict:
         model.eval()
         attempt("prune", lambda: _prune_and_rebuild(model, config, size))
         attempt("export", lambda: _export_with_parity(model, size))
-    row["failure"] = row["failure"] or "; ".join(failures)
+    row["seconds"] = f"{time.perf_counter() - start:.1f}"
+    return row
+
+
+def _survey_child(sender, source: str, name: str, size: int, max_params: float, memory_gb: float, threads: int) -> None:
+    torch.set_num_threads(threads)
+    cap = int(memory_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))  # past it allocations fail (MemoryError) in the step
+    sender.send(survey(source, name, size, max_params, on_step=sender.send) | {"done": True})
+
+
+def survey_isolated(
+    source: str, name: str, size: int, max_params: float, memory_gb: float, timeout_s: float, threads: int
+) -> dict:
+    """``survey`` in a forked child (the parent has run no tensor work, so forking is safe) under an
+    address-space cap; a child that is killed or outlives ``timeout_s`` fails the step it was in."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_survey_child, args=(sender, source, name, size, max_params, memory_gb, threads))
+    start = time.perf_counter()
+    child.start()
+    sender.close()
+    row: dict = {}
+    while not row.get("done"):
+        left = timeout_s - (time.perf_counter() - start)
+        try:
+            if left <= 0 or not receiver.poll(left):
+                break
+            row = receiver.recv()
+        except EOFError:  # the child died without a word
+            break
+    child.kill()
+    child.join()
+    if row.get("done"):
+        return {key: value for key, value in row.items() if key != "done"}
+    timed_out = time.perf_counter() - start >= timeout_s
+    row = row or {"source": source, "model": name, "size": size, **dict.fromkeys(STEPS, ""), "failure": ""}
+    step = next((step for step in STEPS if row[step] == "running"), "build")
+    row[step] = "fail"
+    why = f"timed out after {timeout_s:.0f} s" if timed_out else f"the process died (exit code {child.exitcode})"
+    row["failure"] = "; ".join(filter(None, [row.get("failure"), f"{step}: {why}"]))
     row["seconds"] = f"{time.perf_counter() - start:.1f}"
     return row
 
@@ -156,12 +209,13 @@ def main() -> None:
     parser.add_argument("--max-params", type=float, default=100e6)
     parser.add_argument("--out", type=Path, default=Path("bench/out/zoo_coverage.csv"))
     parser.add_argument("--threads", type=int, default=2, help="1 beside a background study")
+    parser.add_argument("--memory-gb", type=float, default=10.0, help="address-space cap of each model's process")
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="time limit of each model's process")
     parser.add_argument("--summary", type=Path, help="print the table of an existing CSV and exit")
     args = parser.parse_args()
     if args.summary is not None:
         print(summary(args.summary))
         return
-    torch.set_num_threads(args.threads)
     done = set()
     if args.out.exists():
         done = {(row["source"], row["model"], row["size"]) for row in csv.DictReader(args.out.open())}
@@ -175,7 +229,7 @@ def main() -> None:
         for source, name in models:
             if (source, name, str(size)) in done:
                 continue
-            row = survey(source, name, size, args.max_params)
+            row = survey_isolated(source, name, size, args.max_params, args.memory_gb, args.timeout_s, args.threads)
             with args.out.open("a", newline="") as handle:
                 csv.DictWriter(handle, FIELDS).writerow(row)
             print(f"{source}:{name} @{size}: " + " ".join(f"{step}={row[step] or '-'}" for step in STEPS)
