@@ -10,7 +10,8 @@ listed as such (building and timing them on a 2-core CPU takes minutes each). St
 - kd: one KD step (``kd_loss`` against fixed random teacher logits, Adam) on 8 random images, loss finite;
 - prune: Torch-Pruning at ratio 0.3 (``prune_classifier``), the pruned layers recorded, and the model
   rebuilt from them gives the pruned model's logits;
-- export: ONNX export of the (unpruned) model and top-1 agreement 100 % on 8 images, max |Δlogit| < 1e-3.
+- export: ONNX export of the (unpruned) model and top-1 agreement 100 % on 8 images, max |Δlogit| < 1e-3
+  (relative to the largest logit where that exceeds 1).
 
 Each model runs in a child process capped at --memory-gb of address space and --timeout-s: a model that
 exhausts memory (SwinV2 at 32 pixels took 21 GB and the kernel's OOM killer ended the whole survey) or
@@ -38,6 +39,7 @@ from kdsearch.config import ModelConfig, replace
 from kdsearch.distill.losses import kd_loss
 from kdsearch.distill.preflight import check_logits
 from kdsearch.models.classifiers import build_model, changed_layers, count_parameters
+from kdsearch.models.inference import predict_logits
 from kdsearch.models.pruning import prune_classifier
 from kdsearch.models.sources import torchvision_names
 from kdsearch.runtime.onnx_runtime import export_onnx, parity, session
@@ -85,9 +87,14 @@ def _export_with_parity(model: torch.nn.Module, size: int) -> None:
         path = export_onnx(model, Path(scratch) / "model.onnx", size)
         images = (torch.rand(8, 3, size, size) * 255).to(torch.uint8)
         report = parity(model, session(path), images, batch_size=8)
-    if report["top1_agreement"] < 100.0 or report["max_abs_logit_diff"] >= 1e-3:
+        scale = predict_logits(model, images).abs().max().item()
+    # fp32 rounding is relative: an untrained network's eval-mode BatchNorm (statistics at their initial
+    # values) can reach logits of 1e14 (torchvision's Inception v3 at 224), where 1e-3 absolute is below
+    # one ulp; so the bound is 1e-3 of the largest logit where that exceeds 1
+    if report["top1_agreement"] < 100.0 or report["max_abs_logit_diff"] >= 1e-3 * max(1.0, scale):
         raise RuntimeError(
-            f"ONNX parity {report['top1_agreement']:.1f} % top-1, max |Δlogit| {report['max_abs_logit_diff']:.2e}"
+            f"ONNX parity {report['top1_agreement']:.1f} % top-1, max |Δlogit| {report['max_abs_logit_diff']:.2e} "
+            f"(largest |logit| {scale:.2e})"
         )
 
 
