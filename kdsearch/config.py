@@ -12,6 +12,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -158,6 +159,8 @@ def check_field_types(config: Any) -> None:
 
 
 def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
         return any(_matches(value, arg) for arg in typing.get_args(hint))
@@ -275,6 +278,27 @@ class DataConfig:
         )
 
 
+def _keyword_pairs(what: str, values: Any) -> tuple[tuple[str, Any], ...]:
+    """A mapping (a study file's) or (name, value) pairs (a checkpoint's JSON) as sorted pairs, hashable like
+    the rest of a config: lists become tuples."""
+    pairs = values.items() if isinstance(values, dict) else values
+    if not isinstance(pairs, Iterable) or isinstance(pairs, str):
+        raise ConfigError(f"{what} must be a mapping of argument names to values but got {values!r}")
+    result = []
+    for pair in pairs:
+        if not (isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise ConfigError(f"{what} must be a mapping of argument names to values but got {values!r}")
+        name, value = pair
+        value = tuple(value) if isinstance(value, list) else value
+        scalars = value if isinstance(value, tuple) else (value,)
+        if not all(v is None or isinstance(v, bool | int | float | str) for v in scalars):
+            raise ConfigError(f"{what} {name}: a number, string, boolean or list of them, not {value!r}")
+        result.append((name, value))
+    names = [name for name, _ in result]
+    _check(len(set(names)) == len(names), f"{what} names an argument twice: {names}")
+    return tuple(sorted(result))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "mobilenetv2_cifar"  # an Architecture, or SOURCE:NAME of a ModelSource (torchvision:resnet18)
@@ -291,8 +315,13 @@ class ModelConfig:
     pruned_layers: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
     # torchvision/timm models for small images: a stride-1 stem without its max-pool (as CIFAR variants do).
     cifar_stem: bool = field(default=False, metadata=ADDED_LATER)
+    # Keyword arguments of a torchvision/timm builder or the user's factory beside num_classes, as sorted
+    # (name, value) pairs (a study file gives a mapping): timm's `img_size: 32` for a ViT, `patch_size: 4`...
+    builder_args: tuple[tuple[str, Any], ...] | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
+        if self.builder_args is not None:
+            object.__setattr__(self, "builder_args", _keyword_pairs("builder_args", self.builder_args))
         check_field_types(self)
         object.__setattr__(self, "arch", check_arch(self.arch))
         for name in ("channels", "pruned_layers"):  # lists after a JSON round trip; tuples keep configs hashable
@@ -301,6 +330,16 @@ class ModelConfig:
         _check(
             self.pruned_layers is None or not is_built_in(self.arch),
             "pruned_layers is for torchvision, timm and own models; built-in ones keep their plan in channels",
+        )
+        _check(
+            not (self.builder_args and is_built_in(self.arch)),
+            f"builder_args are for torchvision, timm and own models; {self.arch} takes none",
+        )
+        reserved = sorted({name for name, _ in self.builder_args or ()} & {"num_classes", "weights", "pretrained"})
+        _check(
+            not reserved,
+            f"builder_args cannot set {', '.join(reserved)}: num_classes is the model's own setting, and weights "
+            "come from a local checkpoint (nothing is downloaded)",
         )
         _check(
             not (self.cifar_stem and is_built_in(self.arch)),

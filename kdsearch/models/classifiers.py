@@ -158,7 +158,7 @@ def _sourced(config: ModelConfig) -> nn.Module:
         raise ConfigError(f"a channel plan is for the built-in architectures; {config.arch} keeps pruned_layers")
     if config.width_mult != 1.0:
         raise ConfigError(f"width_mult is for the built-in architectures; choose a smaller {config.arch} instead")
-    network = build_network(config.arch, config.num_classes)
+    network = build_network(config.arch, config.num_classes, dict(config.builder_args or ()))
     if config.cifar_stem:
         adapt_stem(network, config.arch)
     if config.drop_blocks == 0:

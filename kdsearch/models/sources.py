@@ -34,7 +34,7 @@ def _unknown(source: str, name: str, known: tuple[str, ...] | list[str]) -> Conf
     return ConfigError(f"unknown model {source}:{name} ({len(known)} {source} classification models known){hint}")
 
 
-def _torchvision(name: str, num_classes: int) -> nn.Module:
+def _torchvision(name: str, num_classes: int, **builder_args) -> nn.Module:
     import torchvision
 
     if name not in torchvision_names():
@@ -42,10 +42,19 @@ def _torchvision(name: str, num_classes: int) -> nn.Module:
     kwargs = {"weights": None, "num_classes": num_classes}
     if name in ("googlenet", "inception_v3"):
         kwargs |= {"aux_logits": False, "init_weights": True}  # one output; the auxiliary heads need ImageNet sizes
-    return torchvision.models.get_model(name, **kwargs)
+    return _call(f"torchvision:{name}", functools.partial(torchvision.models.get_model, name), kwargs | builder_args)
 
 
-def _timm(name: str, num_classes: int) -> nn.Module:
+def _call(arch: str, builder: Callable[..., nn.Module], kwargs: dict) -> nn.Module:
+    """``builder(**kwargs)``, an argument it does not take (or a value it refuses) as one line."""
+    try:
+        return builder(**kwargs)
+    except (TypeError, ValueError, AssertionError) as error:
+        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in ("weights", "model_name", "pretrained"))
+        raise ConfigError(f"{arch}({shown}) failed: {type(error).__name__}: {error}") from None
+
+
+def _timm(name: str, num_classes: int, **builder_args) -> nn.Module:
     try:
         import timm
     except ImportError:
@@ -53,10 +62,14 @@ def _timm(name: str, num_classes: int) -> nn.Module:
     known = timm.list_models()
     if name not in known:
         raise _unknown("timm", name, known)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    return _call(
+        f"timm:{name}",
+        timm.create_model,
+        {"model_name": name, "pretrained": False, "num_classes": num_classes} | builder_args,
+    )
 
 
-def _python(spec: str, num_classes: int) -> nn.Module:
+def _python(spec: str, num_classes: int, **builder_args) -> nn.Module:
     module_name, _, factory_name = spec.rpartition(":")
     if os.getcwd() not in sys.path:  # as `python -c` would: the user's module beside where they run kdsearch
         sys.path.append(os.getcwd())
@@ -68,25 +81,27 @@ def _python(spec: str, num_classes: int) -> nn.Module:
     if not callable(factory):
         raise ConfigError(f"python:{spec}: {module_name} has no callable {factory_name}")
     try:
-        model = factory(num_classes=num_classes)
+        model = factory(num_classes=num_classes, **builder_args)
     except Exception as error:  # the user's code: any failure is theirs to see, in one line
-        raise ConfigError(f"python:{spec}(num_classes={num_classes}) failed: {type(error).__name__}: {error}") from None
+        shown = ", ".join(f"{key}={value!r}" for key, value in {"num_classes": num_classes, **builder_args}.items())
+        raise ConfigError(f"python:{spec}({shown}) failed: {type(error).__name__}: {error}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"python:{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-SOURCES: dict[ModelSource, Callable[[str, int], nn.Module]] = {
+SOURCES: dict[ModelSource, Callable[..., nn.Module]] = {
     ModelSource.TORCHVISION: _torchvision,
     ModelSource.TIMM: _timm,
     ModelSource.PYTHON: _python,
 }
 
 
-def build_network(arch: str, num_classes: int) -> nn.Module:
-    """The network ``arch`` (SOURCE:NAME) names, freshly initialised, with ``num_classes`` outputs."""
+def build_network(arch: str, num_classes: int, builder_args: dict | None = None) -> nn.Module:
+    """The network ``arch`` (SOURCE:NAME) names, freshly initialised, with ``num_classes`` outputs and the
+    builder's other keyword arguments ``builder_args``."""
     source, _, name = arch.partition(":")
-    return SOURCES[ModelSource(source)](name, num_classes)
+    return SOURCES[ModelSource(source)](name, num_classes, **(builder_args or {}))
 
 
 def logits_of(output) -> torch.Tensor:

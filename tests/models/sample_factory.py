@@ -3,14 +3,14 @@
 from torch import nn
 
 
-def small_net(num_classes: int) -> nn.Module:
+def small_net(num_classes: int, width: int = 8) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(8, num_classes),
+        nn.Linear(width, num_classes),
     )
 
 

@@ -48,6 +48,42 @@ def test_a_sourced_model_maps_images_to_logits_and_rebuilds_from_its_checkpoint_
     assert torch.equal(rebuilt.eval()(images), logits)
 
 
+@pytest.mark.parametrize(
+    ("arch", "builder_args"),
+    [
+        ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4}),  # a ViT for 32-pixel images
+        (FACTORY, {"width": 16}),
+    ],
+)
+def test_builder_args_reach_the_builder_and_the_checkpoint_rebuilds_with_them(arch, builder_args, tmp_path):
+    config = ModelConfig(arch=arch, builder_args=builder_args, normalization="imagenet")
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    images = torch.rand(3, 3, 32, 32)
+    logits = model(images)
+    assert logits.shape == (3, 10)
+    assert count_parameters(model) != count_parameters(build_model(ModelConfig(arch=arch)))
+    save_checkpoint(model, config, tmp_path / "model.pt")
+    rebuilt, stored = load_model(tmp_path / "model.pt")
+    assert stored == config and dict(stored.builder_args) == builder_args
+    assert torch.equal(rebuilt.eval()(images), logits)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"arch": "tiny_cnn", "builder_args": {"depth": 3}}, "builder_args are for torchvision, timm and own models"),
+        ({"arch": "timm:test_resnet", "builder_args": {"pretrained": True}}, "builder_args cannot set pretrained"),
+        ({"arch": "timm:test_resnet", "builder_args": {"num_classes": 3}}, "builder_args cannot set num_classes"),
+        ({"arch": "timm:test_resnet", "builder_args": [1, 2]}, "builder_args must be a mapping"),
+        ({"arch": "timm:test_resnet", "builder_args": {"act": {"a": 1}}}, "builder_args act: a number, string"),
+    ],
+)
+def test_builder_args_that_cannot_reach_a_builder_are_refused_by_the_config(options, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**options)
+
+
 def test_the_small_image_stem_keeps_resnets_first_two_downsamplings_out():
     plain = build_model(ModelConfig(arch="torchvision:resnet18")).eval()
     small = build_model(ModelConfig(arch="torchvision:resnet18", cifar_stem=True)).eval()
@@ -91,6 +127,13 @@ def test_a_truncated_trunk_is_the_teachers_first_blocks_and_can_start_from_its_w
         ("python:tests.models.sample_factory:not_a_module", {}, "returned str, not a torch.nn.Module"),
         ("python:tests.models.sample_factory:wrong_width", {}, r"returns shape \(2, 11\) for 2 images, not \(2, 10\)"),
         ("torchvision:resnet18", {"width_mult": 0.5}, "width_mult is for the built-in architectures"),
+        (
+            "torchvision:resnet18",
+            {"builder_args": {"depth": 3}},
+            r"torchvision:resnet18\(num_classes=10, depth=3\) failed: TypeError: .*unexpected keyword argument 'depth'",
+        ),
+        ("timm:test_resnet", {"builder_args": {"depth": 3}}, r"timm:test_resnet\(num_classes=10, depth=3\) failed"),
+        (FACTORY, {"builder_args": {"depth": 3}}, r"small_net\(num_classes=10, depth=3\) failed: TypeError"),
     ],
 )
 def test_a_model_that_cannot_be_a_student_is_one_line(arch, options, message):

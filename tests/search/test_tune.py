@@ -229,6 +229,23 @@ def test_a_grid_student_axis_names_the_studys_students_and_each_point_gets_its_o
     GRID.validate(made)  # both students build and give logits
 
 
+def test_a_named_student_is_built_with_its_builder_args(spec):
+    wide = {
+        "arch": "python:tests.models.sample_factory:small_net",
+        "normalization": "none",
+        "builder_args": {"width": 16},
+    }
+    made = spec(
+        students={**STUDENTS, "wide": wide},
+        grid={"t": [2.0], "alpha": [0.5], "p": [0.0], "student": ["factory", "wide"]},
+    )
+    narrow, wider = (config.student for config in GRID.trial_configs(made, GRID.space(made)))
+    assert narrow.builder_args is None and wider.builder_args == (("width", 16),)
+    GRID.validate(made)  # the factory takes width: both build and give logits
+    with pytest.raises(ConfigError, match=r"small_net\(num_classes=10, depth=2\) failed"):
+        GRID.validate(spec(students={"deep": {**wide, "builder_args": {"depth": 2}}}, grid={"student": ["deep"]}))
+
+
 def test_a_student_axis_naming_no_student_of_the_study_is_refused(spec):
     with pytest.raises(
         ConfigError, match=r"grid student 'resnet' is not in the study's students \['factory', 'tiny'\]"
