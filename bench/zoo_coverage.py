@@ -13,6 +13,10 @@ listed as such (building and timing them on a 2-core CPU takes minutes each). St
 - export: ONNX export of the (unpruned) model and top-1 agreement 100 % on 8 images, max |Δlogit| < 1e-3
   (relative to the largest logit where that exceeds 1).
 
+A model made for one input size (timm's ``fixed_input_size``: ViTs, Swins…; torchvision's ViTs and
+MaxViT) is built for the survey's size through ``builder_args`` (``img_size``, ``image_size``,
+``input_size``) and without the small-image stem, as a user would.
+
 Each model runs in a child process capped at --memory-gb of address space and --timeout-s: a model that
 exhausts memory (SwinV2 at 32 pixels took 21 GB and the kernel's OOM killer ended the whole survey) or
 hangs is recorded as failing the step it was in, and the survey goes on.
@@ -98,6 +102,21 @@ def _export_with_parity(model: torch.nn.Module, size: int) -> None:
         )
 
 
+# torchvision builders made for one input size, and the argument that sets it
+TORCHVISION_INPUT_SIZE = {"vit_": "image_size", "maxvit_t": "input_size"}
+
+
+def size_args(source: str, name: str, size: int) -> dict:
+    """The builder_args that build a model made for one input size (timm's ``fixed_input_size``: ViTs,
+    Swins, LeViT…; torchvision's ViTs and MaxViT) for ``size``, as a user would; {} for the others."""
+    if source == "timm":
+        import timm
+
+        return {"img_size": size} if getattr(timm.get_pretrained_cfg(name), "fixed_input_size", False) else {}
+    argument = next((arg for prefix, arg in TORCHVISION_INPUT_SIZE.items() if name.startswith(prefix)), None)
+    return {argument: size} if argument else {}
+
+
 def survey(
     source: str, name: str, size: int, max_params: float, on_step: Callable[[dict], None] = lambda row: None
 ) -> dict:
@@ -106,7 +125,15 @@ def survey(
     row as each step starts, with that step marked "running"."""
     row = {"source": source, "model": name, "size": size, **dict.fromkeys(STEPS, ""), "failure": ""}
     start = time.perf_counter()
-    config = ModelConfig(arch=f"{source}:{name}", cifar_stem=size <= 64, normalization="imagenet")
+    # a model made for one input size is built for this one; its first convolution is a patch embedding,
+    # not a stem to make stride 1
+    fixed = size_args(source, name, size)
+    config = ModelConfig(
+        arch=f"{source}:{name}",
+        cifar_stem=size <= 64 and not fixed,
+        builder_args=fixed or None,
+        normalization="imagenet",
+    )
     failures = []
 
     def attempt(step: str, work) -> bool:
