@@ -141,10 +141,41 @@ def _prune(
     except ConfigError:
         raise
     except Exception as error:  # inside Torch-Pruning: the model has a structure it does not handle
-        name = type(getattr(model, "net", model)).__name__
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ConfigError(f"Torch-Pruning cannot prune {name}: {type(error).__name__}: {reason}") from None
+        raise _cannot_prune(model, error) from None
+    _check_forward(model, pruned, example)
     return pruned.to(next(model.parameters()).device).train(model.training)
+
+
+def _cannot_prune(model: nn.Module, error: Exception, where: str = "") -> ConfigError:
+    name = type(getattr(model, "net", model)).__name__
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return ConfigError(f"Torch-Pruning cannot prune {name}{where}: {type(error).__name__}: {reason}")
+
+
+def _check_forward(model: nn.Module, pruned: nn.Module, example: torch.Tensor) -> None:
+    """One forward of the pruned model, whose failure names the layer it happened in. Why: Torch-Pruning
+    prunes what it does not understand without a word (attention heads, whose reshapes then no longer fit:
+    ViT, Swin, LeViT), and a study would otherwise fail at its first training step, after writing."""
+    running: list[str] = []  # the modules whose forward has begun and not returned, outermost first
+    names = {module: name for name, module in pruned.named_modules()}
+
+    def begun(module: nn.Module, _) -> None:
+        running.append(names[module])
+
+    def returned(module: nn.Module, _, __) -> None:  # returning None keeps the module's output
+        running.pop()
+
+    hooks = [module.register_forward_pre_hook(begun) for module in names]
+    hooks += [module.register_forward_hook(returned) for module in names]
+    try:
+        with torch.no_grad():
+            pruned(example)
+    except Exception as error:  # any failure of the pruned forward is the pruning's
+        where = running[-1] if running and running[-1] else "its forward"
+        raise _cannot_prune(model, error, f" (the pruned model fails in {where})") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _channel_split(group) -> int:
