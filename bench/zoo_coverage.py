@@ -102,8 +102,11 @@ def _export_with_parity(model: torch.nn.Module, size: int) -> None:
         )
 
 
-# torchvision builders made for one input size, and the argument that sets it
-TORCHVISION_INPUT_SIZE = {"vit_": "image_size", "maxvit_t": "input_size"}
+# torchvision builders made for one input size, and the arguments that set it
+TORCHVISION_INPUT_SIZE = {
+    "vit_": lambda size: {"image_size": size},
+    "maxvit_t": lambda size: {"input_size": (size, size)},
+}
 
 
 def size_args(source: str, name: str, size: int) -> dict:
@@ -113,8 +116,8 @@ def size_args(source: str, name: str, size: int) -> dict:
         import timm
 
         return {"img_size": size} if getattr(timm.get_pretrained_cfg(name), "fixed_input_size", False) else {}
-    argument = next((arg for prefix, arg in TORCHVISION_INPUT_SIZE.items() if name.startswith(prefix)), None)
-    return {argument: size} if argument else {}
+    arguments = next((args for prefix, args in TORCHVISION_INPUT_SIZE.items() if name.startswith(prefix)), None)
+    return arguments(size) if arguments else {}
 
 
 def survey(
@@ -230,7 +233,10 @@ def summary(path: Path) -> str:
             cells = " | ".join(f"{count}/{len(tried)} ({100 * count / max(len(tried), 1):.0f} %)" for count in counts)
             skipped = len(group) - len(tried)
             lines.append(f"| {source} | {size} | {len(group)} | {skipped} | {cells} |")
-    failures = [row for row in rows if row["failure"] and row["build"] != "skipped"]
+    failures = sorted(
+        (row for row in rows if row["failure"] and row["build"] != "skipped"),
+        key=lambda row: (row["source"] != "torchvision", int(row["size"]), row["model"]),
+    )
     lines += ["", "Failures:", ""]
     lines += [f"- {row['source']}:{row['model']} at {row['size']}: {row['failure']}" for row in failures]
     return "\n".join(lines)
