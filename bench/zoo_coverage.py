@@ -245,7 +245,7 @@ def summary(path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="32,224")
-    parser.add_argument("--timm-sample", type=int, default=50)
+    parser.add_argument("--timm-sample", type=int, default=50, help="0: torchvision only")
     parser.add_argument("--max-params", type=float, default=100e6)
     parser.add_argument("--out", type=Path, default=Path("bench/out/zoo_coverage.csv"))
     parser.add_argument("--threads", type=int, default=2, help="1 beside a background study")
@@ -264,7 +264,7 @@ def main() -> None:
         with args.out.open("w", newline="") as handle:
             csv.DictWriter(handle, FIELDS).writeheader()
     models = [("torchvision", name) for name in torchvision_names()]
-    models += [("timm", name) for name in timm_sample(args.timm_sample)]
+    models += [("timm", name) for name in timm_sample(args.timm_sample)] if args.timm_sample > 0 else []
     for size in (int(size) for size in args.sizes.split(",")):
         for source, name in models:
             if (source, name, str(size)) in done:
