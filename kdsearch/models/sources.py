@@ -34,7 +34,7 @@ def _unknown(source: str, name: str, known: tuple[str, ...] | list[str]) -> Conf
     return ConfigError(f"unknown model {source}:{name} ({len(known)} {source} classification models known){hint}")
 
 
-def _torchvision(name: str, num_classes: int, **builder_args) -> nn.Module:
+def _torchvision(name: str, num_classes: int, builder_args: dict) -> nn.Module:
     import torchvision
 
     if name not in torchvision_names():
@@ -54,7 +54,7 @@ def _call(arch: str, builder: Callable[..., nn.Module], kwargs: dict) -> nn.Modu
         raise ConfigError(f"{arch}({shown}) failed: {type(error).__name__}: {error}") from None
 
 
-def _timm(name: str, num_classes: int, **builder_args) -> nn.Module:
+def _timm(name: str, num_classes: int, builder_args: dict) -> nn.Module:
     try:
         import timm
     except ImportError:
@@ -69,7 +69,7 @@ def _timm(name: str, num_classes: int, **builder_args) -> nn.Module:
     )
 
 
-def _python(spec: str, num_classes: int, **builder_args) -> nn.Module:
+def _python(spec: str, num_classes: int, builder_args: dict) -> nn.Module:
     module_name, _, factory_name = spec.rpartition(":")
     if os.getcwd() not in sys.path:  # as `python -c` would: the user's module beside where they run kdsearch
         sys.path.append(os.getcwd())
@@ -90,7 +90,7 @@ def _python(spec: str, num_classes: int, **builder_args) -> nn.Module:
     return model
 
 
-SOURCES: dict[ModelSource, Callable[..., nn.Module]] = {
+SOURCES: dict[ModelSource, Callable[[str, int, dict], nn.Module]] = {
     ModelSource.TORCHVISION: _torchvision,
     ModelSource.TIMM: _timm,
     ModelSource.PYTHON: _python,
@@ -101,7 +101,7 @@ def build_network(arch: str, num_classes: int, builder_args: dict | None = None)
     """The network ``arch`` (SOURCE:NAME) names, freshly initialised, with ``num_classes`` outputs and the
     builder's other keyword arguments ``builder_args``."""
     source, _, name = arch.partition(":")
-    return SOURCES[ModelSource(source)](name, num_classes, **(builder_args or {}))
+    return SOURCES[ModelSource(source)](name, num_classes, builder_args or {})
 
 
 def logits_of(output) -> torch.Tensor:
