@@ -222,7 +222,7 @@ def survey_isolated(
 def summary(path: Path) -> str:
     rows = list(csv.DictReader(path.open()))
     lines = [
-        "| source | size | models | skipped (too large) | build | KD step | prune | ONNX export |",
+        "| source | size | models | not tried (over the size limit) | build | KD step | prune | ONNX export |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for source in sorted({row["source"] for row in rows}):
