@@ -34,6 +34,9 @@ def _unknown(source: str, name: str, known: tuple[str, ...] | list[str]) -> Conf
     return ConfigError(f"unknown model {source}:{name} ({len(known)} {source} classification models known){hint}")
 
 
+LIBRARY_ERRORS = (TypeError, ValueError, AssertionError)  # how torchvision and timm builders refuse arguments
+
+
 def _torchvision(name: str, num_classes: int, builder_args: dict) -> nn.Module:
     import torchvision
 
@@ -42,14 +45,15 @@ def _torchvision(name: str, num_classes: int, builder_args: dict) -> nn.Module:
     kwargs = {"weights": None, "num_classes": num_classes}
     if name in ("googlenet", "inception_v3"):
         kwargs |= {"aux_logits": False, "init_weights": True}  # one output; the auxiliary heads need ImageNet sizes
-    return _call(f"torchvision:{name}", functools.partial(torchvision.models.get_model, name), kwargs | builder_args)
+    builder = functools.partial(torchvision.models.get_model, name)
+    return _call(f"torchvision:{name}", builder, kwargs | builder_args, LIBRARY_ERRORS)
 
 
-def _call(arch: str, builder: Callable[..., nn.Module], kwargs: dict) -> nn.Module:
-    """``builder(**kwargs)``, an argument it does not take (or a value it refuses) as one line."""
+def _call(arch: str, builder: Callable[..., nn.Module], kwargs: dict, errors: tuple[type[Exception], ...]) -> nn.Module:
+    """``builder(**kwargs)``, with ``errors`` (an argument it does not take, a value it refuses…) as one line."""
     try:
         return builder(**kwargs)
-    except (TypeError, ValueError, AssertionError) as error:
+    except errors as error:
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in ("weights", "model_name", "pretrained"))
         raise ConfigError(f"{arch}({shown}) failed: {type(error).__name__}: {error}") from None
 
@@ -66,6 +70,7 @@ def _timm(name: str, num_classes: int, builder_args: dict) -> nn.Module:
         f"timm:{name}",
         timm.create_model,
         {"model_name": name, "pretrained": False, "num_classes": num_classes} | builder_args,
+        LIBRARY_ERRORS,
     )
 
 
@@ -80,11 +85,8 @@ def _python(spec: str, num_classes: int, builder_args: dict) -> nn.Module:
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise ConfigError(f"python:{spec}: {module_name} has no callable {factory_name}")
-    try:
-        model = factory(num_classes=num_classes, **builder_args)
-    except Exception as error:  # the user's code: any failure is theirs to see, in one line
-        shown = ", ".join(f"{key}={value!r}" for key, value in {"num_classes": num_classes, **builder_args}.items())
-        raise ConfigError(f"python:{spec}({shown}) failed: {type(error).__name__}: {error}") from None
+    # the user's code: any failure is theirs to see, in one line
+    model = _call(f"python:{spec}", factory, {"num_classes": num_classes} | builder_args, (Exception,))
     if not isinstance(model, nn.Module):
         raise ConfigError(f"python:{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
